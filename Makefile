@@ -1,0 +1,30 @@
+# `make test` and `make run` create the virtualenv on first use: nothing else to run before them.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SIM_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: test run lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(SIM_DEVICES) $(PY) -m pytest -q
+
+run: $(STAMP)
+	$(PY) experiments/run.py
+
+bench: $(STAMP)
+	$(PY) experiments/bench.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache results

@@ -1,0 +1,128 @@
+"""Tasks (minGPT's sort, char-level text) and deterministic global batches sharded over `dp`.
+
+Row r of the batch for step i depends only on (seed, i, r), so every process (and every strategy) sees
+the same data, and each process builds only the rows its own devices hold.
+"""
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+IGNORE_INDEX = -1  # targets with this value carry no loss
+
+
+@dataclasses.dataclass(frozen=True)
+class SortTask:
+    """minGPT's sort: read `length` digits in [0, num_digits), then emit them sorted.
+
+    The sequence is input + output minus its last token; loss is only on the sorted half.
+    """
+
+    length: int = 6
+    num_digits: int = 3
+    seed: int = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_digits
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.length - 1
+
+    def problem(self, step: int, row: int) -> np.ndarray:
+        """The `length` unsorted digits of one example."""
+        return np.random.default_rng([self.seed, step, row]).integers(0, self.num_digits, self.length)
+
+    def rows(self, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets, int32 (len(rows), seq_len), for these rows of step `step`'s batch."""
+        x = np.empty((len(rows), self.seq_len), np.int32)
+        y = np.empty((len(rows), self.seq_len), np.int32)
+        for i, row in enumerate(rows):
+            digits = self.problem(step, row)
+            cat = np.concatenate([digits, np.sort(digits)])
+            x[i], y[i] = cat[:-1], cat[1:]
+        y[:, : self.length - 1] = IGNORE_INDEX  # predicting the unsorted input is not the task
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTask:
+    """Character-level language modelling over a local text file; windows at seeded random offsets."""
+
+    path: str
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        text = _read_text(self.path)
+        if len(text) < self.seq_len + 1:
+            raise ValueError(
+                f"{self.path} has {len(text)} characters; need more than seq_len={self.seq_len}: "
+                "use a longer file or a smaller --seq"
+            )
+        chars = sorted(set(text))
+        object.__setattr__(self, "chars", "".join(chars))
+        lookup = {c: i for i, c in enumerate(chars)}
+        object.__setattr__(self, "ids", np.fromiter((lookup[c] for c in text), np.int32, len(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Characters -> ids; raises on a character the file never contains."""
+        unknown = sorted(set(text) - set(self.chars))
+        if unknown:
+            raise ValueError(f"characters {unknown!r} do not occur in {self.path}; the model cannot read them")
+        return np.array([self.chars.index(c) for c in text], np.int32)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in np.asarray(ids).tolist())
+
+    def rows(self, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
+        starts = [
+            np.random.default_rng([self.seed, step, r]).integers(0, len(self.ids) - self.seq_len) for r in rows
+        ]
+        windows = np.stack([self.ids[s : s + self.seq_len + 1] for s in starts])
+        return windows[:, :-1], windows[:, 1:]
+
+
+def _read_text(path: str) -> str:
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ValueError(f"text file {path!r} not found: give chars:PATH with an existing local file")
+    return file.read_text(encoding="utf-8", errors="replace")
+
+
+def make_task(spec: str, seq_len: int | None = None, seed: int = 0):
+    """"sort" or "chars:PATH" -> a task. `seq_len` applies to chars (sort's length is fixed by its digits)."""
+    if spec == "sort":
+        return SortTask(seed=seed)
+    if spec.startswith("chars:"):
+        return CharTask(spec[len("chars:") :], seq_len or 128, seed)
+    raise ValueError(f"unknown task {spec!r}: use 'sort' or 'chars:PATH' (a local text file)")
+
+
+def global_batch(task, step: int, batch_size: int, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Step `step`'s batch as global arrays with `sharding`; each device's rows are built where it lives."""
+    dp = sharding.mesh.shape[sharding.spec[0]] if sharding.spec and sharding.spec[0] else 1
+    if batch_size % dp:
+        raise ValueError(f"batch size {batch_size} is not divisible by dp={dp}: choose a multiple of {dp}")
+    shape = (batch_size, task.seq_len)
+    built: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def rows_for(index):  # index: the device's slice of the global shape; tp replicas reuse one build
+        rows = range(*index[0].indices(batch_size))
+        key = (rows.start, rows.stop)
+        if key not in built:
+            built[key] = task.rows(step, rows)
+        return built[key]
+
+    return {
+        name: jax.make_array_from_callback(shape, sharding, lambda idx, k=k: rows_for(idx)[k])
+        for k, name in enumerate(("inputs", "targets"))
+    }

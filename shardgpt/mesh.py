@@ -1,0 +1,71 @@
+"""Device meshes from specs like "dp=2,tp=4", validated against the devices present."""
+
+import math
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+# Mesh axes, outermost first: data parallel (and ZeRO), then Megatron tensor parallel.
+AXES = ("dp", "tp")
+
+
+def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
+    """"dp=2,tp=4" -> {"dp": 2, "tp": 4}; an omitted axis is 1 and one axis may be -1 (the rest)."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise ValueError(f"malformed mesh spec {spec!r}: write axis=size pairs, e.g. 'dp=2,tp=4'")
+        if name not in AXES:
+            raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; known axes: {', '.join(AXES)}")
+        if name in sizes:
+            raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"mesh axis {name}={value.strip()!r} is not an integer (in {spec!r})") from None
+        if size < 1 and size != -1:
+            raise ValueError(f"mesh axis {name}={size} must be a positive size or -1 (the rest)")
+        sizes[name] = size
+    if not sizes:
+        raise ValueError(f"empty mesh spec {spec!r}: write axis=size pairs, e.g. 'dp=2,tp=4'")
+    rest = [name for name, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ValueError(f"only one mesh axis may be -1 (the rest), got {', '.join(rest)} in {spec!r}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if rest:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {spec!r}: {num_devices} devices do not split into {known} x the rest; "
+                f"make the other axes' product divide {num_devices}"
+            )
+        sizes[rest[0]] = num_devices // known
+    shape = {name: sizes.get(name, 1) for name in AXES}
+    if math.prod(shape.values()) != num_devices:
+        raise ValueError(
+            f"mesh {spec!r} has {math.prod(shape.values())} devices but {num_devices} are present; "
+            f"give sizes whose product is {num_devices} (e.g. 'dp={num_devices}'), or use -1 for the rest"
+        )
+    return shape
+
+
+def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes ("dp", "tp") over `devices` (default: all of them), every axis of type Auto.
+
+    Auto axes because flax's logical rules and with_sharding_constraint want them; jax.make_mesh has
+    defaulted to Explicit axes since jax 0.9.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = parse_mesh_spec(spec, len(devices)) if isinstance(spec, str) else spec
+    spec_text = ",".join(f"{k}={v}" for k, v in shape.items())
+    shape = parse_mesh_spec(spec_text, len(devices))  # validates dicts too
+    return jax.make_mesh(
+        tuple(shape[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices
+    )
+
+
+def describe(mesh: Mesh) -> str:
+    """"dp=2,tp=4" for a mesh (the inverse of make_mesh's spec)."""
+    return ",".join(f"{name}={size}" for name, size in mesh.shape.items())

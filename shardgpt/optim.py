@@ -1,0 +1,54 @@
+"""The optimizer: AdamW with a weight-decay mask, warmup + cosine schedule, global-norm clipping.
+
+It knows nothing of the model class: which params decay is read from the parameter tree's leaf names.
+"""
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW hyper-parameters; minGPT's betas (0.9, 0.95) and clipping at global norm 1."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 10
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+
+
+def decay_mask(params):
+    """True for matmul weights (leaves named "kernel"); biases, LayerNorm and embeddings do not decay."""
+
+    def is_kernel(path, _):
+        last = path[-1]
+        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def schedule(config: OptimConfig) -> optax.Schedule:
+    """Linear warmup to the peak learning rate, then cosine decay to min_lr_ratio of it."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=max(config.warmup_steps, 1),
+        decay_steps=max(config.total_steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.min_lr_ratio,
+    )
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW (decoupled weight decay on kernels only), scheduled."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(
+            schedule(config), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask
+        ),
+    )

@@ -1,0 +1,146 @@
+"""Strategies as logical-axis rule tables, and their strict translation into NamedShardings.
+
+A strategy is a ZeRO stage on the `dp` axis composed with Megatron tensor parallelism on `tp`. Each
+maps logical axis names to mesh axes separately for four targets: the state at rest (params, grads,
+optimizer state) and the activations. `print(strategy_table())` is the documentation.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardgpt.model import LOGICAL_AXES
+
+TARGETS = ("activations", "params", "grads", "opt_state")
+
+# ZeRO stage of each strategy: the stage is the number of state targets whose `embed` dim lives on dp.
+STRATEGIES = {"dp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+ALIASES = {"fsdp": "zero3"}
+
+# Megatron: heads, mlp and vocab split over tp in every target (column-parallel qkv/up, row-parallel
+# out/down, vocab-parallel embedding and head), so each layer's activations need 2 all-reduces per pass.
+_MEGATRON = (("heads", "tp"), ("mlp", "tp"), ("vocab", "tp"))
+# Which state target shards `embed` over dp from which ZeRO stage on:
+# ZeRO-1 the Adam moments, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the params.
+_EMBED_ON_DP_FROM_STAGE = {"opt_state": 1, "grads": 2, "params": 3}
+
+Rules = tuple[tuple[str, str | None], ...]
+
+
+def canonical(strategy: str) -> str:
+    """The strategy's canonical name ("fsdp" -> "zero3"); raises on unknown names."""
+    name = ALIASES.get(strategy, strategy)
+    if name not in STRATEGIES:
+        known = ", ".join([*STRATEGIES, *ALIASES])
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {known}")
+    return name
+
+
+def rules(strategy: str, target: str) -> Rules:
+    """Logical-axis rules (logical name -> mesh axis or None) for one target of one strategy."""
+    stage = STRATEGIES[canonical(strategy)]
+    if target not in TARGETS:
+        raise ValueError(f"unknown sharding target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "activations":
+        data = (("batch", "dp"), ("embed", None))
+    else:
+        on_dp = stage >= _EMBED_ON_DP_FROM_STAGE[target]
+        data = (("batch", None), ("embed", "dp" if on_dp else None))
+    unsharded = tuple((name, None) for name in ("length", "kv", "layers"))
+    return data + _MEGATRON + unsharded
+
+
+def strategy_table() -> str:
+    """Every strategy's rules as a text table: target rows, logical-axis columns."""
+    names = [name for name in LOGICAL_AXES]
+    lines = [f"{'strategy':<8} {'target':<12} " + " ".join(f"{n:>7}" for n in names)]
+    for strategy in STRATEGIES:
+        for target in TARGETS:
+            table = dict(rules(strategy, target))
+            lines.append(f"{strategy:<8} {target:<12} " + " ".join(f"{table[n] or '-':>7}" for n in names))
+    return "\n".join(lines)
+
+
+def logical_to_spec(names: Sequence[str | None], rules_: Rules, where: str = "array") -> P:
+    """Strict translation of one array's logical names to a PartitionSpec.
+
+    Raises on a name outside the vocabulary and on two dims landing on one mesh axis, which would
+    otherwise be silently replicated: a lab must not give wrong numbers quietly.
+    """
+    table = dict(rules_)
+    axes = []
+    for name in names:
+        if name is None:
+            axes.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"{where}: logical axis {name!r} has no rule; known: {', '.join(table)}")
+        axes.append(table[name])
+    used = [a for a in axes if a is not None]
+    if len(used) != len(set(used)):
+        raise ValueError(f"{where}: logical axes {tuple(names)} put two dims on one mesh axis ({axes})")
+    return P(*axes)
+
+
+def check_divisible(where: str, shape: Sequence[int], names: Sequence[str | None], spec: P, mesh: Mesh):
+    """Raise, naming the dim, the mesh axis and the fix, when a sharded dim is not divisible."""
+    for dim, (size, name, axis) in enumerate(zip(shape, names, tuple(spec) + (None,) * len(shape))):
+        if axis is not None and size % mesh.shape[axis]:
+            raise ValueError(
+                f"{where}: dim {dim} ({name}={size}) is not divisible by mesh axis {axis}={mesh.shape[axis]}; "
+                f"{_FIX.get(name, f'choose {axis} dividing {size}')}"
+            )
+
+
+_FIX = {
+    "heads": "choose tp dividing n_head, or a preset with more heads (e.g. gpt-pico has 8)",
+    "mlp": "choose tp dividing the MLP width (4 * n_embd)",
+    "vocab": "choose tp dividing vocab_multiple, or raise model.vocab_multiple",
+    "embed": "choose dp dividing n_embd, or strategy 'dp' (which does not shard embed over dp)",
+    "batch": "choose a batch size divisible by dp",
+}
+
+
+def tree_shardings(abstract: Any, axes: Any, mesh: Mesh, rules_: Rules) -> Any:
+    """NamedShardings for a tree of arrays given a matching tree of logical names (P or tuple per leaf).
+
+    Validates divisibility leaf by leaf, naming the leaf's path in the error.
+    """
+
+    def one(path, names, leaf):
+        where = jax.tree_util.keystr(path) or "array"
+        names = tuple(names)
+        if len(names) != len(leaf.shape):
+            raise ValueError(f"{where}: {len(names)} logical names {names} for a rank-{len(leaf.shape)} array")
+        spec = logical_to_spec(names, rules_, where)
+        check_divisible(where, leaf.shape, names, spec, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, axes, abstract, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_subtree_axes(tree: Any, params_axes: Any) -> Any:
+    """Logical names for a tree (e.g. optimizer state) whose param-shaped subtrees mirror the params.
+
+    Adam's moments have the params' tree structure, so they take the params' names; every other leaf
+    (step counts, schedules) is a replicated scalar.
+    """
+    params_def = jax.tree.structure(params_axes, is_leaf=lambda x: isinstance(x, P))
+
+    def is_param_shaped(node):
+        return jax.tree.structure(node) == params_def
+
+    return jax.tree.map(
+        lambda node: params_axes if is_param_shaped(node) else P(*([None] * len(node.shape))),
+        tree,
+        is_leaf=is_param_shaped,
+    )
+
+
+def batch_sharding(mesh: Mesh, strategy: str, rank: int = 2) -> NamedSharding:
+    """Sharding of a (batch, length, ...) input: batch over the activations' rule for `batch`."""
+    spec = logical_to_spec(("batch", "length") + (None,) * (rank - 2), rules(strategy, "activations"))
+    return NamedSharding(mesh, spec)

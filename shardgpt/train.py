@@ -1,0 +1,193 @@
+"""TrainState, the loss, state created sharded from birth, a pure train step jitted once, and a Trainer."""
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardgpt import sharding
+from shardgpt.data import IGNORE_INDEX
+from shardgpt.model import GPT
+
+# Donation is not implemented on CPU; the state is still donated on accelerators.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that lives on device between steps; the optimizer and model are closed over."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDEX):
+    """Mean next-token cross-entropy over targets != ignore_index, computed in fp32."""
+    mask_BxL = targets_BxL != ignore_index
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), jnp.where(mask_BxL, targets_BxL, 0)
+    )
+    return jnp.sum(losses_BxL * mask_BxL) / jnp.maximum(mask_BxL.sum(), 1)
+
+
+@flax.struct.dataclass
+class StateShardings:
+    """The state's shardings, and the params' logical names they were derived from."""
+
+    state: TrainState
+    grads: Any
+    params_axes: Any = flax.struct.field(pytree_node=False)
+
+
+def param_axes(model: GPT) -> Any:
+    """Logical axis names (one P of names per param) read from an abstract init: nothing is allocated."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def state_shardings(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str) -> StateShardings:
+    """NamedShardings of every state leaf (and of the grads) for `strategy` on `mesh`, validated."""
+    axes = param_axes(model)
+    abstract = jax.eval_shape(lambda: _init(model, tx, jax.random.key(0)))
+    opt_axes = sharding.param_subtree_axes(abstract.opt_state, axes)
+    shard = lambda target, tree, tree_axes: sharding.tree_shardings(  # noqa: E731
+        tree, tree_axes, mesh, sharding.rules(strategy, target)
+    )
+    state = TrainState(
+        step=NamedSharding(mesh, P()),
+        params=shard("params", abstract.params, axes),
+        opt_state=shard("opt_state", abstract.opt_state, opt_axes),
+    )
+    return StateShardings(state=state, grads=shard("grads", abstract.params, axes), params_axes=axes)
+
+
+def _init(model: GPT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = nn.unbox(model.init(rng, tokens)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def init_state(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str, seed: int = 0):
+    """(state, shardings): every leaf is created directly in its sharding; nothing is replicated first."""
+    shardings = state_shardings(model, tx, mesh, strategy)
+    init = jax.jit(lambda rng: _init(model, tx, rng), out_shardings=shardings.state)
+    return init(jax.random.key(seed)), shardings
+
+
+def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len: int):
+    """Raise before compiling when the batch cannot run: too long for the context, or not divisible by dp."""
+    if seq_len > model.config.block_size:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds the model's block_size {model.config.block_size}: "
+            f"shorten the sequence or set model.block_size >= {seq_len}"
+        )
+    spec = sharding.batch_sharding(mesh, strategy).spec
+    sharding.check_divisible("batch", (batch_size, seq_len), ("batch", "length"), spec, mesh)
+
+
+def make_train_step(
+    model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str, shardings: StateShardings
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure train step, jitted once with the strategy's in/out shardings and the state donated."""
+    activation_rules = sharding.rules(strategy, "activations")
+    batch_sharding = sharding.batch_sharding(mesh, strategy)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            with nn.logical_axis_rules(activation_rules):
+                logits_BxLxV = model.apply({"params": params}, batch["inputs"])
+            return cross_entropy(logits_BxLxV, batch["targets"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        # The grad rules decide the reduction: all-reduce (dp, zero1) or reduce-scatter (zero2, zero3).
+        grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings.state, {"inputs": batch_sharding, "targets": batch_sharding}),
+        out_shardings=(shardings.state, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+
+    def step(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    step.jitted = jitted
+    return step
+
+
+class Callback:
+    """Trainer hooks (minGPT style); override the ones you need. `metrics` holds Python floats."""
+
+    def on_train_begin(self, trainer: "Trainer"): ...
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]): ...
+
+    def on_train_end(self, trainer: "Trainer"): ...
+
+
+class Trainer:
+    """Runs `train_step` over `batch_for(step)`; knows nothing of GPT.
+
+    Step t+1 is dispatched before step t's metrics are read, so the host never stalls the device and the
+    tokens/s it reports is honest.
+    """
+
+    def __init__(
+        self,
+        train_step: Callable,
+        state: TrainState,
+        batch_for: Callable[[int], dict],
+        tokens_per_step: int,
+        callbacks: Sequence[Callback] = (),
+        progress: bool = True,
+        description: str = "train",
+    ):
+        self.train_step, self.state, self.batch_for = train_step, state, batch_for
+        self.tokens_per_step = tokens_per_step
+        self.callbacks, self.progress, self.description = list(callbacks), progress, description
+        self.history: list[dict[str, float]] = []
+
+    def run(self, steps: int) -> TrainState:
+        """Train `steps` steps from the state's current step; returns the final state."""
+        from tqdm.auto import tqdm
+
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        first = int(self.state.step)
+        bar = tqdm(total=steps, desc=self.description, disable=not self.progress, leave=False)
+        pending, last_time = None, time.perf_counter()
+        for step in range(first, first + steps + 1):
+            if step < first + steps:
+                self.state, metrics = self.train_step(self.state, self.batch_for(step))
+            if pending is not None:  # read the previous step's metrics while this one runs
+                done_step, done_metrics = pending
+                values = {k: float(v) for k, v in jax.device_get(done_metrics).items()}
+                now = time.perf_counter()
+                values["tokens_per_s"] = self.tokens_per_step / max(now - last_time, 1e-9)
+                last_time = now
+                self.history.append(values)
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+                for cb in self.callbacks:
+                    cb.on_step_end(self, done_step, values)
+            pending = (step, metrics) if step < first + steps else None
+        bar.close()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.state
