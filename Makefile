@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SIM_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+SIM_DEVICES := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 
 .PHONY: test run lint bench clean
 
@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(PY) experiments/run.py
 
 bench: $(STAMP)
-	$(PY) experiments/bench.py
+	$(PY) experiments/run.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

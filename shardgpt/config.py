@@ -3,18 +3,20 @@
 import dataclasses
 from typing import Any
 
+_GPT2 = dict(vocab_size=50257, block_size=1024, tie_embeddings=True)  # GPT-2 ties its head to wte
+
 # Architecture presets. minGPT's names and sizes, GPT-2's four, and `gpt-pico`, the smallest model whose
 # head count (8) every tp in {1, 2, 4, 8} divides: the tests' workhorse.
-PRESETS: dict[str, dict[str, int]] = {
+PRESETS: dict[str, dict[str, int | bool]] = {
     "gpt-pico": dict(n_layer=2, n_head=8, n_embd=64),
     "gpt-nano": dict(n_layer=3, n_head=3, n_embd=48),
     "gpt-micro": dict(n_layer=4, n_head=4, n_embd=128),
     "gpt-mini": dict(n_layer=6, n_head=6, n_embd=192),
     "gopher-44m": dict(n_layer=8, n_head=16, n_embd=512),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **_GPT2),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **_GPT2),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **_GPT2),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **_GPT2),
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,17 +46,28 @@ class ModelConfig:
     remat: bool = False  # recompute each block's activations in the backward pass.
 
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "mlp_ratio", "vocab_multiple"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "vocab_size",
+            "block_size",
+            "mlp_ratio",
+            "vocab_multiple",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick n_embd a multiple of n_head"
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "pick n_embd a multiple of n_head"
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+            raise ValueError(
+                f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +95,7 @@ class ModelConfig:
         """Parameter count (unpadded vocab); without embeddings it is the N of the 6N FLOPs rule."""
         d, f, v = self.n_embd, self.mlp_dim, self.vocab_size
         b = int(self.use_bias)
-        ln = 2 * d
+        ln = d * (1 + b)  # scale (+ bias)
         block = 2 * ln + (3 * d * d + 3 * d * b) + (d * d + d * b) + (d * f + f * b) + (f * d + d * b)
         body = self.n_layer * block + ln
         head = 0 if self.tie_embeddings else d * v

@@ -77,7 +77,9 @@ class CharTask:
         """Characters -> ids; raises on a character the file never contains."""
         unknown = sorted(set(text) - set(self.chars))
         if unknown:
-            raise ValueError(f"characters {unknown!r} do not occur in {self.path}; the model cannot read them")
+            raise ValueError(
+                f"characters {unknown!r} do not occur in {self.path}; the model cannot read them"
+            )
         return np.array([self.chars.index(c) for c in text], np.int32)
 
     def decode(self, ids) -> str:
@@ -85,7 +87,8 @@ class CharTask:
 
     def rows(self, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
         starts = [
-            np.random.default_rng([self.seed, step, r]).integers(0, len(self.ids) - self.seq_len) for r in rows
+            np.random.default_rng([self.seed, step, r]).integers(0, len(self.ids) - self.seq_len)
+            for r in rows
         ]
         windows = np.stack([self.ids[s : s + self.seq_len + 1] for s in starts])
         return windows[:, :-1], windows[:, 1:]
@@ -99,7 +102,7 @@ def _read_text(path: str) -> str:
 
 
 def make_task(spec: str, seq_len: int | None = None, seed: int = 0):
-    """"sort" or "chars:PATH" -> a task. `seq_len` applies to chars (sort's length is fixed by its digits)."""
+    """A task from its spec, "sort" or "chars:PATH"; `seq_len` applies to chars (sort's is fixed)."""
     if spec == "sort":
         return SortTask(seed=seed)
     if spec.startswith("chars:"):

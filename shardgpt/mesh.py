@@ -11,7 +11,7 @@ AXES = ("dp", "tp")
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
-    """"dp=2,tp=4" -> {"dp": 2, "tp": 4}; an omitted axis is 1 and one axis may be -1 (the rest)."""
+    """ "dp=2,tp=4" -> {"dp": 2, "tp": 4}; an omitted axis is 1 and one axis may be -1 (the rest)."""
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, value = part.partition("=")
@@ -67,5 +67,5 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
 
 
 def describe(mesh: Mesh) -> str:
-    """"dp=2,tp=4" for a mesh (the inverse of make_mesh's spec)."""
+    """ "dp=2,tp=4" for a mesh (the inverse of make_mesh's spec)."""
     return ",".join(f"{name}={size}" for name, size in mesh.shape.items())

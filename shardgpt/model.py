@@ -81,9 +81,7 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x_BxLxD, positions_BxL, cache):
         cfg = self.config
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # minGPT's scaled init of residual projections
-        heads = functools.partial(
-            Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg
-        )
+        heads = functools.partial(Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg)
         q_BxLxHxK = nn.with_logical_constraint(heads(name="query")(x_BxLxD), BxLxHxK)
         k_BxLxHxK = nn.with_logical_constraint(heads(name="key")(x_BxLxD), BxLxHxK)
         v_BxLxHxK = nn.with_logical_constraint(heads(name="value")(x_BxLxD), BxLxHxK)
@@ -140,8 +138,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, cache):
         cfg = self.config
-        attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(LayerNorm(cfg, name="ln_1")(x_BxLxD),
-                                                                  positions_BxL, cache)
+        attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(
+            LayerNorm(cfg, name="ln_1")(x_BxLxD), positions_BxL, cache
+        )
         x_BxLxD = x_BxLxD + attn_BxLxD
         x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(LayerNorm(cfg, name="ln_2")(x_BxLxD))
         return nn.with_logical_constraint(x_BxLxD, BxLxD), cache
@@ -177,7 +176,7 @@ class GPT(nn.Module):
         else:
             layer_caches = []
             for i in range(cfg.n_layer):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
                 x_BxLxD, layer_cache = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, layer_cache)
                 layer_caches.append(layer_cache)
             if cache is not None:

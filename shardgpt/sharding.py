@@ -87,11 +87,12 @@ def logical_to_spec(names: Sequence[str | None], rules_: Rules, where: str = "ar
 
 def check_divisible(where: str, shape: Sequence[int], names: Sequence[str | None], spec: P, mesh: Mesh):
     """Raise, naming the dim, the mesh axis and the fix, when a sharded dim is not divisible."""
-    for dim, (size, name, axis) in enumerate(zip(shape, names, tuple(spec) + (None,) * len(shape))):
+    axes = tuple(spec) + (None,) * (len(shape) - len(spec))
+    for dim, (size, name, axis) in enumerate(zip(shape, names, axes, strict=True)):
         if axis is not None and size % mesh.shape[axis]:
             raise ValueError(
-                f"{where}: dim {dim} ({name}={size}) is not divisible by mesh axis {axis}={mesh.shape[axis]}; "
-                f"{_FIX.get(name, f'choose {axis} dividing {size}')}"
+                f"{where}: dim {dim} ({name}={size}) is not divisible by mesh axis "
+                f"{axis}={mesh.shape[axis]}; {_FIX.get(name, f'choose {axis} dividing {size}')}"
             )
 
 
@@ -114,7 +115,9 @@ def tree_shardings(abstract: Any, axes: Any, mesh: Mesh, rules_: Rules) -> Any:
         where = jax.tree_util.keystr(path) or "array"
         names = tuple(names)
         if len(names) != len(leaf.shape):
-            raise ValueError(f"{where}: {len(names)} logical names {names} for a rank-{len(leaf.shape)} array")
+            raise ValueError(
+                f"{where}: {len(names)} logical names {names} for a rank-{len(leaf.shape)} array"
+            )
         spec = logical_to_spec(names, rules_, where)
         check_divisible(where, leaf.shape, names, spec, mesh)
         return NamedSharding(mesh, spec)

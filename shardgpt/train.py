@@ -55,7 +55,9 @@ def param_axes(model: GPT) -> Any:
     return nn.get_partition_spec(boxed)
 
 
-def state_shardings(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str) -> StateShardings:
+def state_shardings(
+    model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str
+) -> StateShardings:
     """NamedShardings of every state leaf (and of the grads) for `strategy` on `mesh`, validated."""
     axes = param_axes(model)
     abstract = jax.eval_shape(lambda: _init(model, tx, jax.random.key(0)))
@@ -113,7 +115,7 @@ def make_train_step(
         grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     jitted = jax.jit(

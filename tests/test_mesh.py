@@ -1,0 +1,38 @@
+import jax
+import pytest
+
+from shardgpt.mesh import describe, make_mesh, parse_mesh_spec
+
+
+def test_parse_fills_omitted_axes_and_rest():
+    assert parse_mesh_spec("dp=2,tp=4", 8) == {"dp": 2, "tp": 4}
+    assert parse_mesh_spec("tp=8", 8) == {"dp": 1, "tp": 8}
+    assert parse_mesh_spec("dp=-1,tp=2", 8) == {"dp": 4, "tp": 2}
+    assert parse_mesh_spec(" dp = 8 ", 8) == {"dp": 8, "tp": 1}
+
+
+def test_mesh_has_auto_axes_over_all_devices():
+    mesh = make_mesh("dp=2,tp=4")
+    assert mesh.shape == {"dp": 2, "tp": 4}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert describe(mesh) == "dp=2,tp=4"
+    assert make_mesh("dp=1", jax.devices()[:1]).size == 1
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("dp=2,tp=2", "has 4 devices but 8 are present"),
+        ("pp=8", "unknown mesh axis 'pp'"),
+        ("dp2", "malformed mesh spec"),
+        ("dp=two", "is not an integer"),
+        ("dp=0,tp=8", "must be a positive size"),
+        ("dp=-1,tp=-1", "only one mesh axis may be -1"),
+        ("dp=3,tp=-1", "do not split"),
+        ("dp=2,dp=4", "given twice"),
+        ("", "empty mesh spec"),
+    ],
+)
+def test_bad_specs_say_what_to_change(spec, message):
+    with pytest.raises(ValueError, match=message):
+        make_mesh(spec)

@@ -1,0 +1,187 @@
+"""Collectives read from compiled HLO against programs with known collectives; FLOPs against a hand count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardgpt import metrics
+from shardgpt.config import ModelConfig
+
+X = np.arange(128 * 4, dtype=np.float32).reshape(128, 4)  # split over 8 devices: f32[16,4] = 256 bytes each
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+
+
+def hlo(mesh, f, in_specs, out_specs, *args) -> str:
+    mapped = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True)
+    return jax.jit(mapped).lower(*args).compile().as_text()
+
+
+def only(**found: tuple[int, int]) -> dict[str, dict[str, int]]:
+    """The full expected result: the named kinds (underscores for dashes) with (count, bytes), others zero."""
+    found = {kind.replace("_", "-"): value for kind, value in found.items()}
+    return {k: dict(zip(("count", "bytes"), found.get(k, (0, 0)), strict=True)) for k in metrics.KINDS}
+
+
+def test_psum_is_one_all_reduce_of_the_local_buffer(mesh):
+    text = hlo(mesh, lambda x: jax.lax.psum(x, "x"), P("x"), P(), X)
+    assert metrics.collectives(text) == only(all_reduce=(1, 16 * 4 * 4))
+
+
+def test_all_gather_counts_the_gathered_size(mesh):
+    text = hlo(mesh, lambda x: jax.lax.all_gather(x, "x", tiled=True), P("x"), P("x"), X)
+    assert metrics.collectives(text) == only(all_gather=(1, 128 * 4 * 4))
+
+
+def test_psum_scatter_counts_the_scattered_size(mesh):
+    text = hlo(mesh, lambda x: jax.lax.psum_scatter(x, "x", tiled=True), P(), P("x"), X)
+    assert metrics.collectives(text) == only(reduce_scatter=(1, 16 * 4 * 4))
+
+
+def test_ppermute_and_all_to_all(mesh):
+    ring = [(i, (i + 1) % 8) for i in range(8)]
+    text = hlo(mesh, lambda x: jax.lax.ppermute(x, "x", ring), P("x"), P("x"), X)
+    assert metrics.collectives(text) == only(collective_permute=(1, 256))
+    # CPU lowers all_to_all to a tuple of 8 f32[2,4] pieces: the elements sum to the local buffer.
+    text = hlo(mesh, lambda x: jax.lax.all_to_all(x, "x", 0, 0, tiled=True), P("x"), P("x"), X)
+    assert metrics.collectives(text) == only(all_to_all=(1, 256))
+
+
+def test_loops_multiply_by_their_trip_count(mesh):
+    def loop(x):  # c + psum(c) keeps the carry device-varying, as check_vma requires of a loop carry
+        return jax.lax.fori_loop(0, 5, lambda i, c: c + jax.lax.psum(c, "x"), x)
+
+    text = hlo(mesh, loop, P("x"), P("x"), X)
+    assert '"known_trip_count":{"n":"5"}' in text, "XLA stopped annotating trip counts: update collectives()"
+    assert metrics.collectives(text) == only(all_reduce=(5, 5 * 256))
+    assert metrics.collectives(text, per_execution=False) == only(all_reduce=(1, 256))
+
+    def nested(x):
+        inner = lambda i, c: jax.lax.fori_loop(0, 4, lambda j, d: d + jax.lax.psum(d, "x"), c)
+        return jax.lax.fori_loop(0, 3, inner, x)
+
+    assert metrics.collectives(hlo(mesh, nested, P("x"), P("x"), X)) == only(all_reduce=(12, 12 * 256))
+
+
+# GPU-style async collectives (CPU emits none): a start/done pair counts once, with the result buffer.
+ASYNC_HLO = """HloModule m, is_scheduled=true
+
+%add (p0: f32[], p1: f32[]) -> f32[] {
+  %p0 = f32[] parameter(0)
+  %p1 = f32[] parameter(1)
+  ROOT %add = f32[] add(%p0, %p1)
+}
+
+%async_computation (p: bf16[2,2]) -> bf16[2,2] {
+  %p = bf16[2,2]{1,0} parameter(0)
+  ROOT %a2a = bf16[2,2]{1,0} all-to-all(%p), channel_id=5, replica_groups={{0,1}}, dimensions={0}
+}
+
+ENTRY %main (a: f32[8], b: bf16[2,2]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %b = bf16[2,2]{1,0} parameter(1)
+  %ar = f32[8]{0} all-reduce-start(%a), channel_id=1, to_apply=%add
+  %ar.done = f32[8]{0} all-reduce-done(%ar)
+  %rs = ((f32[8]{0}), f32[4]{0}) reduce-scatter-start(%a), channel_id=2, dimensions={0}, to_apply=%add
+  %rs.done = f32[4]{0} reduce-scatter-done(%rs)
+  %ag = (f32[4]{0}, f32[8]{0}) all-gather-start(%rs.done), channel_id=3, dimensions={0}
+  %ag.done = f32[8]{0} all-gather-done(%ag)
+  %cp = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1},{1,0}}
+  %cp.done = f32[8]{0} collective-permute-done(%cp)
+  %as = ((bf16[2,2]{1,0}), bf16[2,2]{1,0}) async-start(%b), calls=%async_computation
+  %as.done = bf16[2,2]{1,0} async-done(%as), calls=%async_computation
+  ROOT %out = f32[8]{0} add(%ar.done, %ag.done)
+}
+"""
+
+
+def test_async_start_done_pairs_count_once_with_the_result_buffer():
+    assert metrics.collectives(ASYNC_HLO) == only(
+        all_reduce=(1, 32),
+        reduce_scatter=(1, 16),
+        all_gather=(1, 32),
+        collective_permute=(1, 32),
+        all_to_all=(1, 8),
+    )
+
+
+def test_flops_per_token_matches_a_hand_count():
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=50, block_size=16)
+    d, f, v, t = 32, 128, 50, 16
+    ln = d + d  # scale + bias
+    attention = (d * 3 * d + 3 * d) + (d * d + d)  # qkv kernel + bias, out kernel + bias
+    mlp = (d * f + f) + (f * d + d)  # up, down
+    n = 2 * (2 * ln + attention + mlp) + ln + d * v  # blocks, final LayerNorm, lm_head (no embeddings)
+    expected = 6 * n + 12 * 2 * 4 * 8 * t  # L=2, H=4, Q=8
+    assert metrics.flops_per_token(config, t) == expected
+    # A tied head is the same matmul: the FLOPs do not change.
+    assert metrics.flops_per_token(config.replace(tie_embeddings=True), t) == expected
+
+
+def test_bytes_per_device_sharded_and_replicated(mesh):
+    a = np.ones((64, 32), np.float32)
+    sharded = jax.device_put(a, NamedSharding(mesh, P("x")))
+    replicated = jax.device_put(a, NamedSharding(mesh, P()))
+    assert metrics.bytes_per_device(sharded) == 64 * 32 * 4 // 8 == 1024
+    assert metrics.bytes_per_device(replicated) == 8192
+    assert metrics.bytes_per_device({"s": sharded, "r": replicated, "python": 3.0}) == 1024 + 8192
+
+
+def test_peak_bytes_reads_memory_analysis():
+    compiled = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x).lower(jnp.ones((256, 128))).compile()
+    peak = metrics.peak_bytes(compiled)
+    assert isinstance(peak, int) and peak >= 256 * 256 * 4  # at least the (256, 256) temporary
+    assert metrics.peak_bytes(object()) is None
+
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("cpu", None),
+        ("Quantum abacus", None),
+    ],
+)
+def test_peak_flops(kind, peak):
+    assert metrics.peak_flops(kind) == peak
+
+
+def test_mfu():
+    assert metrics.mfu(1000.0, 1e9, 1e12, num_devices=2) == pytest.approx(0.5)
+    assert metrics.mfu(1000.0, 1e9, None, num_devices=2) is None
+
+
+def test_zero_expected_bytes_follow_the_stage():
+    p, o, g = 800, 1600, 800
+    got = lambda strategy: metrics.zero_expected_bytes(p, o, g, strategy, dp=4, tp=2)
+    assert got("dp") == {
+        "params_bytes_per_device": 400,
+        "grads_bytes_per_device": 400,
+        "opt_state_bytes_per_device": 800,
+    }
+    assert got("zero1")["opt_state_bytes_per_device"] == 200 and got("zero1")["grads_bytes_per_device"] == 400
+    assert got("zero2")["grads_bytes_per_device"] == 100 and got("zero2")["params_bytes_per_device"] == 400
+    assert got("fsdp") == {
+        "params_bytes_per_device": 100,
+        "grads_bytes_per_device": 100,
+        "opt_state_bytes_per_device": 200,
+    }
+
+
+def test_expected_collectives_names_the_textbook_ops():
+    assert "all-reduce" in metrics.expected_collectives("dp", {"dp": 8, "tp": 1}, 2**20)
+    zero3 = metrics.expected_collectives("zero3", {"dp": 4, "tp": 2}, 2**20, activation_bytes=1024, n_layer=3)
+    assert "all-gather" in zero3 and "reduce-scatter" in zero3 and "(12 in all)" in zero3
+    assert metrics.expected_collectives("dp", {"dp": 1, "tp": 1}, 2**20) == "no collectives (one device)"

@@ -1,0 +1,295 @@
+"""Weights in and out: exact round trips, parity with a numpy GPT-2, and clear errors on bad files."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from shardgpt import sharding, train, weights
+from shardgpt.mesh import make_mesh
+from shardgpt.model import GPT
+from shardgpt.optim import OptimConfig, make_optimizer
+
+# Tiny and awkward on purpose: vocab 50 is a multiple of nothing, so padding rows are exercised.
+N_LAYER, N_HEAD, N_EMBD, VOCAB, BLOCK = 2, 8, 64, 50, 16
+ATOL = 1e-4  # fp32 shardgpt vs the float64 numpy reference; logits are O(1-10) here
+
+
+def one_device():
+    return make_mesh("dp=1", jax.devices()[:1])
+
+
+def gpt2_state_dict(seed=0, *, layout="linear", bias=True, tied=False, prefix="transformer.") -> dict:
+    """Random weights in GPT-2 naming, scaled so activations (and attention patterns) are O(1)."""
+    rng = np.random.default_rng(seed)
+    d, f = N_EMBD, 4 * N_EMBD
+    normal = lambda *shape, std=1.0: (std * rng.standard_normal(shape)).astype(np.float32)
+
+    def matmul(n_in, n_out):  # nn.Linear stores out x in, Conv1D in x out
+        w = normal(n_in, n_out, std=1 / math.sqrt(n_in))
+        return w.T.copy() if layout == "linear" else w
+
+    sd = {"wte.weight": normal(VOCAB, d, std=0.5), "wpe.weight": normal(BLOCK, d, std=0.5)}
+    for i in range(N_LAYER):
+        sd |= {f"h.{i}.ln_1.weight": 1 + normal(d, std=0.1), f"h.{i}.ln_2.weight": 1 + normal(d, std=0.1)}
+        sd |= {f"h.{i}.attn.c_attn.weight": matmul(d, 3 * d), f"h.{i}.attn.c_proj.weight": matmul(d, d)}
+        sd |= {f"h.{i}.mlp.c_fc.weight": matmul(d, f), f"h.{i}.mlp.c_proj.weight": matmul(f, d)}
+        if bias:
+            sd |= {f"h.{i}.ln_1.bias": normal(d, std=0.1), f"h.{i}.ln_2.bias": normal(d, std=0.1)}
+            sd |= {
+                f"h.{i}.attn.c_attn.bias": normal(3 * d, std=0.1),
+                f"h.{i}.attn.c_proj.bias": normal(d, std=0.1),
+            }
+            sd |= {f"h.{i}.mlp.c_fc.bias": normal(f, std=0.1), f"h.{i}.mlp.c_proj.bias": normal(d, std=0.1)}
+    sd["ln_f.weight"] = 1 + normal(d, std=0.1)
+    if bias:
+        sd["ln_f.bias"] = normal(d, std=0.1)
+    sd = {prefix + k: v for k, v in sd.items()}
+    if not tied:
+        sd["lm_head.weight"] = normal(VOCAB, d, std=0.5)
+    return sd
+
+
+def reference_logits(sd, tokens, n_head, layout, exact_gelu, eps=1e-5):
+    """GPT-2's forward from its equations, in float64 numpy, reading the state dict directly."""
+    sd = {k.removeprefix("transformer."): v.astype(np.float64) for k, v in sd.items()}
+
+    def linear(x, name):
+        w = sd[name + ".weight"]
+        y = x @ (w.T if layout == "linear" else w)
+        return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
+    def layer_norm(x, name):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + eps) * sd[name + ".weight"] + sd.get(name + ".bias", 0.0)
+
+    def gelu(x):
+        if exact_gelu:
+            return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    b, t = tokens.shape
+    x = sd["wte.weight"][tokens] + sd["wpe.weight"][:t]
+    d = x.shape[-1]
+    k = d // n_head
+    heads = lambda a: a.reshape(b, t, n_head, k).transpose(0, 2, 1, 3)
+    n_layer = len({key.split(".")[1] for key in sd if key.startswith("h.")})
+    for i in range(n_layer):
+        q, key, v = np.split(linear(layer_norm(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn"), 3, axis=-1)
+        att = heads(q) @ heads(key).transpose(0, 1, 3, 2) / math.sqrt(k)
+        att = np.where(np.tril(np.ones((t, t), bool)), att, -np.inf)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = (att @ heads(v)).transpose(0, 2, 1, 3).reshape(b, t, d)
+        x = x + linear(y, f"h.{i}.attn.c_proj")
+        x = x + linear(gelu(linear(layer_norm(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")), f"h.{i}.mlp.c_proj")
+    x = layer_norm(x, "ln_f")
+    return x @ sd.get("lm_head.weight", sd["wte.weight"]).T
+
+
+def shardgpt_logits(params, config, mesh, strategy, tokens):
+    """Our logits for the real vocab, run under the mesh with the strategy's activation rules."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(strategy, "activations")):
+        logits = jax.jit(GPT(config).apply)({"params": params}, jnp.asarray(tokens))
+    return np.asarray(logits)[..., : config.vocab_size]
+
+
+def tokens_for(seed=1, batch=2):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, BLOCK)).astype(np.int32)
+
+
+@pytest.fixture
+def placements(monkeypatch):
+    """Counts device placements, to show a failed import placed nothing."""
+    calls = []
+    real = jax.make_array_from_callback
+    monkeypatch.setattr(jax, "make_array_from_callback", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+# Both layouts x biased/unbiased x tied/untied, GELU exact or tanh, scanned and unrolled layers; the names
+# say whose checkpoints each case looks like.
+CASES = {
+    "mingpt": dict(layout="linear", bias=True, tied=False, exact_gelu=False, scan=True),
+    "nanogpt-nobias": dict(layout="linear", bias=False, tied=True, exact_gelu=True, scan=True),
+    "nanogpt-bias": dict(layout="linear", bias=True, tied=True, exact_gelu=True, scan=False),
+    "linear-nobias-untied": dict(layout="linear", bias=False, tied=False, exact_gelu=False, scan=False),
+    "hf-gpt2": dict(layout="conv1d", bias=True, tied=True, exact_gelu=False, scan=True),
+    "conv1d-bias-untied": dict(layout="conv1d", bias=True, tied=False, exact_gelu=True, scan=False),
+    "conv1d-nobias-tied": dict(layout="conv1d", bias=False, tied=True, exact_gelu=False, scan=False),
+    "conv1d-nobias-untied": dict(layout="conv1d", bias=False, tied=False, exact_gelu=True, scan=True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parity_with_numpy_gpt2_on_one_device(case):
+    c = CASES[case]
+    sd = gpt2_state_dict(layout=c["layout"], bias=c["bias"], tied=c["tied"])
+    config = weights.config_from_state_dict(
+        sd, N_HEAD, gelu_approximate=not c["exact_gelu"], scan_layers=c["scan"]
+    )
+    assert weights.detect_layout(sd) == c["layout"]
+    assert (config.use_bias, config.tie_embeddings) == (c["bias"], c["tied"])
+    assert (config.n_layer, config.n_embd, config.vocab_size, config.block_size) == (
+        N_LAYER,
+        N_EMBD,
+        VOCAB,
+        BLOCK,
+    )
+    params = weights.import_params(sd, config, one_device(), "dp")
+    tokens = tokens_for()
+    expected = reference_logits(sd, tokens, N_HEAD, c["layout"], c["exact_gelu"])
+    np.testing.assert_allclose(
+        shardgpt_logits(params, config, one_device(), "dp", tokens), expected, atol=ATOL
+    )
+
+
+@pytest.mark.parametrize("case", ["hf-gpt2", "linear-nobias-untied"])
+def test_parity_with_numpy_gpt2_under_dp2_tp4(case):
+    c = CASES[case]
+    sd = gpt2_state_dict(seed=2, layout=c["layout"], bias=c["bias"], tied=c["tied"])
+    config = weights.config_from_state_dict(
+        sd, N_HEAD, gelu_approximate=not c["exact_gelu"], scan_layers=c["scan"]
+    )
+    mesh = make_mesh("dp=2,tp=4")
+    params = weights.import_params(sd, config, mesh, "zero3")
+    tokens = tokens_for(batch=4)
+    expected = reference_logits(sd, tokens, N_HEAD, c["layout"], c["exact_gelu"])
+    np.testing.assert_allclose(shardgpt_logits(params, config, mesh, "zero3", tokens), expected, atol=ATOL)
+
+
+def assert_same_params(imported, original, config):
+    """Bit-identical leaf by leaf, except vocab padding rows, which import fills with zeros."""
+    flat_in = traverse_util.flatten_dict(jax.device_get(imported))
+    flat_out = traverse_util.flatten_dict(jax.device_get(original))
+    assert flat_in.keys() == flat_out.keys()
+    v = config.vocab_size
+    for path, a in flat_in.items():
+        b = np.asarray(flat_out[path])
+        a = np.asarray(a)
+        if path == ("wte",):
+            a, b, pad = a[:v], b[:v], a[v:]
+        elif path == ("lm_head", "kernel"):
+            a, b, pad = a[:, :v], b[:, :v], a[:, v:]
+        else:
+            pad = np.zeros(0)
+        assert a.dtype == b.dtype == np.float32, path
+        assert np.array_equal(a, b), f"{path} changed in the round trip"
+        assert not pad.any(), f"{path}: padding rows must import as zeros"
+
+
+@pytest.mark.parametrize("layout, suffix", [("linear", ".safetensors"), ("conv1d", ".npz")])
+def test_round_trip_on_one_device_is_exact(tmp_path, layout, suffix):
+    config = weights.config_from_state_dict(gpt2_state_dict(), N_HEAD, use_bias=True, tie_embeddings=False)
+    init = jax.jit(lambda key: nn.unbox(GPT(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
+    params = init(jax.random.key(3))  # random padding rows too, which import must not bring back
+    path = weights.export_params(params, config, tmp_path / f"model{suffix}", layout=layout)
+    sd = weights.load_state_dict(path)
+    assert "lm_head.weight" in sd and "transformer.wte.weight" in sd
+    assert weights.config_from_state_dict(sd, N_HEAD) == config
+    imported = weights.import_params(sd, config, one_device(), "dp")
+    assert_same_params(imported, params, config)
+    # and file -> import -> export gives the file's tensors back exactly
+    again = weights.to_state_dict(imported, config, layout)
+    assert again.keys() == sd.keys() and all(np.array_equal(again[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_under_dp2_tp4_zero3_is_exact_and_sharded(tmp_path, tied):
+    mesh = make_mesh("dp=2,tp=4")
+    config = weights.config_from_state_dict(gpt2_state_dict(tied=tied), N_HEAD)
+    model, tx = GPT(config), make_optimizer(OptimConfig())
+    state, shardings = train.init_state(model, tx, mesh, "zero3", seed=4)
+    path = weights.export_params(state.params, config, tmp_path / "model.safetensors")
+    imported = weights.import_params(weights.load_state_dict(path), config, mesh, "zero3")
+    assert_same_params(imported, state.params, config)
+    placed = jax.tree.map(lambda a: a.sharding, imported)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a == b, placed, shardings.state.params))
+    # zero3 x tp: each device holds an eighth of the head-split kernels, never the whole tensor
+    query = imported["blocks"]["attn"]["query"]["kernel"]
+    assert query.addressable_shards[0].data.shape == (N_LAYER, N_EMBD // 2, N_HEAD // 4, N_EMBD // N_HEAD)
+
+    # --init-from: a TrainState at step 0 whose optimizer state is sharded like init_state's
+    new_state, new_shardings = weights.state_from_params(imported, model, tx, mesh, "zero3")
+    assert int(new_state.step) == 0 and new_state.params is not None
+    same = jax.tree.map(lambda a, s: a.sharding == s, new_state.opt_state, new_shardings.state.opt_state)
+    assert jax.tree.all(same)
+
+
+def test_wrappers_and_buffers_are_ignored(placements):
+    """torch.compile's `_orig_mod.` prefix, HF's prefix-less keys and causal-mask buffers all import."""
+    clean = gpt2_state_dict(layout="conv1d", tied=True)
+    messy = {"_orig_mod." + k: v for k, v in gpt2_state_dict(layout="conv1d", tied=True, prefix="").items()}
+    for i in range(N_LAYER):
+        messy[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, BLOCK, BLOCK), bool))
+        messy[f"h.{i}.attn.masked_bias"] = np.float32(-1e4)
+    config = weights.config_from_state_dict(messy, N_HEAD)
+    assert config == weights.config_from_state_dict(clean, N_HEAD)
+    a = weights.import_params(messy, config, one_device(), "dp")
+    b = weights.import_params(clean, config, one_device(), "dp")
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_truncated_or_corrupt_file_raises(tmp_path, suffix):
+    config = weights.config_from_state_dict(gpt2_state_dict(), N_HEAD)
+    params = weights.import_params(gpt2_state_dict(), config, one_device(), "dp")
+    path = weights.export_params(params, config, tmp_path / f"model{suffix}")
+    data = path.read_bytes()
+    for broken in (data[: len(data) - 100], data[: len(data) // 2], b"not a checkpoint" * 4):
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match=rf"model\{suffix}.*truncated or corrupt"):
+            weights.load_state_dict(path)
+
+
+def test_wrong_keys_are_listed_and_nothing_is_placed(placements):
+    sd = gpt2_state_dict()
+    config = weights.config_from_state_dict(sd, N_HEAD)
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    sd["transformer.h.0.attn.rotary.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.weight'\].*unexpected \['h.0.attn.rotary"):
+        weights.import_params(sd, config, one_device(), "dp")
+    untied = config.replace(tie_embeddings=False)
+    with pytest.raises(ValueError, match="tie_embeddings=True"):
+        weights.import_params(gpt2_state_dict(tied=True), untied, one_device(), "dp")
+    with pytest.raises(ValueError, match="use_bias=True"):
+        weights.import_params(gpt2_state_dict(), config.replace(use_bias=False), one_device(), "dp")
+    assert not placements
+
+
+def test_wrong_shapes_name_the_tensor_and_nothing_is_placed(placements):
+    sd = gpt2_state_dict()
+    config = weights.config_from_state_dict(sd, N_HEAD)
+    sd["transformer.wpe.weight"] = np.zeros((BLOCK + 1, N_EMBD), np.float32)
+    with pytest.raises(ValueError, match=r"wpe.weight: file \(17, 64\) vs config \(16, 64\)"):
+        weights.import_params(sd, config, one_device(), "dp")
+    with pytest.raises(ValueError, match=r"h.0.attn.c_attn.weight: file \(192, 64\) vs config \(64, 192\)"):
+        weights.import_params(gpt2_state_dict(), config, one_device(), "dp", layout="conv1d")
+    tied = weights.config_from_state_dict(gpt2_state_dict(tied=True), N_HEAD)
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        weights.import_params(gpt2_state_dict(), tied, one_device(), "dp")
+    with pytest.raises(ValueError, match="not divisible by mesh axis tp=8"):
+        weights.import_params(gpt2_state_dict(), config.replace(n_head=4), make_mesh("tp=8"), "dp")
+    assert not placements
+
+
+def test_config_needs_n_head_and_known_formats(tmp_path):
+    with pytest.raises(ValueError, match="n_head cannot be read"):
+        weights.config_from_state_dict(gpt2_state_dict(), None)
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        weights.load_state_dict(tmp_path / "model.ckpt")
+    with pytest.raises(ValueError, match="unknown layout"):
+        weights.detect_layout(gpt2_state_dict(), "transposed")
+    with pytest.raises(ValueError, match="not a GPT-2-named state dict"):
+        weights.config_from_state_dict({"model.embed_tokens.weight": np.zeros((4, 4))}, N_HEAD)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        (tmp_path / "model.pt").write_bytes(b"\x80\x02")
+        with pytest.raises(ImportError, match="needs torch"):
+            weights.load_state_dict(tmp_path / "model.pt")
