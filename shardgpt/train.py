@@ -55,6 +55,17 @@ def param_axes(model: GPT) -> Any:
     return nn.get_partition_spec(boxed)
 
 
+def init_params(model: GPT, rng: jax.Array) -> Any:
+    """The model's freshly initialised params (unboxed); wrap in jax.eval_shape for shapes only."""
+    return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def param_shardings(model: GPT, mesh: Mesh, strategy: str, target: str = "params") -> Any:
+    """NamedShardings of a params-shaped tree under `strategy`'s rules for `target`, validated."""
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    return sharding.tree_shardings(abstract, param_axes(model), mesh, sharding.rules(strategy, target))
+
+
 def state_shardings(
     model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str
 ) -> StateShardings:
@@ -67,15 +78,16 @@ def state_shardings(
     )
     state = TrainState(
         step=NamedSharding(mesh, P()),
-        params=shard("params", abstract.params, axes),
+        params=param_shardings(model, mesh, strategy),
         opt_state=shard("opt_state", abstract.opt_state, opt_axes),
     )
-    return StateShardings(state=state, grads=shard("grads", abstract.params, axes), params_axes=axes)
+    return StateShardings(
+        state=state, grads=param_shardings(model, mesh, strategy, "grads"), params_axes=axes
+    )
 
 
 def _init(model: GPT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(model.init(rng, tokens)["params"])
+    params = init_params(model, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +16,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from shardgpt import sharding, train
+from shardgpt import train
 from shardgpt.config import ModelConfig
 from shardgpt.model import GPT
 
@@ -260,11 +259,8 @@ def import_params(
     layout = detect_layout(sd, layout)
     _validate(sd, config, layout)
     model = GPT(config)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
-    shardings = sharding.tree_shardings(
-        abstract, train.param_axes(model), mesh, sharding.rules(strategy, "params")
-    )
+    abstract = jax.eval_shape(lambda: train.init_params(model, jax.random.key(0)))
+    shardings = train.param_shardings(model, mesh, strategy)
     host = _to_ours(sd, config, layout)
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
     got = {k: v.shape for k, v in traverse_util.flatten_dict(host).items()}

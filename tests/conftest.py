@@ -12,3 +12,46 @@ os.environ["XLA_FLAGS"] = " ".join(
     [_present, *(f for f in _FLAGS if f.split("=")[0] not in _present)]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="session")
+def trained_sort():
+    """gpt-pico trained 300 steps on minGPT's sort task under dp=8: (model, task, state, trainer)."""
+    from shardgpt import config, data, optim, sharding, train
+    from shardgpt.mesh import make_mesh
+    from shardgpt.model import GPT
+
+    task = data.SortTask()
+    model = GPT(config.preset("gpt-pico", vocab_size=task.vocab_size, block_size=task.seq_len))
+    tx = optim.make_optimizer(
+        optim.OptimConfig(learning_rate=3e-3, warmup_steps=20, total_steps=300, weight_decay=0.0)
+    )
+    mesh = make_mesh("dp=8")
+    state, shardings = train.init_state(model, tx, mesh, "dp")
+    step_fn = train.make_train_step(model, tx, mesh, "dp", shardings)
+    batch_sharding = sharding.batch_sharding(mesh, "dp")
+    recorder = []
+
+    class Record(train.Callback):
+        def on_train_begin(self, trainer):
+            recorder.append("begin")
+
+        def on_step_end(self, trainer, step, metrics):
+            recorder.append(step)
+
+        def on_train_end(self, trainer):
+            recorder.append("end")
+
+    trainer = train.Trainer(
+        step_fn,
+        state,
+        lambda i: data.global_batch(task, i, 64, batch_sharding),
+        tokens_per_step=64 * task.seq_len,
+        callbacks=[Record()],
+        progress=False,
+    )
+    state = trainer.run(300)
+    trainer.events = recorder
+    return model, task, state, trainer

@@ -126,44 +126,11 @@ def test_zero_stages_shrink_state_by_exactly_the_expected_bytes(spec):
         assert expected(True) * 8 < expected(False) * 1.2
 
 
-class _Recorder(train.Callback):
-    def __init__(self):
-        self.events = []
-
-    def on_train_begin(self, trainer):
-        self.events.append("begin")
-
-    def on_step_end(self, trainer, step, metrics):
-        self.events.append((step, round(metrics["loss"], 6)))
-
-    def on_train_end(self, trainer):
-        self.events.append("end")
-
-
-def test_sort_task_trains_to_low_loss():
+def test_sort_task_trains_to_low_loss(trained_sort):
     """gpt-pico learns to sort 6 digits: loss on the sorted half below 0.05 within 300 steps."""
-    task = data.SortTask()
-    cfg = config.preset("gpt-pico", vocab_size=task.vocab_size, block_size=task.seq_len)
-    model = GPT(cfg)
-    tx = optim.make_optimizer(
-        optim.OptimConfig(learning_rate=3e-3, warmup_steps=20, total_steps=300, weight_decay=0.0)
-    )
-    mesh = make_mesh("dp=8")
-    state, shardings = train.init_state(model, tx, mesh, "dp")
-    step_fn = train.make_train_step(model, tx, mesh, "dp", shardings)
-    batch_sharding = sharding.batch_sharding(mesh, "dp")
-    recorder = _Recorder()
-    trainer = train.Trainer(
-        step_fn,
-        state,
-        lambda i: data.global_batch(task, i, 64, batch_sharding),
-        tokens_per_step=64 * task.seq_len,
-        callbacks=[recorder],
-        progress=False,
-    )
-    state = trainer.run(300)
+    _, _, state, trainer = trained_sort
     assert int(state.step) == 300
-    assert recorder.events[0] == "begin" and recorder.events[-1] == "end"
-    assert [e[0] for e in recorder.events[1:-1]] == list(range(300))
+    assert trainer.events[0] == "begin" and trainer.events[-1] == "end"
+    assert trainer.events[1:-1] == list(range(300)), "on_step_end must see every step once, in order"
     final = np.mean([h["loss"] for h in trainer.history[-10:]])
     assert final < 0.05, f"sort loss {final:.3f} after 300 steps: the model or optimizer regressed"

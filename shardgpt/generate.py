@@ -1,0 +1,228 @@
+"""Fixed-shape generation: prefill into a KV cache, then a jitted decode loop; one compile per batch size.
+
+Prompts are right-padded to the context length and their lengths passed as data, and the number of new
+tokens is a loop bound, so no prompt length or token count causes a new trace. The cache is sharded by
+the same logical names and rules as the model (batch over dp, heads over tp).
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardgpt import sharding, train
+from shardgpt.model import CACHE_AXES, GPT, init_cache
+
+# Without top_k, top-p searches the nucleus among this many most likely tokens: a top-k window is far
+# cheaper per token than sorting the whole vocabulary.
+TOP_P_WINDOW = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k keeps the k most likely tokens; top_p the smallest nucleus >= p."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next tokens (B,) from the last position's logits."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if sampling.temperature == 0 or sampling.top_k == 1:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    vocab = logits_BxV.shape[-1]
+    window = min(sampling.top_k or TOP_P_WINDOW, vocab) if (sampling.top_k or sampling.top_p) else vocab
+    if window < vocab:
+        top_BxW, ids_BxW = jax.lax.top_k(logits_BxV, window)  # sorted, most likely first
+    else:
+        top_BxW, ids_BxW = logits_BxV, jnp.broadcast_to(jnp.arange(vocab), logits_BxV.shape)
+    top_BxW = top_BxW / sampling.temperature
+    if sampling.top_p is not None and sampling.top_p < 1:
+        if window == vocab:  # no window was taken: sort once so the cumulative sum runs in rank order
+            order_BxW = jnp.argsort(-top_BxW, axis=-1)
+            top_BxW = jnp.take_along_axis(top_BxW, order_BxW, -1)
+            ids_BxW = jnp.take_along_axis(ids_BxW, order_BxW, -1)
+        probs_BxW = jax.nn.softmax(top_BxW, axis=-1)
+        mass_before_BxW = jnp.cumsum(probs_BxW, axis=-1) - probs_BxW
+        top_BxW = jnp.where(mass_before_BxW < sampling.top_p, top_BxW, -jnp.inf)  # the top token always stays
+    choice_B = jax.random.categorical(key, top_BxW, axis=-1)
+    return jnp.take_along_axis(ids_BxW, choice_B[:, None], -1)[:, 0].astype(jnp.int32)
+
+
+class Generator:
+    """Jitted prefill + decode for one (model, mesh, strategy, batch size, sampling): compiled once.
+
+    `traces` counts how often the function was traced (= compiled); it stays 1 across prompt lengths
+    and token counts.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        mesh: Mesh,
+        strategy: str = "dp",
+        batch_size: int = 1,
+        sampling: Sampling = Sampling(),
+        stop_token: int | None = None,
+    ):
+        self.model, self.mesh, self.strategy = model, mesh, sharding.canonical(strategy)
+        self.batch_size, self.sampling, self.stop_token = batch_size, sampling, stop_token
+        cfg = model.config
+        self.traces = 0
+        activations = sharding.rules(self.strategy, "activations")
+        buffer = sharding.batch_sharding(mesh, self.strategy)
+        sharding.check_divisible(
+            "generation batch", (batch_size, cfg.block_size), ("batch", "length"), buffer.spec, mesh
+        )
+        self.param_shardings = train.param_shardings(model, mesh, self.strategy)
+        cache_sharding = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, activations, "KV cache"))
+        vector = NamedSharding(mesh, sharding.logical_to_spec(("batch",), activations))
+        replicated = NamedSharding(mesh, P())
+        self._jitted = jax.jit(
+            self._generate,
+            in_shardings=(self.param_shardings, buffer, vector, replicated, replicated),
+            out_shardings=(buffer, vector),
+        )
+        self._cache_sharding, self._activations = cache_sharding, activations
+
+    def _generate(self, params, tokens_BxT, lengths_B, max_new_tokens, key):
+        self.traces += 1
+        cfg, B = self.model.config, tokens_BxT.shape[0]
+        rows_B = jnp.arange(B)
+        apply = lambda tokens, positions, cache: self.model.apply(
+            {"params": params}, tokens, positions, cache
+        )
+
+        def emit(i, tokens_BxT, length_B, last_BxV, done_B):
+            """Sample each unfinished row's next token from its last logits and append it."""
+            token_B = sample(last_BxV, jax.random.fold_in(key, i), self.sampling)
+            tokens_BxT = tokens_BxT.at[rows_B, length_B].set(
+                jnp.where(done_B, tokens_BxT[rows_B, length_B], token_B)
+            )
+            length_B = jnp.where(done_B, length_B, length_B + 1)
+            if self.stop_token is not None:
+                done_B = done_B | (token_B == self.stop_token)
+            return tokens_BxT, length_B, done_B
+
+        with nn.logical_axis_rules(self._activations):
+            cache = jax.lax.with_sharding_constraint(init_cache(cfg, B), (self._cache_sharding,) * 2)
+            # Prefill the whole padded context: slots past a prompt's end hold junk that decoding
+            # overwrites before any query can see it (a query at t attends to slots <= t only).
+            S = cfg.block_size
+            logits_BxSxV, cache = apply(tokens_BxT[:, :S], jnp.broadcast_to(jnp.arange(S), (B, S)), cache)
+            last_BxV = jnp.take_along_axis(logits_BxSxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+
+            def cond(carry):
+                i, *_, done_B = carry
+                return (i < max_new_tokens - 1) & ~jnp.all(done_B)
+
+            def body(carry):  # emit a token, then read it to get the next logits
+                i, tokens_BxT, length_B, last_BxV, cache, done_B = carry
+                tokens_BxT, length_B, done_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
+                position_B = length_B - 1
+                logits_Bx1xV, cache = apply(
+                    tokens_BxT[rows_B, position_B][:, None], position_B[:, None], cache
+                )
+                return i + 1, tokens_BxT, length_B, logits_Bx1xV[:, 0], cache, done_B
+
+            done_B = jnp.zeros((B,), bool)
+            carry = (jnp.int32(0), tokens_BxT, lengths_B, last_BxV, cache, done_B)
+            i, tokens_BxT, lengths_B, last_BxV, _, done_B = jax.lax.while_loop(cond, body, carry)
+            # The last token is emitted without a forward pass: nothing will read it.
+            tokens_BxT, lengths_B, _ = emit(i, tokens_BxT, lengths_B, last_BxV, done_B)
+        return tokens_BxT, lengths_B
+
+    def __call__(
+        self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, key=None
+    ) -> list[np.ndarray]:
+        """Each prompt followed by up to `max_new_tokens` generated tokens (fewer after a stop token)."""
+        tokens_BxS, lengths_B = self.pad(prompts, max_new_tokens)
+        key = jax.random.key(0) if key is None else key
+        # Params trained under another mesh or strategy move to this one's layout (a no-op when they match).
+        params = jax.device_put(params, self.param_shardings)
+        with jax.set_mesh(self.mesh):
+            tokens_BxS, lengths_B = self._jitted(params, tokens_BxS, lengths_B, np.int32(max_new_tokens), key)
+        tokens_BxS, lengths_B = jax.device_get((tokens_BxS, lengths_B))
+        return [row[:n] for row, n in zip(tokens_BxS, lengths_B, strict=True)]
+
+    def pad(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Validate prompts and right-pad them into the (batch, block_size + 1) buffer, before any compile."""
+        cfg = self.model.config
+        if len(prompts) != self.batch_size:
+            raise ValueError(f"this generator takes {self.batch_size} prompts, got {len(prompts)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # One slot past the context: the last new token is emitted but never read by the model.
+        buffer = np.zeros((self.batch_size, cfg.block_size + 1), np.int32)
+        lengths = np.zeros((self.batch_size,), np.int32)
+        for row, prompt in enumerate(prompts):
+            prompt = np.asarray(prompt, np.int32).reshape(-1)
+            if prompt.size == 0:
+                raise ValueError(f"prompt {row} is empty: give at least one token")
+            if prompt.size > cfg.block_size:
+                raise ValueError(
+                    f"prompt {row} has {prompt.size} tokens, longer than the model's context "
+                    f"({cfg.block_size}): shorten it (shardgpt never truncates silently)"
+                )
+            if prompt.size + max_new_tokens - 1 > cfg.block_size:
+                raise ValueError(
+                    f"prompt {row} has {prompt.size} tokens; {max_new_tokens} new ones would make the "
+                    f"model read {prompt.size + max_new_tokens - 1} positions, past its context "
+                    f"({cfg.block_size}): ask for at most {cfg.block_size + 1 - prompt.size} new tokens"
+                )
+            if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+                raise ValueError(f"prompt {row} has token ids outside [0, {cfg.vocab_size})")
+            buffer[row, : prompt.size], lengths[row] = prompt, prompt.size
+        return buffer, lengths
+
+
+_GENERATORS: dict[tuple, Generator] = {}
+
+
+def generate(
+    model: GPT,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    mesh: Mesh | None = None,
+    strategy: str = "dp",
+    sampling: Sampling = Sampling(),
+    key: jax.Array | None = None,
+    stop_token: int | None = None,
+) -> list[np.ndarray]:
+    """Continue each prompt (token ids) with up to `max_new_tokens` tokens; `params` may be a TrainState.
+
+    Generators are cached, so repeated calls with the same batch size and sampling reuse one compile.
+    """
+    params = getattr(params, "params", params)
+    if mesh is None:
+        from shardgpt.mesh import make_mesh
+
+        mesh = make_mesh("dp=1", jax.devices()[:1])
+    cache_key = (model.config, mesh, sharding.canonical(strategy), len(prompts), sampling, stop_token)
+    if cache_key not in _GENERATORS:
+        _GENERATORS[cache_key] = Generator(model, mesh, strategy, len(prompts), sampling, stop_token)
+    return _GENERATORS[cache_key](params, prompts, max_new_tokens, key)
+
+
+def generate_text(model: GPT, params: Any, task, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """Char-level helper: encode `prompt` with the task's vocabulary, generate, decode the whole text."""
+    (tokens,) = generate(model, params, [task.encode(prompt)], max_new_tokens, **kwargs)
+    return task.decode(tokens)

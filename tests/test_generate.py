@@ -1,0 +1,154 @@
+"""Fixed-shape KV-cache generation: exact against the full forward, one compile, sharded like training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shardgpt import config, data, train
+from shardgpt.generate import Generator, Sampling, generate, generate_text, sample
+from shardgpt.mesh import make_mesh
+from shardgpt.model import GPT, init_cache
+
+CFG = config.preset("gpt-pico", vocab_size=50, block_size=32)
+MODEL = GPT(CFG)
+ONE_DEVICE = make_mesh("dp=1", jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Random params with matmul weights scaled 8x, so attention is sharp and a cache bug changes tokens."""
+    fresh = jax.jit(lambda rng: train.init_params(MODEL, rng))(jax.random.key(1))
+    return jax.tree.map(lambda x: x * 8 if x.ndim >= 2 else x, fresh)
+
+
+@pytest.fixture(scope="module")
+def forward():
+    return jax.jit(lambda p, tokens: MODEL.apply({"params": p}, tokens))
+
+
+def _full_greedy(forward, params, prompt, n):
+    """Greedy decoding by re-running the full forward on the whole sequence for every token."""
+    tokens = list(prompt)
+    for _ in range(n):
+        buffer = np.zeros((1, CFG.block_size), np.int32)
+        buffer[0, : len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(forward(params, buffer)[0, len(tokens) - 1])))
+    return np.array(tokens)
+
+
+def test_cached_greedy_equals_full_forward_greedy_with_one_compile(params, forward):
+    gen = Generator(MODEL, ONE_DEVICE, batch_size=3)
+    for prompts, n in [
+        ([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]], 12),
+        ([[7] * 20, [3, 1], [2, 2, 2, 2]], 5),
+    ]:
+        outputs = gen(params, prompts, n)
+        for prompt, out in zip(prompts, outputs, strict=True):
+            np.testing.assert_array_equal(out, _full_greedy(forward, params, prompt, n))
+    single = Generator(MODEL, ONE_DEVICE, batch_size=1)
+    full = _full_greedy(forward, params, [9, 8, 7, 6], 29)  # reads 4 + 29 - 1 = 32 positions: all of them
+    np.testing.assert_array_equal(single(params, [[9, 8, 7, 6]], 29)[0], full)
+    assert gen.traces == 1 and single.traces == 1, "a new prompt length or token count recompiled"
+    assert gen._jitted._cache_size() == 1
+
+
+def test_cached_logits_equal_full_forward_logits(params, forward):
+    """Prefill 5 tokens, then feed 10 more one at a time: every position's logits match (fp32, 1e-4)."""
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 15)).astype(np.int32)
+    expected = np.asarray(forward(params, tokens))
+    step = jax.jit(lambda p, t, pos, cache: MODEL.apply({"params": p}, t, pos, cache))
+    positions = np.broadcast_to(np.arange(15), (2, 15))
+    logits, cache = step(params, tokens[:, :5], positions[:, :5], init_cache(CFG, 2))
+    got = [logits]
+    for t in range(5, 15):
+        logits, cache = step(params, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
+        got.append(logits)
+    np.testing.assert_allclose(np.concatenate(got, axis=1), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec, strategy", [("dp=2,tp=4", "dp"), ("dp=2,tp=4", "zero3"), ("tp=8", "zero1")])
+def test_sharded_generation_equals_one_device(params, spec, strategy):
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    expected = generate(MODEL, params, prompts, 10, mesh=ONE_DEVICE)
+    got = generate(MODEL, params, prompts, 10, mesh=make_mesh(spec), strategy=strategy)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_stop_token_ends_a_row_early(params):
+    (free,) = generate(MODEL, params, [[1, 2, 3]], 10)
+    stop = int(free[5])  # the third generated token
+    (stopped,) = generate(MODEL, params, [[1, 2, 3]], 10, stop_token=stop)
+    first = int(np.argmax(free[3:] == stop)) + 3
+    np.testing.assert_array_equal(stopped, free[: first + 1])
+
+
+def test_sampling_modes(params):
+    prompts = [[1, 2, 3]]
+    greedy = generate(MODEL, params, prompts, 8)[0]
+    np.testing.assert_array_equal(
+        generate(MODEL, params, prompts, 8, sampling=Sampling(1.0, top_k=1))[0], greedy
+    )
+    np.testing.assert_array_equal(generate(MODEL, params, prompts, 8, sampling=Sampling(1e-6))[0], greedy)
+    hot = Sampling(temperature=1.0)
+    flat = jax.tree.map(lambda x: x / 8 if x.ndim >= 2 else x, params)  # high-entropy model for sampling
+    a = generate(MODEL, flat, prompts, 16, sampling=hot, key=jax.random.key(1))[0]
+    b = generate(MODEL, flat, prompts, 16, sampling=hot, key=jax.random.key(1))[0]
+    c = generate(MODEL, flat, prompts, 16, sampling=hot, key=jax.random.key(2))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c), "different keys gave the same 16 sampled tokens"
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_top_p_stays_inside_the_nucleus(top_k):
+    probs = np.array([0.05, 0.5, 0.02, 0.3, 0.03, 0.1])  # nucleus at p=0.75: tokens 1 and 3
+    logits = jnp.log(jnp.broadcast_to(probs, (4000, 6)))
+    tokens = np.asarray(sample(logits, jax.random.key(0), Sampling(1.0, top_k=top_k, top_p=0.75)))
+    assert set(tokens.tolist()) == {1, 3}
+    assert abs(np.mean(tokens == 1) - 0.5 / 0.8) < 0.03  # renormalised within the nucleus
+
+
+def test_trained_sort_model_sorts_held_out_inputs(trained_sort):
+    """At least 95% of 64 held-out 6-digit problems (steps never trained on) sorted exactly."""
+    model, task, state, _ = trained_sort
+    problems = [task.problem(10_000, row) for row in range(64)]
+    outputs = generate(model, state, problems, task.length)
+    correct = [
+        np.array_equal(out[task.length :], np.sort(p)) for p, out in zip(problems, outputs, strict=True)
+    ]
+    assert np.mean(correct) >= 0.95, f"sorted {np.mean(correct):.0%} of held-out problems"
+
+
+def test_text_helper(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcabcabc\n" * 10)
+    task = data.make_task(f"chars:{path}", seq_len=16)
+    model = GPT(config.preset("gpt-pico", vocab_size=task.vocab_size, block_size=16))
+    params = jax.jit(lambda rng: train.init_params(model, rng))(jax.random.key(0))
+    text = generate_text(model, params, task, "abc", 5)
+    assert text.startswith("abc") and len(text) == 8 and set(text) <= set(task.chars)
+
+
+@pytest.mark.parametrize(
+    "prompts, n, sampling, message",
+    [
+        ([[1] * 33], 1, {}, r"33 tokens, longer than the model's context \(32\)"),
+        ([[1, 2]], 32, {}, "ask for at most 31 new tokens"),
+        ([[]], 1, {}, "prompt 0 is empty"),
+        ([[1, 99]], 1, {}, r"outside \[0, 50\)"),
+        ([[1]], 0, {}, "max_new_tokens must be >= 1"),
+        ([[1]], 1, {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ([[1]], 1, {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ([[1]], 1, {"temperature": -1.0}, "temperature must be >= 0"),
+        ([[1]], 1, {"top_k": 0}, "top_k must be >= 1"),
+    ],
+)
+def test_bad_requests_raise_before_compiling(params, prompts, n, sampling, message):
+    with pytest.raises(ValueError, match=message):
+        generate(MODEL, params, prompts, n, sampling=Sampling(**sampling))
+
+
+def test_batch_not_divisible_by_dp_is_an_error():
+    with pytest.raises(ValueError, match=r"batch=1\) is not divisible by mesh axis dp=2"):
+        Generator(MODEL, make_mesh("dp=2,tp=4"), batch_size=1)
