@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(SIM_DEVICES) $(PY) -m pytest -q
 
+# Every strategy on dp=2,tp=4 (8 simulated CPU devices without an accelerator): table, results/, plots.
 run: $(STAMP)
 	$(PY) experiments/run.py
 
+# The run BENCHMARKS.md records, into results/bench.
 bench: $(STAMP)
-	$(PY) experiments/run.py
+	$(PY) experiments/run.py --out results/bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,285 @@
+"""One experiment run: a RunSpec in, one results.json record out (timing, MFU, memory, collectives, losses).
+
+Everything a spec can get wrong is checked by `prepare` (no compiling), so a list of specs can be validated
+before the first one spends minutes compiling. Numbers come from what ran: step times from the Trainer's
+pipelined loop, bytes from the arrays' shards, collectives and peak memory from the compiled program.
+"""
+
+import dataclasses
+import datetime
+import functools
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from shardgpt import config, data, metrics, optim, sharding, train, weights
+from shardgpt.mesh import describe, make_mesh
+from shardgpt.model import GPT
+
+IMPLS = ("gspmd", "shard_map")
+FLOPS_SOURCE = "6N + 12·L·H·Q·T (PaLM app. B)"
+PROFILE_STEPS = 3  # steps traced by --profile, run after the timed ones so the trace costs them nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run: what to train, on which mesh, with which strategy and implementation."""
+
+    mesh: str = "dp=2,tp=4"
+    strategy: str = "dp"
+    impl: str = "gspmd"
+    model: str = "gpt-pico"
+    overrides: tuple[tuple[str, str], ...] = ()  # --model.X=V pairs, type-checked by ModelConfig.replace
+    task: str = "sort"
+    seq: int | None = None  # chars tasks only; sort's length is fixed
+    steps: int = 100
+    batch: int = 64
+    dtype: str = "float32"
+    attention: str = "xla"
+    scan: bool = True
+    remat: bool = False
+    lr: float = 3e-3
+    seed: int = 0
+    warmup: int = 5  # leading steps left out of the median step time
+    generate: int = 0  # new tokens for the generation benchmark; 0: none
+    init_from: str | None = None
+    profile: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a spec resolves to before anything compiles."""
+
+    task: Any
+    mesh: jax.sharding.Mesh
+    strategy: str
+    config: config.ModelConfig
+    model: GPT
+    tx: Any
+    make_step: Callable
+    prompt_len: int
+    generate_batch: int
+
+
+@functools.lru_cache(maxsize=1)
+def _state_dict(path: str) -> dict:
+    return weights.load_state_dict(path)  # cached: every run of a comparison starts from the same file
+
+
+def _step_builder(impl: str) -> Callable:
+    """make_train_step of the chosen implementation (same signature for both)."""
+    if impl == "gspmd":
+        return train.make_train_step
+    if impl != "shard_map":
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)} (or both)")
+    try:
+        from shardgpt import spmd
+    except ImportError as e:
+        raise ValueError(f"shard_map impl not available (shardgpt.spmd: {e})") from None
+    return spmd.make_train_step
+
+
+def _model_config(spec: RunSpec, task: Any) -> config.ModelConfig:
+    overrides = dict(spec.overrides)
+    run_fields = dict(dtype=spec.dtype, attention=spec.attention, scan_layers=spec.scan, remat=spec.remat)
+    if spec.init_from:
+        # Shapes come from the file; n_head (not in the shapes) from --model.n_head or the preset.
+        n_head = overrides.pop("n_head", config.preset(spec.model).n_head)
+        sd = _state_dict(spec.init_from)
+        cfg = weights.config_from_state_dict(sd, int(n_head), **run_fields, **overrides)
+        if task.vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"task {spec.task!r} has {task.vocab_size} tokens but {spec.init_from} only "
+                f"{cfg.vocab_size}: use a task whose vocabulary fits the checkpoint"
+            )
+        return cfg
+    # The preset's context, widened to the task's sequence, unless --model.block_size says otherwise.
+    block = max(config.preset(spec.model).block_size, task.seq_len)
+    derived = dict(vocab_size=task.vocab_size, block_size=block, **run_fields)
+    return config.preset(spec.model, **(derived | overrides))
+
+
+def prepare(spec: RunSpec) -> Setup:
+    """Resolve a spec and check mesh, strategy, model, shapes, batch: ValueError if bad; compiles nothing."""
+    if spec.steps < 1 or spec.batch < 1:
+        raise ValueError(f"--steps and --batch must be >= 1 (got {spec.steps}, {spec.batch})")
+    if spec.task == "sort" and spec.seq is not None:
+        raise ValueError("--seq applies to chars:PATH tasks; the sort task's sequence length is fixed")
+    task = data.make_task(spec.task, spec.seq, spec.seed)
+    mesh = make_mesh(spec.mesh)
+    strategy = sharding.canonical(spec.strategy)
+    platform = mesh.devices.flat[0].platform
+    if spec.attention == "cudnn" and platform != "gpu":
+        raise ValueError(f"--attention cudnn needs NVIDIA GPUs (cuDNN), not {platform}: use --attention xla")
+    make_step = _step_builder(spec.impl)
+    cfg = _model_config(spec, task)
+    model = GPT(cfg)
+    lr_warmup = min(10, max(1, spec.steps // 10))
+    schedule = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=lr_warmup, total_steps=spec.steps)
+    tx = optim.make_optimizer(schedule)
+    train.check_batch(model, mesh, strategy, spec.batch, task.seq_len)
+    train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
+    prompt_len = getattr(task, "length", min(32, task.seq_len // 2))  # sort: the unsorted digits
+    if spec.generate and prompt_len + spec.generate > cfg.block_size:
+        raise ValueError(
+            f"--generate {spec.generate} after a {prompt_len}-token prompt exceeds block_size "
+            f"{cfg.block_size}: generate at most {cfg.block_size - prompt_len} or raise --model.block_size"
+        )
+    dp = mesh.shape["dp"]
+    return Setup(task, mesh, strategy, cfg, model, tx, make_step, prompt_len, -(-8 // dp) * dp)
+
+
+def run_name(spec: RunSpec) -> str:
+    """A run's label in tables and plots: "dp=2,tp=4 zero1" (+ " shard_map" for that impl)."""
+    mesh = describe(make_mesh(spec.mesh))
+    return f"{mesh} {sharding.canonical(spec.strategy)}" + ("" if spec.impl == "gspmd" else f" {spec.impl}")
+
+
+def model_label(spec: RunSpec) -> str:
+    """The preset with its overrides and checkpoint: "gpt-pico[n_layer=1]"."""
+    overrides = ",".join(f"{k}={v}" for k, v in spec.overrides)
+    label = spec.model + (f"[{overrides}]" if overrides else "")
+    return label + (f" from {spec.init_from}" if spec.init_from else "")
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def _memory(state: train.TrainState, shardings: train.StateShardings) -> dict[str, int]:
+    """Bytes per device of params and optimizer state (from their shards) and of the gradients.
+
+    Gradients never persist, so theirs are computed from the grads' shardings: shard shape x itemsize.
+    """
+    grads = sum(
+        math.prod(where.shard_shape(p.shape)) * p.dtype.itemsize
+        for p, where in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.grads), strict=True)
+    )
+    return {
+        "params_bytes_per_device": metrics.bytes_per_device(state.params),
+        "opt_state_bytes_per_device": metrics.bytes_per_device(state.opt_state),
+        "grads_bytes_per_device": int(grads),
+    }
+
+
+def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one spec and measure it; returns one record of results.json's "runs" (DESIGN.md's schema).
+
+    `generate_bench(model, params, mesh, strategy, batch, prompt_len, new_tokens) -> dict` runs after
+    training when spec.generate > 0 (it lives in experiments/, so the caller injects it).
+    """
+    started = time.perf_counter()
+    s = prepare(spec)
+    name, seq, mesh = run_name(spec), s.task.seq_len, s.mesh
+    if spec.init_from:
+        params = weights.import_params(_state_dict(spec.init_from), s.config, mesh, s.strategy)
+        state, shardings = weights.state_from_params(params, s.model, s.tx, mesh, s.strategy)
+    else:
+        state, shardings = train.init_state(s.model, s.tx, mesh, s.strategy, seed=spec.seed)
+    memory = _memory(state, shardings)  # now: on accelerators the state is donated to the first step
+    totals = _nbytes(state.params), _nbytes(state.opt_state)
+
+    step_fn = s.make_step(s.model, s.tx, mesh, s.strategy, shardings)
+    batch_sharding = sharding.batch_sharding(mesh, s.strategy)
+    batch_for = lambda i: data.global_batch(s.task, i, spec.batch, batch_sharding)  # noqa: E731
+    first = batch_for(0)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = getattr(step_fn, "jitted", step_fn).lower(state, first).compile()
+    compile_s = time.perf_counter() - t0
+
+    # Train through the compiled executable itself: the timed loop can never hide a recompile.
+    tokens_per_step = spec.batch * seq
+    trainer = train.Trainer(compiled, state, batch_for, tokens_per_step, progress=progress, description=name)
+    state = jax.block_until_ready(trainer.run(spec.steps))
+    # The Trainer reads step t's metrics after dispatching t+1: each interval is one step of the pipeline.
+    step_times = [tokens_per_step / h["tokens_per_s"] for h in trainer.history]
+    timed = step_times[min(spec.warmup, spec.steps - 1) :]
+    step_time = _median(timed)
+    losses = [h["loss"] for h in trainer.history]
+    grad_norms = [h["grad_norm"] for h in trainer.history if "grad_norm" in h]
+
+    profile_dir = None
+    if spec.profile:
+        profile_dir = str(Path(spec.profile) / re.sub(r"[^\w.-]+", "_", name))
+        jax.profiler.start_trace(profile_dir)
+        for i in range(PROFILE_STEPS):  # extra steps on the trained state; losses above are unaffected
+            state, _ = compiled(state, batch_for(spec.steps + i))
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+
+    generate = None
+    if spec.generate and generate_bench is not None:
+        generate = generate_bench(
+            s.model, state.params, mesh, s.strategy, s.generate_batch, s.prompt_len, spec.generate
+        )
+
+    cfg, dp, tp = s.config, mesh.shape["dp"], mesh.shape["tp"]
+    tokens_per_s = tokens_per_step / step_time
+    flops_per_token = metrics.flops_per_token(cfg, seq)
+    peak_flops = metrics.peak_flops(mesh.devices.flat[0].device_kind)
+    activation_bytes = (spec.batch // dp) * seq * cfg.n_embd * jnp.dtype(cfg.dtype).itemsize
+    return {
+        "name": name,
+        "mesh": dict(mesh.shape),
+        "strategy": s.strategy,
+        "impl": spec.impl,
+        "model": model_label(spec),
+        "config": dataclasses.asdict(cfg),
+        "n_params": cfg.n_params(),
+        "task": spec.task,
+        "batch": spec.batch,
+        "seq": seq,
+        "steps": spec.steps,
+        "dtype": cfg.dtype,
+        "lr": spec.lr,
+        "seed": spec.seed,
+        "compile_s": compile_s,
+        "step_time_s": step_time,
+        "step_times_s": step_times,
+        "timed_steps": len(timed),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "peak_flops": peak_flops,
+        "mfu": metrics.mfu(tokens_per_s, flops_per_token, peak_flops, mesh.devices.size),
+        "memory": memory | {"peak_bytes_per_device": metrics.peak_bytes(compiled)},
+        "expected_memory": metrics.zero_expected_bytes(totals[0], totals[1], totals[0], s.strategy, dp, tp),
+        "collectives": metrics.collectives(compiled.as_text()),
+        "expected_collectives": metrics.expected_collectives(
+            s.strategy, dict(mesh.shape), totals[0], activation_bytes, cfg.n_layer
+        ),
+        "losses": losses,
+        "final_loss": losses[-1],
+        "grad_norms": grad_norms,
+        "generate": generate,
+        "profile_dir": profile_dir,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def meta(command: str) -> dict[str, Any]:
+    """results.json's "meta": where and how the runs ran."""
+    device = jax.devices()[0]
+    return {
+        "jax_version": jax.__version__,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "flops_per_token_source": FLOPS_SOURCE,
+        "peak_flops_per_device": metrics.peak_flops(device.device_kind),
+    }

@@ -1,0 +1,279 @@
+"""Reporting lab results: the equivalence check, the text tables, results.json and the PNG plots.
+
+Works on plain results dicts (DESIGN.md's schema), so it needs no jax and can re-render a saved run.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shardgpt.metrics import KINDS
+
+# Runs that differ only in mesh, strategy or impl compute the same function; only the order of
+# floating-point reductions differs (~1e-7 relative in fp32). bf16 rounds every partial sum to 8 mantissa
+# bits, so its bound is loose: a wrong gradient still misses it by far.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
+# Judged window. Training amplifies rounding differences exponentially (measured here: gpt-pico on sort, fp32,
+# they pass 1e-4 near step 30 at lr 1e-3 and 3e-3), so later steps are reported, not judged; a real bug (a
+# missing reduction, a mis-sharded moment) shows from step 2. Grad norms are judged too: Adam's update is
+# blind to the gradients' scale, so a mis-scaled reduction barely moves the losses.
+CHECKED_STEPS = 10
+# Config fields that change how, not what, the model computes.
+_EXECUTION_ONLY = ("attention", "scan_layers", "remat")
+PLOTS = ("throughput.png", "memory.png", "collectives.png", "loss.png")
+
+
+def _equivalence_key(run: dict[str, Any]) -> str:
+    config = {k: v for k, v in run.get("config", {}).items() if k not in _EXECUTION_ONLY}
+    fields = ("model", "task", "dtype", "seed", "batch", "seq", "steps", "lr")
+    return json.dumps([config, [run.get(f) for f in fields]], sort_keys=True, default=str)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def agreement(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups of runs that should be equivalent (same model, task, dtype, seed...), checked against the first.
+
+    A run disagrees when its loss or grad norm at any of the first CHECKED_STEPS steps, or its final loss
+    if that is not finite, is off the reference's by more than TOLERANCE (relative) for the dtype. A run that
+    agrees there but whose final loss does not "drifts": the step where it first parts is reported.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(_equivalence_key(run), []).append(run)
+    checks = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        ref = members[0]
+        tolerance = TOLERANCE.get(ref["dtype"], 5e-2)
+        early, final, drift = {}, {}, {}
+        for r in members:
+            losses = [_rel(a, b) for a, b in zip(r["losses"], ref["losses"], strict=False)]
+            norms = [
+                _rel(a, b) for a, b in zip(r.get("grad_norms", ()), ref.get("grad_norms", ()), strict=False)
+            ]
+            early[r["name"]] = max(losses[:CHECKED_STEPS] + norms[:CHECKED_STEPS], default=0.0)
+            final[r["name"]] = _rel(r["final_loss"], ref["final_loss"])
+            drift[r["name"]] = next((i for i, d in enumerate(losses, 1) if not d <= tolerance), None)
+        # `not d <= tol` rather than `d > tol`: NaN compares False with everything and must disagree.
+        disagree = [n for n in early if not early[n] <= tolerance or final[n] != final[n]]
+        checks.append(
+            {
+                "runs": [r["name"] for r in members],
+                "reference": ref["name"],
+                "dtype": ref["dtype"],
+                "tolerance": tolerance,
+                "checked_steps": min(CHECKED_STEPS, len(ref["losses"])),
+                "max_rel_diff": max(early.values()),
+                "final_max_rel_diff": max(final.values()),
+                "disagree": disagree,
+                "drift": {n: drift[n] for n in early if n not in disagree and final[n] > tolerance},
+                "ok": not disagree,
+            }
+        )
+    return checks
+
+
+def _size(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "n/a"
+    for unit in ("B", "K", "M", "G"):
+        if abs(nbytes) < 1024 or unit == "G":
+            return f"{nbytes:.3g}{unit}" if unit != "B" and abs(nbytes) < 1000 else f"{nbytes:.0f}{unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned others, widths fitted to the content."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row):
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in pairs]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(header), "-" * len(fmt(header)), *map(fmt, rows)]
+
+
+GENERATE_COLUMNS = {
+    "batch": "batch",
+    "prompt_len": "prompt",
+    "new_tokens": "new",
+    "tokens_per_s": "tokens/s",
+    "compiles": "compiles",
+    "naive_tokens_per_s": "naive tokens/s",
+    "recompute_tokens_per_s": "recompute tokens/s",
+    "greedy_matches_recompute": "matches recompute",
+}
+
+
+def table(results: dict[str, Any]) -> str:
+    """The report: throughput and memory, collectives with their theory, generation, then the checks."""
+    runs = results["runs"]
+    checks = agreement(runs)
+    verdict = {name: "ok" for c in checks for name in c["runs"]}
+    verdict |= {name: f"drifts@{step}" for c in checks for name, step in c["drift"].items()}
+    verdict |= {name: "DISAGREES" for c in checks for name in c["disagree"]}
+    rows = []
+    for r in runs:
+        mem, ideal = r["memory"], r.get("expected_memory", {})
+        cells = [
+            f"{_size(mem[f'{k}_bytes_per_device'])} ({_size(ideal.get(f'{k}_bytes_per_device'))})"
+            for k in ("params", "grads", "opt_state")
+        ]
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        rows.append(
+            [r["name"], f"{r['compile_s']:.2f}", f"{1e3 * r['step_time_s']:.2f}", f"{r['tokens_per_s']:,.0f}"]
+            + [mfu, *cells, _size(mem["peak_bytes_per_device"]), f"{r['final_loss']:.6f}"]
+            + [verdict.get(r["name"], "-")]
+        )
+    header = ["run", "compile s", "step ms", "tokens/s", "MFU", "params", "grads", "opt state", "peak"]
+    out = _grid([*header, "final loss", "agrees"], rows)
+    out.append("memory per device: measured (ZeRO paper's ideal); peak from XLA's memory_analysis()")
+
+    out += ["", "collectives per device per step, read from the compiled HLO: result bytes in N ops"]
+    rows = [[r["name"], *(_collective(r["collectives"][k]) for k in KINDS)] for r in runs]
+    out += _grid(["run", *KINDS], rows)
+    theory = {r["expected_collectives"]: r["name"] for r in reversed(runs) if "expected_collectives" in r}
+    out += [f"  theory, {name}: {text}" for text, name in reversed(theory.items())]
+
+    generated = [r for r in runs if r.get("generate")]
+    if generated:
+        rows = [[r["name"], *(_number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
+        out += ["", "generation (KV cache; naive = re-jit per length; recompute = full forward per token)"]
+        out += _grid(["run", *GENERATE_COLUMNS.values()], rows)
+
+    first = runs[0] if runs else {}
+    peak = first.get("peak_flops")
+    source = results.get("meta", {}).get("flops_per_token_source", "6N + 12·L·H·Q·T (PaLM app. B)")
+    out += [
+        "",
+        f"step time: median of the timed steps after {first.get('steps', 0) - first.get('timed_steps', 0)}"
+        " warm-up; step t+1 is dispatched before step t's loss is read (async dispatch respected)",
+        f"MFU = tokens/s x FLOPs/token / (peak x devices); FLOPs/token = {source}"
+        f" = {first.get('flops_per_token', 0):,.0f}; peak used: "
+        + (f"{peak:.3g} FLOP/s per device (bf16 datasheet)" if peak else "none known for this device -> n/a"),
+    ]
+    out += [line for c in checks for line in _check_lines(c)]
+    return "\n".join(out)
+
+
+def _check_lines(c: dict[str, Any]) -> list[str]:
+    within = f"within {c['tolerance']:g} relative ({c['dtype']})"
+    if not c["ok"]:
+        return [
+            f"DISAGREE: {', '.join(c['disagree'])} vs {c['reference']}: should be equivalent, but losses or "
+            f"grad norms over the first {c['checked_steps']} steps differ by up to {c['max_rel_diff']:.2g}, "
+            f"not {within}"
+        ]
+    lines = [
+        f"equivalent runs agree: {len(c['runs'])} runs' losses and grad norms over the first "
+        f"{c['checked_steps']} steps {within}, max difference {c['max_rel_diff']:.2g}"
+    ]
+    if c["drift"]:
+        parted = ", ".join(f"{name} at step {step}" for name, step in c["drift"].items())
+        lines += [
+            f"  then they drift apart ({parted}): final losses differ by up to "
+            f"{c['final_max_rel_diff']:.2g} relative;",
+            "  training amplifies the rounding differences of another reduction order (not judged)",
+        ]
+    else:
+        lines.append(f"  and so do their final losses (max difference {c['final_max_rel_diff']:.2g})")
+    return lines
+
+
+def _collective(entry: dict[str, int]) -> str:
+    return "-" if not entry["count"] else f"{_size(entry['bytes'])} in {entry['count']}"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return "n/a" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write out_dir/results.json and the PNG plots; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return [path, *plots(results["runs"], out)]
+
+
+def plots(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Step time and tokens/s, memory split by kind, collective bytes by kind, and every loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r["name"] for r in runs]
+    x = np.arange(len(runs))
+    paths = [out_dir / name for name in PLOTS]
+    width = max(6.0, 1.2 * len(runs) + 2)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(2 * width, 4))
+    ax1.bar(x, [1e3 * r["step_time_s"] for r in runs], color="tab:blue")
+    ax1.set(ylabel="median step time (ms)", title="step time")
+    ax2.bar(x, [r["tokens_per_s"] for r in runs], color="tab:green")
+    ax2.set(ylabel="tokens / s", title="throughput")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, names, rotation=30, ha="right")
+    _save(fig, paths[0])
+
+    fig, ax = plt.subplots(figsize=(width, 4))
+    bottom = np.zeros(len(runs))
+    for key, color in (("params", "tab:blue"), ("grads", "tab:orange"), ("opt_state", "tab:green")):
+        values = np.array([r["memory"][f"{key}_bytes_per_device"] / 2**20 for r in runs])
+        ax.bar(x, values, bottom=bottom, label=key, color=color)
+        bottom += values
+    peaks = [r["memory"]["peak_bytes_per_device"] for r in runs]
+    if any(p is not None for p in peaks):
+        ax.scatter(
+            x,
+            [np.nan if p is None else p / 2**20 for p in peaks],
+            color="k",
+            marker="_",
+            s=400,
+            label="peak (XLA)",
+            zorder=3,
+        )
+    ax.set(ylabel="MiB per device", title="memory per device")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.legend()
+    _save(fig, paths[1])
+
+    fig, ax = plt.subplots(figsize=(width, 4))
+    kinds = [k for k in KINDS if any(r["collectives"][k]["count"] for r in runs)] or ["all-reduce"]
+    bar = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        ax.bar(x + i * bar, [r["collectives"][kind]["bytes"] / 2**20 for r in runs], bar, label=kind)
+    ax.set(ylabel="MiB per device per step", title="collective bytes by kind (compiled HLO)")
+    ax.set_xticks(x + bar * (len(kinds) - 1) / 2, names, rotation=30, ha="right")
+    ax.legend()
+    _save(fig, paths[2])
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in runs:
+        ax.plot(np.arange(1, len(r["losses"]) + 1), r["losses"], label=r["name"], alpha=0.8)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss, every run")
+    ax.legend(fontsize="small")
+    _save(fig, paths[3])
+    return paths
+
+
+def _save(fig: Any, path: Path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

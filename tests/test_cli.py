@@ -1,0 +1,168 @@
+"""experiments/run.py end to end: bad input exits 2 with a one-line reason before compiling, a smoke run
+writes a complete results.json and the plots, and the report flags runs that should agree but do not."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardgpt import report
+from shardgpt.metrics import KINDS
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("run_cli", ROOT / "experiments" / "run.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+# DESIGN.md's results schema: the keys every consumer of results.json may rely on.
+META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command", "date"}
+RUN_KEYS = {
+    "name", "mesh", "strategy", "impl", "model", "n_params", "batch", "seq", "steps", "dtype", "compile_s",
+    "step_time_s", "tokens_per_s", "mfu", "memory", "collectives", "losses", "final_loss", "generate",
+}  # fmt: skip
+MEMORY_KEYS = {
+    "params_bytes_per_device", "opt_state_bytes_per_device", "grads_bytes_per_device", "peak_bytes_per_device"
+}  # fmt: skip
+SMOKE = ["--compare", "--model", "gpt-pico", "--model.n_layer=1", "--steps", "2", "--batch", "8"]
+SMOKE += ["--mesh", "dp=2,tp=4", "--generate", "0"]
+
+
+def test_help_exits_0_and_mentions_mesh(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--mesh" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--mesh", "dp=3,tp=4"], "has 12 devices but 8 are present"),
+        (["--mesh", "dp=2,xp=4"], "unknown mesh axis 'xp'"),
+        (["--strategy", "zero9"], "unknown strategy 'zero9'"),
+        (["--model", "gpt-huge"], "unknown model preset 'gpt-huge'"),
+        (["--model.n_layers=2"], "unknown model field 'n_layers'"),
+        (["--model.n_layer=two"], "model field 'n_layer' takes a int"),
+        (["--mesh", "tp=8", "--model", "gpt-nano"], "not divisible by mesh axis tp=8"),
+        (["--mesh", "dp=8", "--batch", "12"], "not divisible by mesh axis dp=8"),
+        (["--task", "chars:/no/such/file.txt"], "not found"),
+        (["--generate", "99"], "exceeds block_size"),
+        (["--seq", "5"], "--seq applies to chars:PATH tasks"),
+        (["--init-from", "/no/such/ckpt.npz"], "no checkpoint at /no/such/ckpt.npz"),
+    ],
+)
+def test_bad_input_exits_2_with_a_one_line_reason(argv, reason, capsys):
+    if "--generate" in argv and importlib.util.find_spec("generation") is None:
+        reason = "experiments/generation.py is not available"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--steps", "1"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("experiments/run.py: error: ") and reason in last, last
+
+
+def test_shard_map_impl_missing_exits_2(capsys, monkeypatch):
+    import shardgpt
+
+    monkeypatch.delattr(shardgpt, "spmd", raising=False)
+    monkeypatch.setitem(sys.modules, "shardgpt.spmd", None)  # as if spmd.py were not there: ImportError
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--impl", "shard_map", "--steps", "1"])
+    assert exit_.value.code == 2
+    assert "shard_map impl not available" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main([*SMOKE, "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text()), stdout.getvalue()
+
+
+def test_smoke_compare_writes_complete_results(smoke):
+    _, results, _ = smoke
+    assert META_KEYS <= set(results["meta"]) and results["meta"]["num_devices"] == 8
+    runs = results["runs"]
+    assert [r["strategy"] for r in runs] == ["dp", "zero1", "zero2", "zero3"]
+    for r in runs:
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        assert set(r["memory"]) == MEMORY_KEYS and set(r["collectives"]) == set(KINDS)
+        assert r["mesh"] == {"dp": 2, "tp": 4} and r["impl"] == "gspmd" and r["generate"] is None
+        assert len(r["losses"]) == 2 and r["final_loss"] == r["losses"][-1] and math.isfinite(r["final_loss"])
+        assert r["compile_s"] > 0 and r["step_time_s"] > 0 and r["mfu"] is None  # no known CPU peak
+        assert all(v > 0 for v in r["memory"].values())
+    assert all(check["ok"] for check in results["agreement"])
+
+
+def test_smoke_numbers_follow_the_zero_stages(smoke):
+    _, results, _ = smoke
+    mem = {r["strategy"]: r["memory"] for r in results["runs"]}
+    opt, grads, params = "opt_state_bytes_per_device", "grads_bytes_per_device", "params_bytes_per_device"
+    assert mem["zero1"][opt] < mem["dp"][opt]  # ZeRO-1 shards Adam's moments over dp
+    assert mem["zero2"][grads] < mem["zero1"][grads]  # ZeRO-2 also the gradients
+    assert mem["zero3"][params] < mem["zero2"][params]  # ZeRO-3 also the params
+    coll = {r["strategy"]: r["collectives"] for r in results["runs"]}
+    assert coll["dp"]["all-reduce"]["count"] > 0 and coll["dp"]["all-gather"]["count"] == 0
+    assert coll["zero3"]["all-gather"]["count"] > coll["zero1"]["all-gather"]["count"] > 0
+
+
+def test_smoke_prints_the_table_and_writes_the_plots(smoke):
+    out, _, stdout = smoke
+    assert "equivalent runs agree" in stdout and "6N + 12·L·H·Q·T (PaLM app. B)" in stdout
+    for name in report.PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def _fake_run(name: str, losses: list[float], dtype: str = "float32", seed: int = 0, **extra) -> dict:
+    zero = {"count": 0, "bytes": 0}
+    return {
+        "name": name, "model": "gpt-pico", "config": {"n_layer": 1, "dtype": dtype}, "task": "sort",
+        "dtype": dtype, "seed": seed, "batch": 8, "seq": 11, "steps": len(losses), "lr": 1e-3,
+        "compile_s": 1.0, "step_time_s": 0.01, "tokens_per_s": 8800.0, "mfu": None,
+        "memory": dict.fromkeys(MEMORY_KEYS, 1024), "collectives": {k: zero for k in KINDS},
+        "losses": losses, "final_loss": losses[-1],
+        "grad_norms": [1.0] * len(losses), **extra,
+    }  # fmt: skip
+
+
+def _verdicts(text: str) -> dict[str, str]:
+    first_table = text.split("\n\n")[0].splitlines()[2:-1]
+    return {line.split()[0]: line.split()[-1] for line in first_table}
+
+
+def test_report_flags_the_run_that_disagrees():
+    runs = [_fake_run("a", [2.0, 1.0]), _fake_run("b", [2.0, 1.0 + 1e-7]), _fake_run("c", [2.0, 1.1])]
+    runs += [_fake_run("d", [2.0, math.nan]), _fake_run("e", [2.0, 1.0], grad_norms=[1.0, 2.0])]
+    [check] = report.agreement(runs)
+    assert check["reference"] == "a" and check["disagree"] == ["c", "d", "e"] and not check["ok"]
+    text = report.table({"runs": runs})
+    assert "DISAGREE: c, d, e vs a" in text
+    assert _verdicts(text) == {"a": "ok", "b": "ok", "c": "DISAGREES", "d": "DISAGREES", "e": "DISAGREES"}
+
+
+def test_report_tells_late_drift_from_disagreement():
+    # Agreeing over the judged steps, then parting: rounding amplified by training, reported but not flagged.
+    same = [1.0 - 0.01 * i for i in range(report.CHECKED_STEPS)]
+    runs = [_fake_run("a", [*same, 0.5, 0.2]), _fake_run("b", [*same, 0.5, 0.3])]
+    [check] = report.agreement(runs)
+    assert check["ok"] and check["drift"] == {"b": report.CHECKED_STEPS + 2}
+    text = report.table({"runs": runs})
+    assert "then they drift" in text and "DISAGREE" not in text
+    assert _verdicts(text) == {"a": "ok", "b": f"drifts@{report.CHECKED_STEPS + 2}"}
+
+
+def test_report_compares_only_equivalent_runs_with_the_dtype_tolerance():
+    # Another seed is another experiment; bf16's looser bound accepts rounding-sized differences.
+    runs = [_fake_run("a", [2.0, 1.0]), _fake_run("b", [2.0, 2.0], seed=1)]
+    runs += [_fake_run("c", [2.0, 1.0], "bfloat16"), _fake_run("d", [2.0, 1.01], "bfloat16")]
+    [check] = report.agreement(runs)
+    assert check["runs"] == ["c", "d"] and check["ok"]
+    assert "DISAGREE" not in report.table({"runs": runs})
