@@ -10,6 +10,7 @@ import datetime
 import functools
 import math
 import re
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -201,7 +202,7 @@ def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = 
     # The Trainer reads step t's metrics after dispatching t+1: each interval is one step of the pipeline.
     step_times = [tokens_per_step / h["tokens_per_s"] for h in trainer.history]
     timed = step_times[min(spec.warmup, spec.steps - 1) :]
-    step_time = _median(timed)
+    step_time = statistics.median(timed)
     losses = [h["loss"] for h in trainer.history]
     grad_norms = [h["grad_norm"] for h in trainer.history if "grad_norm" in h]
 
@@ -261,12 +262,6 @@ def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = 
         "profile_dir": profile_dir,
         "wall_s": time.perf_counter() - started,
     }
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def meta(command: str) -> dict[str, Any]:

@@ -4,8 +4,11 @@ Shape key, used in names throughout: B batch, L sequence length (queries), S key
 H heads, K head dim, F mlp width, V padded vocab, N layers.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -20,17 +23,66 @@ BxLxD = ("batch", "length", "embed")
 BxLxHxK = ("batch", "length", "heads", "kv")
 
 
-def _normal(std: float, *names: str):
-    """minGPT's N(0, std) init, with the param's logical axis names attached where it is created."""
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+class Hooks:
+    """How the model reads params and crosses shards. This default is the global view (GSPMD, one device):
+    every hook is the identity. spmd.py installs one that runs the model on per-device shards inside
+    jax.shard_map (Megatron's collectives, ZeRO-3's gathers), so one model definition serves both impls.
+    """
+
+    # A jax.checkpoint policy to remat every block with even when config.remat is off (ZeRO-3 under
+    # shard_map: save all but the gathered params, so the backward pass gathers them again).
+    remat_policy = None
+
+    def compute_shape(self, shape: tuple[int, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+        """The shape this device computes with, for a global shape with these logical names."""
+        return shape
+
+    def param(self, module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...]):
+        """module.param with logical names; `shape` is the compute shape (see compute_shape)."""
+        return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+
+    def copy_to_shards(self, x):
+        """Megatron's f, before a layer whose weights are split: identity forward, all-reduce backward."""
+        return x
+
+    def reduce_from_shards(self, y, contracted: tuple[str, ...]):
+        """Megatron's g, after contracting `contracted` dims: all-reduce where those are split."""
+        return y
+
+    def embed(self, table_VxD, ids):
+        """Rows of the embedding table: a vocab-parallel lookup where the vocab is split."""
+        return table_VxD[ids]
+
+    def vocab_ids(self, n: int):
+        """Global vocab ids of this device's n logits (they differ from arange where vocab is split)."""
+        return jnp.arange(n)
 
 
-def _zeros(*names: str):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+_GLOBAL_VIEW = Hooks()
+_HOOKS: contextvars.ContextVar[Hooks | None] = contextvars.ContextVar("shardgpt_model_hooks", default=None)
 
 
-def _ones(*names: str):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+def _hooks() -> Hooks:
+    return _HOOKS.get() or _GLOBAL_VIEW
+
+
+@contextlib.contextmanager
+def use_hooks(hooks: Hooks) -> Iterator[None]:
+    """Trace the model with `hooks` installed (spmd.py does, inside its shard_map)."""
+    token = _HOOKS.set(hooks)
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...]):
+    """A float32 param with its logical axis names attached where it is created, read through the hooks."""
+    return _hooks().param(module, name, init, shape, names)
+
+
+_normal = nn.initializers.normal  # minGPT's N(0, std) init
+_zeros, _ones = nn.initializers.zeros_init(), nn.initializers.ones_init()
 
 
 class Dense(nn.Module):
@@ -45,13 +97,15 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        n_in = len(self.in_axes)
-        shape = x.shape[-n_in:] + self.features
-        kernel = self.param("kernel", _normal(self.std, *self.in_axes, *self.out_axes), shape, jnp.float32)
+        hooks, n_in = _hooks(), len(self.in_axes)
+        features = hooks.compute_shape(self.features, self.out_axes)
+        names = (*self.in_axes, *self.out_axes)
+        kernel = _param(self, "kernel", _normal(self.std), x.shape[-n_in:] + features, names)
         dtype = jnp.dtype(self.config.dtype)
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=n_in)
+        # Row-parallel (contracting a split dim) sums the shards' partial products before the bias.
+        y = hooks.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel.astype(dtype), n_in), self.in_axes)
         if self.config.use_bias if self.use_bias is None else self.use_bias:
-            y = y + self.param("bias", _zeros(*self.out_axes), self.features, jnp.float32).astype(dtype)
+            y = y + _param(self, "bias", _zeros, features, self.out_axes).astype(dtype)
         return y
 
 
@@ -66,9 +120,10 @@ class LayerNorm(nn.Module):
         x = x_BxLxD.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.config.ln_eps) * self.param("scale", _ones("embed"), (d,))
+        scale = _param(self, "scale", _ones, (d,), ("embed",))
+        y = (x - mean) * jax.lax.rsqrt(var + self.config.ln_eps) * scale
         if self.config.use_bias:
-            y = y + self.param("bias", _zeros("embed"), (d,))
+            y = y + _param(self, "bias", _zeros, (d,), ("embed",))
         return y.astype(self.config.dtype)
 
 
@@ -82,6 +137,7 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # minGPT's scaled init of residual projections
         heads = functools.partial(Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg)
+        x_BxLxD = _hooks().copy_to_shards(x_BxLxD)  # once for q, k and v: one backward all-reduce
         q_BxLxHxK = nn.with_logical_constraint(heads(name="query")(x_BxLxD), BxLxHxK)
         k_BxLxHxK = nn.with_logical_constraint(heads(name="key")(x_BxLxD), BxLxHxK)
         v_BxLxHxK = nn.with_logical_constraint(heads(name="value")(x_BxLxD), BxLxHxK)
@@ -124,6 +180,7 @@ class MLP(nn.Module):
     def __call__(self, x_BxLxD):
         cfg = self.config
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        x_BxLxD = _hooks().copy_to_shards(x_BxLxD)
         h_BxLxF = Dense((cfg.mlp_dim,), ("embed",), ("mlp",), 0.02, cfg, name="up")(x_BxLxD)
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.gelu_approximate)
@@ -153,15 +210,21 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, cache=None):
-        cfg = self.config
+        cfg, hooks = self.config, _hooks()
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-        wte_VxD = self.param("wte", _normal(0.02, "vocab", "embed"), (cfg.padded_vocab_size, cfg.n_embd))
-        wpe_LxD = self.param("wpe", _normal(0.02, "length", "embed"), (cfg.block_size, cfg.n_embd))
-        x_BxLxD = (wte_VxD[tokens_BxL] + wpe_LxD[positions_BxL]).astype(cfg.dtype)
+        vocab_embed, length_embed = ("vocab", "embed"), ("length", "embed")
+        wte_shape = hooks.compute_shape((cfg.padded_vocab_size, cfg.n_embd), vocab_embed)
+        wte_VxD = _param(self, "wte", _normal(0.02), wte_shape, vocab_embed)
+        wpe_shape = hooks.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
+        wpe_LxD = _param(self, "wpe", _normal(0.02), wpe_shape, length_embed)
+        x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + wpe_LxD[positions_BxL]).astype(cfg.dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, BxLxD)
 
-        block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
+        block = Block
+        if cfg.remat or hooks.remat_policy is not None:
+            policy = None if cfg.remat else hooks.remat_policy  # None: recompute all of the block
+            block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
         if cfg.scan_layers:
             # One traced block, params stacked on a leading `layers` axis: compile time flat in depth.
             blocks = nn.scan(
@@ -182,7 +245,7 @@ class GPT(nn.Module):
             if cache is not None:
                 cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
 
-        x_BxLxD = LayerNorm(cfg, name="ln_f")(x_BxLxD)
+        x_BxLxD = hooks.copy_to_shards(LayerNorm(cfg, name="ln_f")(x_BxLxD))
         if cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, wte_VxD.astype(cfg.dtype))
         else:
@@ -191,7 +254,7 @@ class GPT(nn.Module):
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
         if cfg.padded_vocab_size != cfg.vocab_size:
             # Padding ids get no probability: loss, sampling and users all see the unpadded distribution.
-            real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            real_V = hooks.vocab_ids(logits_BxLxV.shape[-1]) < cfg.vocab_size
             logits_BxLxV = jnp.where(real_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
         return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 

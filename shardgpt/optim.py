@@ -6,6 +6,7 @@ It knows nothing of the model class: which params decay is read from the paramet
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -44,10 +45,24 @@ def schedule(config: OptimConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm, but a caller holding only shards of the updates passes their global norm:
+    `tx.update(grads, state, params, grad_norm=norm)` (spmd.py psums it across devices)."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(norm < max_norm)
+        clip = lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformationExtraArgs:
     """clip_by_global_norm -> AdamW (decoupled weight decay on kernels only), scheduled."""
     return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
+        clip_by_global_norm(config.grad_clip),
         optax.adamw(
             schedule(config), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask
         ),

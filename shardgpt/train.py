@@ -138,6 +138,7 @@ def make_train_step(
     )
 
     def step(state, batch):
+        check_batch(model, mesh, strategy, *batch["inputs"].shape)  # host-side, before any compile
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 

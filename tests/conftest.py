@@ -18,7 +18,9 @@ import pytest  # noqa: E402  (after the environment is set)
 
 @pytest.fixture(scope="session")
 def trained_sort():
-    """gpt-pico trained 300 steps on minGPT's sort task under dp=8: (model, task, state, trainer)."""
+    """gpt-pico trained 300 steps on minGPT's sort task under dp=2: (model, task, state, trainer)."""
+    import jax
+
     from shardgpt import config, data, optim, sharding, train
     from shardgpt.mesh import make_mesh
     from shardgpt.model import GPT
@@ -28,7 +30,7 @@ def trained_sort():
     tx = optim.make_optimizer(
         optim.OptimConfig(learning_rate=3e-3, warmup_steps=20, total_steps=300, weight_decay=0.0)
     )
-    mesh = make_mesh("dp=8")
+    mesh = make_mesh("dp=2", jax.devices()[:2])  # few simulated devices: they share 2 cores
     state, shardings = train.init_state(model, tx, mesh, "dp")
     step_fn = train.make_train_step(model, tx, mesh, "dp", shardings)
     batch_sharding = sharding.batch_sharding(mesh, "dp")

@@ -1,0 +1,277 @@
+"""The strategies again by hand: jax.shard_map with explicit collectives, equal to train.py's GSPMD step.
+
+Each device runs the one model (model.py) on its own shards through `ShardHooks`: Megatron's f and g around
+the column- and row-parallel layers and a vocab-parallel embedding over tp, ZeRO-3's per-layer gathers over
+dp. Around it the step computes a vocab-parallel cross-entropy (no device holds full logits), reduces the
+gradients to the layout the rule tables give them (all-reduce, or reduce-scatter), updates only the
+optimizer-state shard it owns, and gathers the new params back. Per-device locals end in `_`; every
+collective sits in a jax.named_scope, which the compiled HLO keeps in its op names.
+"""
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardgpt import sharding, train
+from shardgpt.data import IGNORE_INDEX
+from shardgpt.model import GPT, Hooks, use_hooks
+
+
+def _active_axes(mesh: Mesh) -> dict[str, int]:
+    """Mesh axes of size > 1: a size-1 axis holds no shards, and XLA keeps a collective over it as a no-op."""
+    return {axis: size for axis, size in mesh.shape.items() if size > 1}
+
+
+def _drop_inactive(spec: P, active: dict[str, int]) -> P:
+    keep = lambda a: a if a in active else None
+    return P(*(tuple(filter(keep, a)) or None if isinstance(a, tuple) else keep(a) for a in spec))
+
+
+def _dim_on(spec: P, axis: str | None) -> int | None:
+    """The dim that `spec` splits over mesh `axis`, or None."""
+    for dim, entry in enumerate(spec):
+        if axis is not None and (entry == axis or (isinstance(entry, tuple) and axis in entry)):
+            return dim
+    return None
+
+
+# Casts and broadcasts are cheap to redo, and may be of a gathered param: saving one would save the param.
+_NOT_SAVED = (jax.lax.all_gather_p, jax.lax.convert_element_type_p, jax.lax.broadcast_in_dim_p)
+
+
+def _save_all_but_gathers(primitive, *_, **__) -> bool:
+    """ZeRO-3's remat policy: save every residual but the all-gathered params (and casts and broadcasts),
+    so the backward pass gathers each layer's params again instead of keeping whole weights alive."""
+    return primitive not in _NOT_SAVED
+
+
+class ShardHooks(Hooks):
+    """The model on one device's shards, inside shard_map; what is split where comes from the rule tables.
+
+    Params arrive split as sharding.rules(strategy, "params") says. An axis that also splits the batch (dp)
+    cannot split a weight during compute, since each of its shards needs the whole weight for its own rows:
+    those dims are all-gathered when the param is used (ZeRO-3). The rest (tp) stay split: Megatron.
+    """
+
+    def __init__(self, mesh: Mesh, strategy: str):
+        self.sizes = _active_axes(mesh)
+        at_rest = {name: axis for name, axis in sharding.rules(strategy, "params") if axis in self.sizes}
+        batch_axis = dict(sharding.rules(strategy, "activations"))["batch"]
+        self.gathered = {name: axis for name, axis in at_rest.items() if axis == batch_axis}
+        self.split = {name: axis for name, axis in at_rest.items() if axis != batch_axis}
+        self.split_axes = tuple(sorted(set(self.split.values())))
+        self.remat_policy = _save_all_but_gathers if self.gathered else None
+
+    def _divide(self, shape, names, table):
+        return tuple(
+            n // self.sizes[table[x]] if x in table else n for n, x in zip(shape, names, strict=True)
+        )
+
+    def compute_shape(self, shape, names):
+        return self._divide(shape, names, self.split)
+
+    def param(self, module, name, init, shape, names):
+        init = nn.with_logical_partitioning(init, names)
+        value_ = module.param(name, init, self._divide(shape, names, self.gathered), jnp.float32)
+        for dim, logical in enumerate(names):
+            if logical in self.gathered:
+                # all_gather's transpose is psum_scatter: the gradient comes back reduce-scattered.
+                with jax.named_scope("zero3_gather"):
+                    value_ = jax.lax.all_gather(value_, self.gathered[logical], axis=dim, tiled=True)
+        return value_
+
+    def copy_to_shards(self, x_):
+        if not self.split_axes:
+            return x_
+        with jax.named_scope("megatron_f"):  # its transpose, the backward all-reduce, keeps this name
+            return jax.lax.pcast(x_, self.split_axes, to="varying")
+
+    def reduce_from_shards(self, y_, contracted):
+        axes = tuple(sorted({self.split[x] for x in contracted if x in self.split}))
+        if not axes:
+            return y_
+        with jax.named_scope("megatron_g"):
+            return jax.lax.psum(y_, axes)
+
+    def embed(self, table_VxD_, ids):
+        if "vocab" not in self.split:
+            return table_VxD_[ids]
+        axis, rows = self.split["vocab"], table_VxD_.shape[0]
+        local = ids - jax.lax.axis_index(axis) * rows  # ids outside this shard's rows contribute zeros
+        hit = (local >= 0) & (local < rows)
+        rows_ = jnp.where(hit[..., None], table_VxD_[jnp.clip(local, 0, rows - 1)], 0)
+        with jax.named_scope("vocab_embed"):
+            return jax.lax.psum(rows_, axis)
+
+    def vocab_ids(self, n):
+        if "vocab" not in self.split:
+            return jnp.arange(n)
+        return jax.lax.axis_index(self.split["vocab"]) * n + jnp.arange(n)
+
+
+def vocab_parallel_cross_entropy(
+    logits_BxLxV_, targets_BxL_, vocab_axis: str | None, ignore_index: int = IGNORE_INDEX
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of targets != ignore_index) for logits split over `vocab_axis`, in fp32.
+
+    Each device holds a slice of the vocab: the max, the sum of exponentials and the target's logit are
+    combined across the slices with a pmax and one psum, so no device ever holds full logits.
+    """
+    logits_ = logits_BxLxV_.astype(jnp.float32)
+    n = logits_.shape[-1]
+    first = jax.lax.axis_index(vocab_axis) * n if vocab_axis else 0
+    mask_BxL = targets_BxL_ != ignore_index
+    local_BxL = targets_BxL_ - first
+    hit_BxL = mask_BxL & (local_BxL >= 0) & (local_BxL < n)
+    picked_BxL = jnp.take_along_axis(logits_, jnp.clip(local_BxL, 0, n - 1)[..., None], -1)[..., 0]
+    target_BxL_ = jnp.where(hit_BxL, picked_BxL, 0.0)
+    max_BxL = jax.lax.stop_gradient(logits_.max(-1))  # only for stability: its gradient cancels
+    if vocab_axis:
+        with jax.named_scope("vocab_ce_max"):
+            max_BxL = jax.lax.pmax(max_BxL, vocab_axis)
+    sums_2xBxL = jnp.stack([jnp.exp(logits_ - max_BxL[..., None]).sum(-1), target_BxL_])
+    if vocab_axis:
+        with jax.named_scope("vocab_ce_sum"):  # one all-reduce for both sums
+            sums_2xBxL = jax.lax.psum(sums_2xBxL, vocab_axis)
+    losses_BxL = jnp.log(sums_2xBxL[0]) + max_BxL - sums_2xBxL[1]
+    return jnp.sum(jnp.where(mask_BxL, losses_BxL, 0.0)), mask_BxL.sum()
+
+
+def _global_norm(tree_: Any, specs: Any) -> jax.Array:
+    """The global L2 norm of a tree of shards: each leaf's squares are summed over the axes it is split on
+    only, so a leaf replicated over an axis is counted once, not once per replica."""
+    groups: dict[tuple[str, ...], list[jax.Array]] = defaultdict(list)
+    for leaf_, spec in zip(jax.tree.leaves(tree_), jax.tree.leaves(specs), strict=True):
+        axes = tuple(sorted(a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))))
+        groups[axes].append(jnp.sum(jnp.square(leaf_.astype(jnp.float32))))
+    total = jnp.float32(0)
+    for axes, squares_ in sorted(groups.items()):
+        partial_ = sum(squares_)
+        if axes:
+            with jax.named_scope("grad_norm"):
+                partial_ = jax.lax.psum(partial_, axes)
+        total = total + partial_
+    return jnp.sqrt(total)
+
+
+def make_train_step(
+    model: GPT,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    strategy: str,
+    shardings: train.StateShardings,
+) -> Callable[[train.TrainState, dict], tuple[train.TrainState, dict]]:
+    """train.make_train_step's twin: same signature, state and shardings, written with jax.shard_map.
+
+    `tx` must take the global norm as `tx.update(..., grad_norm=)` (optim.make_optimizer's does): a device
+    holds only shards of the gradients, so clipping by their local norm would be wrong.
+    """
+    strategy = sharding.canonical(strategy)
+    active = _active_axes(mesh)
+    hooks = ShardHooks(mesh, strategy)
+    data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
+    dp = data_axis if data_axis in active else None
+    vocab_axis = hooks.split.get("vocab")
+
+    def reduce_grad(g_, p_spec, g_spec):
+        """A device's partial gradient -> the summed gradient in the grads layout (its shard, or whole)."""
+        if dp is None or _dim_on(p_spec, dp) is not None:
+            return g_  # ZeRO-3: the gathers' transposes already reduce-scattered it
+        if (dim := _dim_on(g_spec, dp)) is not None:
+            with jax.named_scope("grad_reduce_scatter"):
+                return jax.lax.psum_scatter(g_, dp, scatter_dimension=dim, tiled=True)
+        with jax.named_scope("grad_all_reduce"):
+            return jax.lax.psum(g_, dp)
+
+    def to_update_layout(x_, from_spec, u_spec):
+        """Keep only the slice of the optimizer-state shard this device owns (no communication)."""
+        dim = _dim_on(u_spec, dp)
+        if dim is None or _dim_on(from_spec, dp) is not None:
+            return x_
+        size = x_.shape[dim] // active[dp]
+        return jax.lax.dynamic_slice_in_dim(x_, jax.lax.axis_index(dp) * size, size, dim)
+
+    def to_param_layout(x_, u_spec, p_spec):
+        """Gather the updated shards back into the params' layout (ZeRO-1 and -2)."""
+        dim = _dim_on(u_spec, dp)
+        if dim is None or _dim_on(p_spec, dp) is not None:
+            return x_
+        with jax.named_scope("param_all_gather"):
+            return jax.lax.all_gather(x_, dp, axis=dim, tiled=True, to="invarying")
+
+    def train_step_(state_: train.TrainState, batch_: dict) -> tuple[train.TrainState, dict]:
+        def loss_fn(params_):
+            with nn.logical_axis_rules(()), use_hooks(hooks):  # no rules: activation constraints no-op
+                logits_BxLxV_ = model.apply({"params": params_}, batch_["inputs"])
+            loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
+            if dp:
+                with jax.named_scope("token_count"):
+                    count_ = jax.lax.psum(count_, dp)
+            # This device's share of the global mean: summed over dp it is exactly train.cross_entropy.
+            return loss_sum_ / jnp.maximum(count_, 1)
+
+        # Params that dp does not split are made dp-varying, so autodiff leaves their gradients per-device
+        # (it would psum them silently otherwise) and the reduction below is the one explicit collective.
+        def vary(p_, spec):
+            return p_ if dp is None or _dim_on(spec, dp) is not None else jax.lax.pcast(p_, dp, to="varying")
+
+        loss_, grads_ = jax.value_and_grad(loss_fn)(jax.tree.map(vary, state_.params, param_specs))
+        if dp:
+            with jax.named_scope("loss_sum"):
+                loss_ = jax.lax.psum(loss_, dp)
+        grads_ = jax.tree.map(reduce_grad, grads_, param_specs, grad_specs)
+        grads_ = jax.tree.map(to_update_layout, grads_, grad_specs, update_specs)
+        params_ = jax.tree.map(to_update_layout, state_.params, param_specs, update_specs)
+        grad_norm = _global_norm(grads_, update_specs)
+        updates_, opt_state_ = tx.update(grads_, state_.opt_state, params_, grad_norm=grad_norm)
+        params_ = jax.tree.map(
+            to_param_layout, optax.apply_updates(params_, updates_), update_specs, param_specs
+        )
+        state_ = train.TrainState(step=state_.step + 1, params=params_, opt_state=opt_state_)
+        return state_, {"loss": loss_, "grad_norm": grad_norm}
+
+    # The specs, from the rule tables: the state's own (train.state_shardings), each param's layout under
+    # the params, grads and opt_state rules, and the batch's. Size-1 mesh axes are left out of all of them.
+    state_specs = jax.tree.map(lambda s: _drop_inactive(s.spec, active), shardings.state)
+
+    def specs(target: str) -> Any:
+        rules = sharding.rules(strategy, target)
+        to_spec = lambda names: _drop_inactive(sharding.logical_to_spec(names, rules), active)
+        return jax.tree.map(to_spec, shardings.params_axes, is_leaf=lambda x: isinstance(x, P))
+
+    param_specs, grad_specs = specs("params"), specs("grads")
+    update_specs = specs("opt_state")  # where Adam's moments live is where a device updates its params
+    if param_specs != state_specs.params:
+        raise ValueError(
+            f"the shardings were not made for strategy {strategy!r} on this mesh: build them "
+            "with train.state_shardings (or train.init_state) for the same strategy and mesh"
+        )
+    batch_spec = _drop_inactive(sharding.batch_sharding(mesh, strategy).spec, active)
+    mapped = jax.shard_map(
+        train_step_,
+        mesh=mesh,
+        in_specs=(state_specs, {"inputs": batch_spec, "targets": batch_spec}),
+        out_specs=(state_specs, P()),
+        check_vma=True,
+    )
+    batch_sharding = sharding.batch_sharding(mesh, strategy)
+    jitted = jax.jit(
+        mapped,
+        in_shardings=(shardings.state, {"inputs": batch_sharding, "targets": batch_sharding}),
+        out_shardings=(shardings.state, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+
+    def step(state: train.TrainState, batch: dict) -> tuple[train.TrainState, dict]:
+        train.check_batch(model, mesh, strategy, *batch["inputs"].shape)
+        return jitted(state, batch)
+
+    step.jitted = jitted
+    return step
