@@ -271,3 +271,11 @@ def init_cache(config: ModelConfig, batch: int):
     """An empty (keys, values) KV cache in the compute dtype."""
     zeros = jnp.zeros(cache_shape(config, batch), config.dtype)
     return zeros, zeros
+
+
+def unstack_layers(params, n_layer: int):
+    """Scanned params (each layer's stacked under "blocks") -> the unrolled layout ("block_0", ...)."""
+    unrolled = {name: value for name, value in params.items() if name != "blocks"}
+    for i in range(n_layer):
+        unrolled[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+    return unrolled

@@ -8,7 +8,7 @@ import pytest
 from shardgpt import config, data, train
 from shardgpt.generate import Generator, Sampling, generate, generate_text, sample
 from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT, init_cache
+from shardgpt.model import GPT, init_cache, unstack_layers
 
 CFG = config.preset("gpt-pico", vocab_size=50, block_size=32)
 MODEL = GPT(CFG)
@@ -152,3 +152,11 @@ def test_bad_requests_raise_before_compiling(params, prompts, n, sampling, messa
 def test_batch_not_divisible_by_dp_is_an_error():
     with pytest.raises(ValueError, match=r"batch=1\) is not divisible by mesh axis dp=2"):
         Generator(MODEL, make_mesh("dp=2,tp=4"), batch_size=1)
+
+
+def test_unrolled_model_generates_the_same_tokens(params):
+    """Decoding always runs unrolled; a model trained unrolled (no stacked params) takes the same path."""
+    unrolled = GPT(CFG.replace(scan_layers=False))
+    expected = generate(MODEL, params, [[3, 1, 4, 1, 5]], 12)[0]
+    got = generate(unrolled, unstack_layers(params, CFG.n_layer), [[3, 1, 4, 1, 5]], 12)[0]
+    np.testing.assert_array_equal(got, expected)
