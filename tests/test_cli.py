@@ -166,3 +166,27 @@ def test_report_compares_only_equivalent_runs_with_the_dtype_tolerance():
     [check] = report.agreement(runs)
     assert check["runs"] == ["c", "d"] and check["ok"]
     assert "DISAGREE" not in report.table({"runs": runs})
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights_and_generates(tmp_path):
+    """--init-from: step 0's loss is the imported weights' loss on batch 0, under zero3; generation runs."""
+    import jax
+    import numpy as np
+
+    from shardgpt import config, data, train, weights
+    from shardgpt.model import GPT
+
+    task = data.SortTask()
+    cfg = config.preset("gpt-pico", n_layer=1, vocab_size=task.vocab_size, block_size=task.seq_len)
+    params = jax.jit(lambda rng: train.init_params(GPT(cfg), rng))(jax.random.key(7))
+    path = weights.export_params(params, cfg, tmp_path / "ckpt.safetensors")
+    inputs, targets = task.rows(0, range(8))
+    expected = float(train.cross_entropy(GPT(cfg).apply({"params": params}, inputs), targets))
+
+    out = tmp_path / "out"
+    argv = ["--init-from", str(path), "--model.n_head=8", "--strategy", "zero3", "--mesh", "dp=2,tp=4"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main([*argv, "--steps", "1", "--batch", "8", "--generate", "3", "--out", str(out)]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    np.testing.assert_allclose(run["losses"][0], expected, rtol=1e-5)
+    assert run["generate"]["compiles"] == 1 and run["generate"]["new_tokens"] == 3
