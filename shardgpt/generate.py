@@ -94,7 +94,10 @@ class Generator:
             "generation batch", (batch_size, cfg.block_size), ("batch", "length"), buffer.spec, mesh
         )
         self.param_shardings = train.param_shardings(model, mesh, self.strategy)
-        cache_sharding = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, activations, "KV cache"))
+        # The decode model is unrolled: its cache holds per-layer arrays, without the `layers` axis.
+        cache_sharding = NamedSharding(
+            mesh, sharding.logical_to_spec(CACHE_AXES[1:], activations, "KV cache")
+        )
         vector = NamedSharding(mesh, sharding.logical_to_spec(("batch",), activations))
         replicated = NamedSharding(mesh, P())
         self._jitted = jax.jit(
@@ -126,7 +129,10 @@ class Generator:
             return tokens_BxT, length_B, done_B
 
         with nn.logical_axis_rules(self._activations):
-            cache = jax.lax.with_sharding_constraint(init_cache(cfg, B), (self._cache_sharding,) * 2)
+            cache = init_cache(self.decode_model.config, B)
+            cache = jax.lax.with_sharding_constraint(
+                cache, jax.tree.map(lambda _: self._cache_sharding, cache)
+            )
             # Prefill the whole padded context: slots past a prompt's end hold junk that decoding
             # overwrites before any query can see it (a query at t attends to slots <= t only).
             S = cfg.block_size

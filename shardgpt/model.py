@@ -239,11 +239,10 @@ class GPT(nn.Module):
         else:
             layer_caches = []
             for i in range(cfg.n_layer):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                layer_cache = None if cache is None else cache[i]
                 x_BxLxD, layer_cache = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, layer_cache)
                 layer_caches.append(layer_cache)
-            if cache is not None:
-                cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
+            cache = None if cache is None else tuple(layer_caches)
 
         x_BxLxD = hooks.copy_to_shards(LayerNorm(cfg, name="ln_f")(x_BxLxD))
         if cfg.tie_embeddings:
@@ -268,9 +267,18 @@ CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
 
 
 def init_cache(config: ModelConfig, batch: int):
-    """An empty (keys, values) KV cache in the compute dtype."""
-    zeros = jnp.zeros(cache_shape(config, batch), config.dtype)
-    return zeros, zeros
+    """An empty KV cache in the compute dtype, laid out for the model's layer loop.
+
+    Scanned: one (keys, values) pair stacked over layers (CACHE_AXES), which nn.scan slices and restacks
+    in place. Unrolled: a tuple of per-layer (keys, values) pairs (CACHE_AXES[1:]), so a decode step never
+    restacks (copies) the whole cache.
+    """
+    shape = cache_shape(config, batch)
+    if config.scan_layers:
+        zeros = jnp.zeros(shape, config.dtype)
+        return zeros, zeros
+    layer = jnp.zeros(shape[1:], config.dtype)
+    return tuple((layer, layer) for _ in range(config.n_layer))
 
 
 def unstack_layers(params, n_layer: int):
