@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from shardgpt import sharding
 from shardgpt.data import IGNORE_INDEX
@@ -180,8 +181,6 @@ class Trainer:
 
     def run(self, steps: int) -> TrainState:
         """Train `steps` steps from the state's current step; returns the final state."""
-        from tqdm.auto import tqdm
-
         for cb in self.callbacks:
             cb.on_train_begin(self)
         first = int(self.state.step)
