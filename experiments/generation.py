@@ -52,7 +52,7 @@ def benchmark(model, params, mesh, strategy: str, batch: int, prompt_len: int, n
     kv_s = time.perf_counter() - start
 
     # The baselines run on one device: they show the cost of re-tracing, not of sharding.
-    params_1 = jax.device_put(params, jax.devices()[0])
+    params_1 = jax.device_put(params, jax.local_devices()[0])
     recompute = jax.jit(lambda p, t: model.apply({"params": p}, t))
     _greedy_loop(recompute, params_1, prompts, 1, cfg.block_size)  # compile
     start = time.perf_counter()
@@ -65,7 +65,13 @@ def benchmark(model, params, mesh, strategy: str, batch: int, prompt_len: int, n
     _greedy_loop(naive, params_1, prompts, naive_tokens, None)
     naive_s = time.perf_counter() - start
 
-    agree = all(np.array_equal(c, f) for c, f in zip(cached, full, strict=True))
+    # Greedy tokens must match exactly in fp32; in bf16, argmax ties between logits that differ only in
+    # reduction order make token equality meaningless, so the check is not made (None).
+    agree = (
+        all(np.array_equal(c, f) for c, f in zip(cached, full, strict=True))
+        if cfg.dtype == "float32"
+        else None
+    )
     return {
         "batch": batch,
         "prompt_len": prompt_len,
@@ -124,7 +130,7 @@ def main(argv=None):
             print(
                 f"{batch:>5} {name:>10} {rate:>10,.1f} {ms:>9.2f} {compiles:>8} {rate / rows[0][1]:>8,.0f}x"
             )
-        if not r["greedy_matches_recompute"]:
+        if r["greedy_matches_recompute"] is False:
             print("WARNING: KV-cache tokens differ from the full-recompute tokens", file=sys.stderr)
 
 

@@ -19,8 +19,8 @@ from jax.sharding import PartitionSpec as P
 from shardgpt import sharding, train
 from shardgpt.model import CACHE_AXES, GPT, init_cache, unstack_layers
 
-# Without top_k, top-p searches the nucleus among this many most likely tokens: a top-k window is far
-# cheaper per token than sorting the whole vocabulary.
+# Top-p first looks for the nucleus among this many most likely tokens (without top_k): a top-k window is
+# far cheaper per token than sorting the whole vocabulary, which it falls back to only when needed.
 TOP_P_WINDOW = 256
 
 
@@ -33,6 +33,8 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -41,28 +43,42 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def _nucleus_threshold(probs_BxV: jax.Array, top_p: float, window: int) -> jax.Array:
+    """Per row, the probability of the least likely token in the smallest set holding >= top_p of the mass.
+
+    Exact: the nucleus is read from a top-k window when every row's window holds >= top_p of the mass
+    (the common case, no full-vocabulary sort), and from a full sort otherwise.
+    """
+
+    def from_sorted(sorted_BxK):  # probabilities in descending order
+        mass_before_BxK = jnp.cumsum(sorted_BxK, axis=-1) - sorted_BxK
+        n_keep_B = jnp.sum(mass_before_BxK < top_p, axis=-1)  # the top token always stays
+        return jnp.take_along_axis(sorted_BxK, (n_keep_B - 1)[:, None], -1)[:, 0]
+
+    top_BxW = jax.lax.top_k(probs_BxV, window)[0]
+    return jax.lax.cond(
+        jnp.all(top_BxW.sum(-1) >= top_p),
+        lambda: from_sorted(top_BxW),
+        lambda: from_sorted(-jnp.sort(-probs_BxV, axis=-1)),
+    )
+
+
 def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Next tokens (B,) from the last position's logits."""
+    """Next tokens (B,): temperature, then top-k, then top-p over the renormalised rest."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if sampling.temperature == 0 or sampling.top_k == 1:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     vocab = logits_BxV.shape[-1]
-    window = min(sampling.top_k or TOP_P_WINDOW, vocab) if (sampling.top_k or sampling.top_p) else vocab
-    if window < vocab:
-        top_BxW, ids_BxW = jax.lax.top_k(logits_BxV, window)  # sorted, most likely first
-    else:
-        top_BxW, ids_BxW = logits_BxV, jnp.broadcast_to(jnp.arange(vocab), logits_BxV.shape)
-    top_BxW = top_BxW / sampling.temperature
+    logits_BxV = logits_BxV / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < vocab:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
     if sampling.top_p is not None and sampling.top_p < 1:
-        if window == vocab:  # no window was taken: sort once so the cumulative sum runs in rank order
-            order_BxW = jnp.argsort(-top_BxW, axis=-1)
-            top_BxW = jnp.take_along_axis(top_BxW, order_BxW, -1)
-            ids_BxW = jnp.take_along_axis(ids_BxW, order_BxW, -1)
-        probs_BxW = jax.nn.softmax(top_BxW, axis=-1)
-        mass_before_BxW = jnp.cumsum(probs_BxW, axis=-1) - probs_BxW
-        top_BxW = jnp.where(mass_before_BxW < sampling.top_p, top_BxW, -jnp.inf)  # the top token always stays
-    choice_B = jax.random.categorical(key, top_BxW, axis=-1)
-    return jnp.take_along_axis(ids_BxW, choice_B[:, None], -1)[:, 0].astype(jnp.int32)
+        probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+        window = min(sampling.top_k or TOP_P_WINDOW, vocab)
+        threshold_B = _nucleus_threshold(probs_BxV, sampling.top_p, window)
+        logits_BxV = jnp.where(probs_BxV >= threshold_B[:, None], logits_BxV, -jnp.inf)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
 class Generator:
@@ -84,6 +100,10 @@ class Generator:
         self.model, self.mesh, self.strategy = model, mesh, sharding.canonical(strategy)
         self.batch_size, self.sampling, self.stop_token = batch_size, sampling, stop_token
         cfg = model.config
+        if batch_size < 1:
+            raise ValueError(f"generation needs at least one prompt, got batch_size={batch_size}")
+        if stop_token is not None and not 0 <= stop_token < cfg.vocab_size:
+            raise ValueError(f"stop_token {stop_token} is outside the vocabulary [0, {cfg.vocab_size})")
         # Decoding runs the layers unrolled whatever the training layout: a scan inside the decode loop
         # pays its own loop overhead on every token (measured 1.8x slower per step on CPU for gpt-mini).
         self.decode_model = GPT(cfg.replace(scan_layers=False))
@@ -177,13 +197,17 @@ class Generator:
         cfg = self.model.config
         if len(prompts) != self.batch_size:
             raise ValueError(f"this generator takes {self.batch_size} prompts, got {len(prompts)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         # One slot past the context: the last new token is emitted but never read by the model.
         buffer = np.zeros((self.batch_size, cfg.block_size + 1), np.int32)
         lengths = np.zeros((self.batch_size,), np.int32)
         for row, prompt in enumerate(prompts):
-            prompt = np.asarray(prompt, np.int32).reshape(-1)
+            prompt = np.asarray(prompt)
+            if prompt.ndim != 1 or (prompt.size and not np.issubdtype(prompt.dtype, np.integer)):
+                raise ValueError(f"prompt {row} must be a flat sequence of token ids (ints), got {prompt!r}")
             if prompt.size == 0:
                 raise ValueError(f"prompt {row} is empty: give at least one token")
             if prompt.size > cfg.block_size:

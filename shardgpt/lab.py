@@ -90,36 +90,54 @@ def _model_config(spec: RunSpec, task: Any) -> config.ModelConfig:
     overrides = dict(spec.overrides)
     run_fields = dict(dtype=spec.dtype, attention=spec.attention, scan_layers=spec.scan, remat=spec.remat)
     if spec.init_from:
-        # Shapes come from the file; n_head (not in the shapes) from --model.n_head or the preset.
-        n_head = overrides.pop("n_head", config.preset(spec.model).n_head)
+        # Shapes come from the file; n_head (not in the shapes) from --model.n_head, or from the preset
+        # only when the preset has the checkpoint's width and depth (else its head count means nothing).
         sd = _state_dict(spec.init_from)
+        n_head = overrides.pop("n_head", None)
+        if n_head is None:
+            shapes, base = weights.config_from_state_dict(sd, 1), config.preset(spec.model)
+            if (base.n_embd, base.n_layer) != (shapes.n_embd, shapes.n_layer):
+                raise ValueError(
+                    f"{spec.init_from} has n_embd={shapes.n_embd}, n_layer={shapes.n_layer}, unlike preset "
+                    f"{spec.model!r}: give its head count with --model.n_head=H (or the matching --model)"
+                )
+            n_head = base.n_head
         cfg = weights.config_from_state_dict(sd, int(n_head), **run_fields, **overrides)
-        if task.vocab_size > cfg.vocab_size:
-            raise ValueError(
-                f"task {spec.task!r} has {task.vocab_size} tokens but {spec.init_from} only "
-                f"{cfg.vocab_size}: use a task whose vocabulary fits the checkpoint"
-            )
-        return cfg
-    # The preset's context, widened to the task's sequence, unless --model.block_size says otherwise.
-    block = max(config.preset(spec.model).block_size, task.seq_len)
-    derived = dict(vocab_size=task.vocab_size, block_size=block, **run_fields)
-    return config.preset(spec.model, **(derived | overrides))
+    else:
+        # The preset's context, widened to the task's sequence, unless --model.block_size says otherwise.
+        block = max(config.preset(spec.model).block_size, task.seq_len)
+        derived = dict(vocab_size=task.vocab_size, block_size=block, **run_fields)
+        cfg = config.preset(spec.model, **(derived | overrides))
+    if task.vocab_size > cfg.vocab_size:
+        source = spec.init_from or "--model.vocab_size"
+        raise ValueError(
+            f"task {spec.task!r} has {task.vocab_size} tokens but the model ({source}) only "
+            f"{cfg.vocab_size}: use a task whose vocabulary fits, or a larger vocab_size"
+        )
+    return cfg
 
 
 def prepare(spec: RunSpec) -> Setup:
     """Resolve a spec and check mesh, strategy, model, shapes, batch: ValueError if bad; compiles nothing."""
     if spec.steps < 1 or spec.batch < 1:
         raise ValueError(f"--steps and --batch must be >= 1 (got {spec.steps}, {spec.batch})")
+    if spec.generate < 0 or spec.warmup < 0 or (spec.seq is not None and spec.seq < 1):
+        raise ValueError(
+            f"--generate and --warmup must be >= 0 and --seq >= 1 (got {spec.generate}, {spec.warmup}, "
+            f"{spec.seq})"
+        )
+    if not spec.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {spec.lr}")
     if spec.task == "sort" and spec.seq is not None:
         raise ValueError("--seq applies to chars:PATH tasks; the sort task's sequence length is fixed")
     task = data.make_task(spec.task, spec.seq, spec.seed)
     mesh = make_mesh(spec.mesh)
     strategy = sharding.canonical(spec.strategy)
-    platform = mesh.devices.flat[0].platform
-    if spec.attention == "cudnn" and platform != "gpu":
-        raise ValueError(f"--attention cudnn needs NVIDIA GPUs (cuDNN), not {platform}: use --attention xla")
     make_step = _step_builder(spec.impl)
     cfg = _model_config(spec, task)
+    platform = mesh.devices.flat[0].platform
+    if cfg.attention == "cudnn" and platform != "gpu":
+        raise ValueError(f"--attention cudnn needs NVIDIA GPUs (cuDNN), not {platform}: use --attention xla")
     model = GPT(cfg)
     lr_warmup = min(10, max(1, spec.steps // 10))
     schedule = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=lr_warmup, total_steps=spec.steps)
@@ -127,10 +145,12 @@ def prepare(spec: RunSpec) -> Setup:
     train.check_batch(model, mesh, strategy, spec.batch, task.seq_len)
     train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
     prompt_len = getattr(task, "length", min(32, task.seq_len // 2))  # sort: the unsorted digits
-    if spec.generate and prompt_len + spec.generate > cfg.block_size:
+    # The last generated token is never read back, so prompt + new tokens may reach block_size + 1.
+    if spec.generate and prompt_len + spec.generate - 1 > cfg.block_size:
         raise ValueError(
             f"--generate {spec.generate} after a {prompt_len}-token prompt exceeds block_size "
-            f"{cfg.block_size}: generate at most {cfg.block_size - prompt_len} or raise --model.block_size"
+            f"{cfg.block_size}: generate at most {cfg.block_size + 1 - prompt_len}, or raise "
+            "--model.block_size"
         )
     dp = mesh.shape["dp"]
     return Setup(task, mesh, strategy, cfg, model, tx, make_step, prompt_len, -(-8 // dp) * dp)

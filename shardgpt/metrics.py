@@ -11,7 +11,7 @@ from typing import Any
 import jax
 
 from shardgpt.config import ModelConfig
-from shardgpt.sharding import STRATEGIES, canonical
+from shardgpt.sharding import EMBED_ON_DP_FROM_STAGE, STRATEGIES, canonical
 
 # Collectives in post-partitioning HLO (`jitted.lower(*args).compile().as_text()`).
 
@@ -228,7 +228,6 @@ def peak_bytes(compiled: Any) -> int | None:
 
 # ZeRO paper (Rajbhandari et al. 2020): stage 1 shards the optimizer state over dp, stage 2 also the
 # gradients, stage 3 also the parameters.
-_DP_SHARDED_FROM_STAGE = {"params": 3, "grads": 2, "opt_state": 1}
 
 
 # Per ZeRO stage on dp; {whole} is a device's (1/tp) share of the params, {shard} that share / dp.
@@ -282,6 +281,6 @@ def zero_expected_bytes(
     stage = STRATEGIES[canonical(strategy)]
     totals = {"params": params_bytes_total, "grads": grads_bytes_total, "opt_state": opt_state_bytes_total}
     return {
-        f"{name}_bytes_per_device": total // (tp * (dp if stage >= _DP_SHARDED_FROM_STAGE[name] else 1))
+        f"{name}_bytes_per_device": total // (tp * (dp if stage >= EMBED_ON_DP_FROM_STAGE[name] else 1))
         for name, total in totals.items()
     }

@@ -174,6 +174,8 @@ def _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache):
 
 
 class MLP(nn.Module):
+    """Column-parallel up-projection, GELU, row-parallel down-projection (minGPT's 4x width)."""
+
     config: ModelConfig
 
     @nn.compact

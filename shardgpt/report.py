@@ -85,7 +85,6 @@ def _size(nbytes: float | None) -> str:
         if abs(nbytes) < 1024 or unit == "G":
             return f"{nbytes:.3g}{unit}" if unit != "B" and abs(nbytes) < 1000 else f"{nbytes:.0f}{unit}"
         nbytes /= 1024
-    return ""
 
 
 def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -25,7 +25,7 @@ ALIASES = {"fsdp": "zero3"}
 _MEGATRON = (("heads", "tp"), ("mlp", "tp"), ("vocab", "tp"))
 # Which state target shards `embed` over dp from which ZeRO stage on:
 # ZeRO-1 the Adam moments, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the params.
-_EMBED_ON_DP_FROM_STAGE = {"opt_state": 1, "grads": 2, "params": 3}
+EMBED_ON_DP_FROM_STAGE = {"opt_state": 1, "grads": 2, "params": 3}
 
 Rules = tuple[tuple[str, str | None], ...]
 
@@ -47,7 +47,7 @@ def rules(strategy: str, target: str) -> Rules:
     if target == "activations":
         data = (("batch", "dp"), ("embed", None))
     else:
-        on_dp = stage >= _EMBED_ON_DP_FROM_STAGE[target]
+        on_dp = stage >= EMBED_ON_DP_FROM_STAGE[target]
         data = (("batch", None), ("embed", "dp" if on_dp else None))
     unsharded = tuple((name, None) for name in ("length", "kv", "layers"))
     return data + _MEGATRON + unsharded
@@ -55,7 +55,7 @@ def rules(strategy: str, target: str) -> Rules:
 
 def strategy_table() -> str:
     """Every strategy's rules as a text table: target rows, logical-axis columns."""
-    names = [name for name in LOGICAL_AXES]
+    names = list(LOGICAL_AXES)
     lines = [f"{'strategy':<8} {'target':<12} " + " ".join(f"{n:>7}" for n in names)]
     for strategy in STRATEGIES:
         for target in TARGETS:

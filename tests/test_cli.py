@@ -55,6 +55,10 @@ def test_help_exits_0_and_mentions_mesh(capsys):
         (["--generate", "99"], "exceeds block_size"),
         (["--seq", "5"], "--seq applies to chars:PATH tasks"),
         (["--init-from", "/no/such/ckpt.npz"], "no checkpoint at /no/such/ckpt.npz"),
+        (["--model.vocab_size=2"], "task 'sort' has 3 tokens but the model (--model.vocab_size) only 2"),
+        (["--model.attention=cudnn"], "--attention cudnn needs NVIDIA GPUs"),
+        (["--generate", "-1"], "--generate and --warmup must be >= 0"),
+        (["--lr", "0"], "--lr must be > 0"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_reason(argv, reason, capsys):
@@ -190,3 +194,8 @@ def test_init_from_a_checkpoint_starts_from_its_weights_and_generates(tmp_path):
     (run,) = json.loads((out / "results.json").read_text())["runs"]
     np.testing.assert_allclose(run["losses"][0], expected, rtol=1e-5)
     assert run["generate"]["compiles"] == 1 and run["generate"]["new_tokens"] == 3
+
+    # Without --model.n_head, a preset of another width cannot lend its head count: a clear error.
+    with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as err:
+        cli.main(["--init-from", str(path), "--model", "gpt-micro", "--steps", "1"])
+    assert exit_.value.code == 2 and "give its head count with --model.n_head=H" in err.getvalue()

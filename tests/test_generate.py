@@ -100,6 +100,19 @@ def test_sampling_modes(params):
     assert not np.array_equal(a, c), "different keys gave the same 16 sampled tokens"
 
 
+def test_top_p_is_exact_beyond_the_window_and_off_at_one():
+    """A nucleus wider than the 256-token window is still found exactly; top_p=1 filters nothing."""
+    logits = jnp.broadcast_to(-0.002 * jnp.arange(1000.0), (4096, 1000))  # slowly decaying
+    probs = np.asarray(jax.nn.softmax(logits[0]))
+    nucleus = int(np.sum(np.cumsum(probs) - probs < 0.9))  # ~750 tokens
+    tokens = np.asarray(sample(logits, jax.random.key(0), Sampling(1.0, top_p=0.9)))
+    assert tokens.max() < nucleus and tokens.max() > 256 and len(set(tokens.tolist())) > 500
+    free = np.asarray(sample(logits, jax.random.key(0), Sampling(1.0)))
+    np.testing.assert_array_equal(
+        np.asarray(sample(logits, jax.random.key(0), Sampling(1.0, top_p=1.0))), free
+    )
+
+
 @pytest.mark.parametrize("top_k", [None, 3])
 def test_top_p_stays_inside_the_nucleus(top_k):
     probs = np.array([0.05, 0.5, 0.02, 0.3, 0.03, 0.1])  # nucleus at p=0.75: tokens 1 and 3
@@ -142,11 +155,21 @@ def test_text_helper(tmp_path):
         ([[1]], 1, {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ([[1]], 1, {"temperature": -1.0}, "temperature must be >= 0"),
         ([[1]], 1, {"top_k": 0}, "top_k must be >= 1"),
+        ([[1]], 1, {"top_k": 2.5}, "top_k must be an integer"),
+        ([[1.7, 2.2]], 1, {}, "flat sequence of token ids"),
+        ([[[1, 2]]], 1, {}, "flat sequence of token ids"),
+        ([[1]], 2.5, {}, "max_new_tokens must be an integer"),
+        ([], 1, {}, "at least one prompt"),
     ],
 )
 def test_bad_requests_raise_before_compiling(params, prompts, n, sampling, message):
     with pytest.raises(ValueError, match=message):
         generate(MODEL, params, prompts, n, sampling=Sampling(**sampling))
+
+
+def test_stop_token_outside_the_vocabulary_is_an_error(params):
+    with pytest.raises(ValueError, match=r"stop_token 50 is outside the vocabulary \[0, 50\)"):
+        generate(MODEL, params, [[1]], 1, stop_token=50)
 
 
 def test_batch_not_divisible_by_dp_is_an_error():
