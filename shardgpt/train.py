@@ -77,14 +77,13 @@ def state_shardings(
     shard = lambda target, tree, tree_axes: sharding.tree_shardings(  # noqa: E731
         tree, tree_axes, mesh, sharding.rules(strategy, target)
     )
+    # One abstract init serves every target: params, grads and opt_state differ only in their rules.
     state = TrainState(
         step=NamedSharding(mesh, P()),
-        params=param_shardings(model, mesh, strategy),
+        params=shard("params", abstract.params, axes),
         opt_state=shard("opt_state", abstract.opt_state, opt_axes),
     )
-    return StateShardings(
-        state=state, grads=param_shardings(model, mesh, strategy, "grads"), params_axes=axes
-    )
+    return StateShardings(state=state, grads=shard("grads", abstract.params, axes), params_axes=axes)
 
 
 def _init(model: GPT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import config, data, optim, sharding, train
+from shardgpt import config, data, metrics, optim, sharding, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -84,15 +84,6 @@ def test_bad_batches_raise_before_compiling():
     train.check_batch(model, mesh, "zero1", 8, 8)
 
 
-def _bytes_per_device(tree) -> int:
-    """The most bytes any one device holds of `tree`, from the arrays' addressable shards."""
-    per_device: dict = {}
-    for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
-            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
-    return max(per_device.values())
-
-
 @pytest.mark.parametrize("spec", ["dp=8", "dp=2,tp=4"])
 def test_zero_stages_shrink_state_by_exactly_the_expected_bytes(spec):
     cfg = config.preset("gpt-pico", vocab_size=3, block_size=11)
@@ -120,8 +111,8 @@ def test_zero_stages_shrink_state_by_exactly_the_expected_bytes(spec):
     for strategy, stage in sharding.STRATEGIES.items():
         state, _ = train.init_state(model, tx, mesh, strategy)
         adam = state.opt_state[1][0]
-        assert _bytes_per_device(state.params) == expected(stage >= 3), strategy
-        assert _bytes_per_device((adam.mu, adam.nu)) == 2 * expected(stage >= 1), strategy
+        assert metrics.bytes_per_device(state.params) == expected(stage >= 3), strategy
+        assert metrics.bytes_per_device((adam.mu, adam.nu)) == 2 * expected(stage >= 1), strategy
     if mesh.shape["dp"] == 8:  # the headline figure: ZeRO-1 cuts Adam's moments 8x on 8-way dp
         assert expected(True) * 8 < expected(False) * 1.2
 
