@@ -1,91 +1,14 @@
-"""Generation benchmark: three generators side by side, so the cost of re-tracing is visible.
+"""Generation benchmark CLI: naive re-jit vs fixed-shape recompute vs KV cache, side by side.
 
-- naive: a beginner's loop, the full forward over the growing context, jitted per length (one compile
-  per new token);
-- recompute: the full forward over the context padded to block_size, one compile, no cache;
-- kv_cache: shardgpt.generate, prefill + fixed-shape decode loop over a KV cache, one compile.
-
-The first two live here, not in the library: they are what the library exists to avoid.
-Run `python experiments/generation.py --help`.
+The benchmark itself is shardgpt.generation_bench (lab.run uses it too); this prints its table for one
+model on one device. Run `python experiments/generation.py --help`.
 """
 
 import argparse
-import os
 import sys
-import time
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-NAIVE_MAX_TOKENS = 16  # the naive loop compiles once per token: its rate is measured over this many
-
-
-def _greedy_loop(forward, params, prompts_BxL, new_tokens: int, pad_to: int | None):
-    """Greedy decoding by full forward passes; `pad_to` fixes the input shape (else it grows)."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    tokens = np.asarray(prompts_BxL)
-    for _ in range(new_tokens):
-        length = tokens.shape[1]
-        inputs = tokens if pad_to is None else np.pad(tokens, ((0, 0), (0, pad_to - length)))
-        logits_BxLxV = forward(params, inputs)
-        next_B = np.asarray(jnp.argmax(logits_BxLxV[:, length - 1], axis=-1))
-        tokens = np.concatenate([tokens, next_B[:, None].astype(np.int32)], axis=1)
-    return tokens
-
-
-def benchmark(model, params, mesh, strategy: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """Tokens/s and compiles of the KV-cache generator, with the naive and full-recompute ones beside it."""
-    import jax
-    import numpy as np
-
-    from shardgpt.generate import Generator
-
-    cfg = model.config
-    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
-    params = getattr(params, "params", params)
-
-    generator = Generator(model, mesh, strategy, batch)
-    generator(params, list(prompts), new_tokens)  # compile (and warm up)
-    start = time.perf_counter()
-    cached = generator(params, list(prompts), new_tokens)
-    kv_s = time.perf_counter() - start
-
-    # The baselines run on one device: they show the cost of re-tracing, not of sharding.
-    params_1 = jax.device_put(params, jax.local_devices()[0])
-    recompute = jax.jit(lambda p, t: model.apply({"params": p}, t))
-    _greedy_loop(recompute, params_1, prompts, 1, cfg.block_size)  # compile
-    start = time.perf_counter()
-    full = _greedy_loop(recompute, params_1, prompts, new_tokens, cfg.block_size)
-    recompute_s = time.perf_counter() - start
-
-    naive = jax.jit(lambda p, t: model.apply({"params": p}, t))
-    naive_tokens = min(new_tokens, NAIVE_MAX_TOKENS)
-    start = time.perf_counter()
-    _greedy_loop(naive, params_1, prompts, naive_tokens, None)
-    naive_s = time.perf_counter() - start
-
-    # Greedy tokens must match exactly in fp32; in bf16, argmax ties between logits that differ only in
-    # reduction order make token equality meaningless, so the check is not made (None).
-    agree = (
-        all(np.array_equal(c, f) for c, f in zip(cached, full, strict=True))
-        if cfg.dtype == "float32"
-        else None
-    )
-    return {
-        "batch": batch,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "tokens_per_s": batch * new_tokens / kv_s,
-        "ms_per_step": 1e3 * kv_s / new_tokens,
-        "compiles": generator.traces,
-        "recompute_tokens_per_s": batch * new_tokens / recompute_s,
-        "recompute_compiles": recompute._cache_size(),
-        "naive_tokens_per_s": batch * naive_tokens / naive_s,
-        "naive_tokens": naive_tokens,
-        "naive_compiles": naive._cache_size(),
-        "greedy_matches_recompute": agree,
-    }
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, no pip install
 
 
 def main(argv=None):
@@ -96,6 +19,10 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=65)
+    parser.add_argument("--mesh", default="dp=1", help="mesh for the KV-cache generator (default dp=1)")
+    parser.add_argument(
+        "--strategy", default="dp", help="training strategy the params come from (default dp)"
+    )
     args = parser.parse_args(argv)
     try:
         batches = [int(b) for b in args.batch.split(",")]
@@ -105,6 +32,7 @@ def main(argv=None):
     import jax
 
     from shardgpt import config, train
+    from shardgpt.generation_bench import benchmark
     from shardgpt.mesh import make_mesh
     from shardgpt.model import GPT
 
@@ -114,12 +42,19 @@ def main(argv=None):
         parser.error(str(e))
     model = GPT(cfg)
     params = jax.jit(lambda r: train.init_params(model, r))(jax.random.key(0))
-    mesh = make_mesh("dp=1", jax.devices()[:1])
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as e:
+        parser.error(str(e))
+    params = jax.device_put(params, train.param_shardings(model, mesh, args.strategy))  # as trained
     device = jax.devices()[0].device_kind
-    print(f"{args.model} ({cfg.n_params() / 1e6:.1f}M params), {device}, greedy, jax {jax.__version__}")
+    print(
+        f"{args.model} ({cfg.n_params() / 1e6:.1f}M params), {device}, mesh {args.mesh}, params as "
+        f"{args.strategy} trains them, greedy, prompt {args.prompt_len}, jax {jax.__version__}"
+    )
     print(f"{'batch':>5} {'generator':>10} {'tok/s':>10} {'ms/step':>9} {'compiles':>8} {'vs naive':>9}")
     for batch in batches:
-        r = benchmark(model, params, mesh, "dp", batch, args.prompt_len, args.new_tokens)
+        r = benchmark(model, params, mesh, args.strategy, batch, args.prompt_len, args.new_tokens)
         rows = [
             ("naive", r["naive_tokens_per_s"], r["naive_compiles"]),
             ("recompute", r["recompute_tokens_per_s"], r["recompute_compiles"]),

@@ -6,19 +6,20 @@ on the sort task, then a generation benchmark. jax is imported only after the fl
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # runs from a checkout (no pip install); finds generation.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, no pip install
 
 STRATEGIES = ("dp", "zero1", "zero2", "zero3")  # shardgpt.sharding.STRATEGIES, without importing jax
 DEFAULT_DEVICES = 8
 DEFAULT_GENERATE = 32
-_MODEL_OVERRIDE = re.compile(r"^--model\.(\w+)=(.*)$")
+_OVERRIDE = re.compile(r"^--(model|optim)\.(\w+)=(.*)$")  # --model.FIELD=VALUE, --optim.FIELD=VALUE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="experiments/run.py",
         description=__doc__.split("\n")[0],
-        epilog="Model overrides: --model.FIELD=VALUE for any ModelConfig field, e.g. --model.n_layer=4.",
+        epilog="Overrides: --model.FIELD=VALUE for any ModelConfig field (e.g. --model.n_layer=4), "
+        "--optim.FIELD=VALUE for any OptimConfig field (learning_rate, warmup_steps, total_steps, "
+        "min_lr_ratio, weight_decay, b1, b2, grad_clip; e.g. --optim.weight_decay=0).",
     )
     what = p.add_argument_group("what to compare")
     what.add_argument(
@@ -36,25 +39,44 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--strategy", help=f"comma list of {', '.join(STRATEGIES)}, fsdp (default: all)")
     pick.add_argument("--compare", action="store_true", help="every strategy on every mesh (the default)")
     what.add_argument("--impl", choices=("gspmd", "shard_map", "both"), default="gspmd")
+    what.add_argument(
+        "--plan",
+        action="store_true",
+        help="will it fit: compile only (nothing allocated, no step run) and print each strategy's memory "
+        "per device, and with --device-memory the largest batch that fits",
+    )
+    what.add_argument(
+        "--device-memory",
+        metavar="SIZE",
+        help="--plan: memory of one device, e.g. 80GiB (default: the accelerator's own, if one is present)",
+    )
     model = p.add_argument_group("model and data")
-    model.add_argument("--model", default="gpt-pico", help="preset name (default gpt-pico)")
+    model.add_argument("--model", default="gpt-pico", help="preset name, or a comma list (default gpt-pico)")
     model.add_argument("--task", default="sort", help="sort, or chars:PATH (a local text file)")
-    model.add_argument("--seq", type=int, help="sequence length of a chars task")
+    model.add_argument(
+        "--seq", type=int, help="sequence length of a chars task (--plan: default the context)"
+    )
     model.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)",
+        help="compute dtype, float32 or bfloat16 (default: bfloat16 on accelerators, float32 on CPU)",
     )
     model.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
     model.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan layers")
     model.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
-    model.add_argument("--init-from", metavar="PATH", help="GPT-2-named checkpoint (.safetensors/.npz/.pt)")
+    model.add_argument(
+        "--init-from",
+        metavar="PATH",
+        help="GPT-2-named weights: a .safetensors/.npz/.pt file or a Hugging Face save_pretrained directory "
+        "(nanoGPT's ckpt.pt and HF's config.json supply n_head and the GELU)",
+    )
     loop = p.add_argument_group("training and measurement")
     loop.add_argument("--steps", type=int, default=100)
     loop.add_argument("--batch", type=int, default=64, help="global batch size")
-    loop.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    loop.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (= --optim.learning_rate)")
     loop.add_argument("--seed", type=int, default=0)
-    loop.add_argument("--warmup", type=int, default=5, help="steps left out of the median step time")
+    loop.add_argument(
+        "--warmup", type=int, help="steps left out of the median step time (default: 5, fewer than --steps)"
+    )
     loop.add_argument(
         "--generate",
         type=int,
@@ -63,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loop.add_argument(
         "--out", default="results", metavar="DIR", help="results.json and plots (default results/)"
+    )
+    loop.add_argument(
+        "--no-plots", action="store_true", help="write results.json only (no matplotlib needed)"
     )
     loop.add_argument("--profile", metavar="DIR", help="jax.profiler trace of a few steps per run")
     where = p.add_argument_group("devices")
@@ -88,21 +113,53 @@ def _env_int(name: str) -> int | None:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Flags plus the --model.FIELD=VALUE overrides (as args.overrides); anything else exits 2."""
+    """Flags plus the --model.FIELD=VALUE and --optim.FIELD=VALUE overrides (as args.overrides and
+    args.optim); anything else exits 2."""
     args, unknown = parser.parse_known_args(argv)
-    overrides, bad = [], []
+    overrides: dict[str, list] = {"model": [], "optim": []}
+    bad = []
     while unknown:
         arg = unknown.pop(0)
-        if "=" not in arg and arg.startswith("--model.") and unknown:
+        if "=" not in arg and arg.startswith(("--model.", "--optim.")) and unknown:
             arg = f"{arg}={unknown.pop(0)}"  # --model.n_layer 4
-        if match := _MODEL_OVERRIDE.match(arg):
-            overrides.append(match.groups())
+        if match := _OVERRIDE.match(arg):
+            overrides[match.group(1)].append(match.group(2, 3))
         else:
             bad.append(arg)
     if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (model overrides look like --model.n_layer=4)")
-    args.overrides = tuple(overrides)
+        parser.error(
+            f"unrecognized arguments: {' '.join(bad)} (overrides look like --model.n_layer=4 or "
+            "--optim.weight_decay=0)"
+        )
+    if args.devices is not None and args.devices < 1:
+        parser.error(f"--devices must be >= 1, got {args.devices}")
+    args.overrides, args.optim = tuple(overrides["model"]), tuple(overrides["optim"])
     return args
+
+
+def _check_writable(flag: str, path: str):
+    """Create the directory `path` if needed and prove a file can be written there, before any run."""
+    where = Path(path)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ValueError(f"{flag} {path}: cannot write there ({reason}): choose another directory") from None
+
+
+def check_outputs(args: argparse.Namespace):
+    """Fail before training, not after it: --out and --profile writable, matplotlib present for plots."""
+    if args.out:
+        _check_writable("--out", args.out)
+        if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(
+                "the plots need matplotlib, which is not installed: pip install matplotlib "
+                "(or shardgpt[experiments]), or pass --no-plots"
+            )
+    if args.profile:
+        _check_writable("--profile", args.profile)
 
 
 def _simulate_devices(n: int | None):
@@ -117,7 +174,7 @@ def _simulate_devices(n: int | None):
 
 
 def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> list:
-    """One RunSpec per (mesh, strategy, impl), in that order."""
+    """One RunSpec per (model, mesh, strategy, impl), in that order."""
     from shardgpt.lab import RunSpec
 
     meshes = args.mesh or ["dp=2,tp=4" if num_devices == 8 else "dp=-1"]
@@ -125,25 +182,14 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
     impls = ("gspmd", "shard_map") if args.impl == "both" else (args.impl,)
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
     common = dict(
-        model=args.model, overrides=args.overrides, task=args.task, seq=args.seq, steps=args.steps,
+        overrides=args.overrides, optim=args.optim, task=args.task, seq=args.seq, steps=args.steps,
         batch=args.batch, dtype=dtype, attention=args.attention, scan=args.scan, remat=args.remat, lr=args.lr,
-        seed=args.seed, warmup=args.warmup, generate=args.generate, init_from=args.init_from,
+        seed=args.seed, warmup=args.warmup, generate=args.generate or 0, init_from=args.init_from,
         profile=args.profile,
     )  # fmt: skip
-    grid = [(m, s.strip(), i) for m in meshes for s in strategies for i in impls]
-    return [RunSpec(mesh=m, strategy=s, impl=i, **common) for m, s, i in grid]
-
-
-def _generation_bench(explicit: bool, say):
-    """experiments/generation.py's benchmark, or None (with a note) when it is not there yet."""
-    try:
-        from generation import benchmark
-    except ImportError as e:
-        if explicit:
-            raise ValueError(f"--generate: experiments/generation.py is not available ({e})") from None
-        say(f"note: generation benchmark skipped: experiments/generation.py is not available ({e})")
-        return None
-    return benchmark
+    models = [m.strip() for m in args.model.split(",")]
+    grid = [(n, m, s.strip(), i) for n in models for m in meshes for s in strategies for i in impls]
+    return [RunSpec(model=n, mesh=m, strategy=s, impl=i, **common) for n, m, s, i in grid]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,61 +198,126 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(parser, argv)
     _simulate_devices(args.devices)
-    try:
-        return _main(args, argv)
+    try:  # only validation is caught: an error during a run is a bug, and keeps its traceback
+        work = validate_plan(args) if args.plan else validate(args)
     except (ValueError, FileNotFoundError) as e:  # the library's validation errors say what to change
         parser.error(str(e).splitlines()[0])
+    return plan(*work, args, argv) if args.plan else compare(work, args, argv)
 
 
-def _main(args: argparse.Namespace, argv: list[str]) -> int:
+def validate(args: argparse.Namespace) -> list:
+    """Initialise jax (multi-host first), then check every spec and output path: nothing compiles."""
     import jax
 
     if args.coordinator or args.num_processes:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from shardgpt import lab, metrics, report
+    from shardgpt import lab
 
-    is_main = jax.process_index() == 0
-    say = print if is_main else lambda *a, **k: None  # only process 0 prints and writes
     platform = jax.devices()[0].platform
     if args.devices and platform != "cpu":
-        say(f"note: --devices ignored: {jax.device_count()} {platform} devices are present")
+        _say(f"note: --devices ignored: {jax.device_count()} {platform} devices are present")
     elif args.devices and jax.device_count() != args.devices * jax.process_count():
         raise ValueError(f"--devices {args.devices}: jax was initialised with {jax.device_count()} devices")
-    bench = _generation_bench(args.generate is not None, say) if args.generate != 0 else None
-    if bench and jax.process_count() > 1:
+    if args.generate is None:  # the default benchmark, where it can run
         # shardgpt.generate feeds host arrays to a dp-sharded jit, which jax refuses across processes.
-        if args.generate is not None:
-            raise ValueError("--generate runs on one process only for now: drop it for multi-host runs")
-        say("note: generation benchmark skipped: it runs on one process only for now")
-        bench = None
-    args.generate = (DEFAULT_GENERATE if args.generate is None else args.generate) if bench else 0
+        args.generate = DEFAULT_GENERATE if jax.process_count() == 1 else 0
+        if jax.process_count() > 1:
+            _say("note: generation benchmark skipped: it runs on one process only for now")
+    elif args.generate and jax.process_count() > 1:
+        raise ValueError("--generate runs on one process only for now: drop it for multi-host runs")
     specs = make_specs(args, jax.device_count(), platform)
     for spec in specs:  # every spec validated before the first compile
         lab.prepare(spec)
+    if jax.process_index() == 0:
+        check_outputs(args)
+    return specs
 
-    kind = jax.devices()[0].device_kind
+
+def validate_plan(args: argparse.Namespace) -> tuple[list, int | None]:
+    """--plan: (planners, device memory in bytes or None), every one validated; nothing compiles.
+
+    Planning compiles for the CPU backend's simulated devices whatever else is present, in the
+    accelerators' compute dtype (bfloat16) unless --dtype says otherwise.
+    """
+    import jax
+
+    from shardgpt import plan
+
+    if args.init_from or args.task != "sort":
+        raise ValueError("--plan takes a preset (--model) and --seq, not --init-from or --task")
+    budget = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    if budget is None and jax.devices()[0].platform != "cpu":
+        budget = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    devices = jax.devices("cpu")
+    planners = [plan.Planner.prepare(spec, devices) for spec in make_specs(args, len(devices), "accelerator")]
+    check_outputs(args)
+    return planners, budget
+
+
+def plan(planners: list, budget: int | None, args: argparse.Namespace, argv: list[str]) -> int:
+    """Compile every planner's step (abstract arrays only), print the ranked table, write plan.json."""
+    import time
+
+    from shardgpt import lab
+    from shardgpt import plan as planning
+
+    started = time.perf_counter()
+    n = len(planners[0].mesh.devices.flat)
+    print(f"planning {len(planners)} run(s) on {n} simulated CPU devices: compile only, nothing allocated")
+    if budget is None:
+        print("note: no --device-memory: fits and max batch are not computed")
+    rows = []
+    for planner in planners:
+        row = planning.plan(planner, budget)
+        print(f"{row['name']}: {row['compiles']} compile(s), {row['wall_s']:.1f} s", file=sys.stderr)
+        rows.append(row)
+    rows = planning.rank(rows)
+    print("\n" + planning.table(rows, "cpu"))
+    print(f"wall time {time.perf_counter() - started:.0f} s for {sum(r['compiles'] for r in rows)} compiles")
+    if args.out:
+        meta = lab.meta(shlex.join(["python", "experiments/run.py", *argv]))
+        paths = planning.write(rows, meta, args.out, plots=not args.no_plots)
+        print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _say(*args, **kwargs):
+    """print, on process 0 only: the other processes neither print nor write."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(*args, **kwargs)
+
+
+def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
+    """Train and measure every spec, then print the table and write results.json (and the plots)."""
+    import jax
+
+    from shardgpt import lab, metrics, report
+
+    kind, platform = jax.devices()[0].device_kind, jax.devices()[0].platform
     peak = metrics.peak_flops(kind)
     first = specs[0]
-    say(
+    _say(
         f"{jax.device_count()} x {kind} ({platform}), jax {jax.__version__}; {len(specs)} run(s) of "
         f"{lab.model_label(first)} on {first.task}, batch {first.batch}, {first.steps} steps, {first.dtype}"
     )
     peak_text = f"{peak:.3g} FLOP/s per device" if peak else "unknown for this device (MFU n/a)"
-    say(f"MFU from FLOPs/token = {lab.FLOPS_SOURCE}; peak: {peak_text}")
+    _say(f"MFU from FLOPs/token = {lab.FLOPS_SOURCE}; peak: {peak_text}")
     runs = []
     for spec in specs:
-        result = lab.run(spec, generate_bench=bench, progress=is_main)
-        say(
+        result = lab.run(spec, progress=jax.process_index() == 0)
+        _say(
             f"{result['name']}: compile {result['compile_s']:.2f} s, step {1e3 * result['step_time_s']:.2f} "
             f"ms, {result['tokens_per_s']:,.0f} tokens/s, final loss {result['final_loss']:.6f}"
         )
         runs.append(result)
     command = shlex.join(["python", "experiments/run.py", *argv])
     results = {"meta": lab.meta(command), "runs": runs, "agreement": report.agreement(runs)}
-    say("\n" + report.table(results))
-    if is_main and args.out:
-        paths = report.write(results, args.out)
-        say(f"\nwrote {', '.join(str(p) for p in paths)}")
+    _say("\n" + report.table(results))
+    if jax.process_index() == 0 and args.out:
+        paths = report.write(results, args.out, plots=not args.no_plots)
+        _say(f"\nwrote {', '.join(str(p) for p in paths)}")
     return 0
 
 

@@ -19,7 +19,9 @@ PRESETS: dict[str, dict[str, int | bool]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **_GPT2),
 }
 
-DTYPES = ("float32", "bfloat16", "float16")
+# No float16: its 5-bit exponent underflows small gradients without loss scaling, which shardgpt does not do;
+# bfloat16 has fp32's range in the same 16 bits.
+DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
@@ -62,8 +64,17 @@ class ModelConfig:
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                 "pick n_embd a multiple of n_head"
             )
+        if self.dtype == "float16":
+            raise ValueError(
+                "dtype float16 needs loss scaling, which shardgpt does not do (its gradients would "
+                "underflow): use bfloat16, which has fp32's range in the same 16 bits"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if not self.ln_eps > 0:
+            raise ValueError(
+                f"ModelConfig.ln_eps must be > 0 (LayerNorm divides by sqrt(var + eps)), got {self.ln_eps}"
+            )
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(
                 f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}"
@@ -83,13 +94,7 @@ class ModelConfig:
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with fields replaced; each value is checked against (or coerced to) the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        typed = {}
-        for key, value in overrides.items():
-            if key not in fields:
-                raise ValueError(f"unknown model field {key!r}; known fields: {', '.join(fields)}")
-            typed[key] = _coerce(key, value, type(getattr(self, key)))
-        return dataclasses.replace(self, **typed)
+        return replace_typed(self, "model", overrides)
 
     def n_params(self, include_embeddings: bool = True) -> int:
         """Parameter count (unpadded vocab); without embeddings it is the N of the 6N FLOPs rule."""
@@ -103,7 +108,19 @@ class ModelConfig:
         return body + head + (embeddings if include_embeddings else 0)
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def replace_typed(config: Any, what: str, overrides: dict[str, Any]) -> Any:
+    """A copy of the frozen dataclass `config` with fields replaced, each value checked against (or
+    coerced from a string to) the field's type: how --model.FIELD=VALUE and --optim.FIELD=VALUE apply."""
+    fields = [f.name for f in dataclasses.fields(config)]
+    typed = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"unknown {what} field {key!r}; known fields: {', '.join(fields)}")
+        typed[key] = _coerce(f"{what} field {key!r}", value, type(getattr(config, key)))
+    return dataclasses.replace(config, **typed)
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if isinstance(value, str):
@@ -119,7 +136,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    raise ValueError(f"model field {key!r} takes a {kind.__name__}, got {value!r}")
+    raise ValueError(f"{where} takes a {kind.__name__}, got {value!r}")
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

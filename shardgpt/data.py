@@ -110,8 +110,13 @@ def make_task(spec: str, seq_len: int | None = None, seed: int = 0):
     raise ValueError(f"unknown task {spec!r}: use 'sort' or 'chars:PATH' (a local text file)")
 
 
-def global_batch(task, step: int, batch_size: int, sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Step `step`'s batch as global arrays with `sharding`; each device's rows are built where it lives."""
+def global_batch(
+    task, step: int, batch_size: int, sharding: NamedSharding, vocab_size: int | None = None
+) -> dict[str, jax.Array]:
+    """Step `step`'s batch as global arrays with `sharding`; each device's rows are built where it lives.
+
+    With `vocab_size` (the model's), every row's ids are checked as they are built (see check_ids).
+    """
     dp = sharding.mesh.shape[sharding.spec[0]] if sharding.spec and sharding.spec[0] else 1
     if batch_size % dp:
         raise ValueError(f"batch size {batch_size} is not divisible by dp={dp}: choose a multiple of {dp}")
@@ -123,9 +128,30 @@ def global_batch(task, step: int, batch_size: int, sharding: NamedSharding) -> d
         key = (rows.start, rows.stop)
         if key not in built:
             built[key] = task.rows(step, rows)
+            if vocab_size is not None:
+                check_ids(built[key][0], vocab_size, f"{type(task).__name__} inputs")
+                check_ids(built[key][1], vocab_size, f"{type(task).__name__} targets", allow_ignore=True)
         return built[key]
 
     return {
         name: jax.make_array_from_callback(shape, sharding, lambda idx, k=k: rows_for(idx)[k])
         for k, name in enumerate(("inputs", "targets"))
     }
+
+
+def check_ids(ids, vocab_size: int, what: str = "tokens", allow_ignore: bool = False):
+    """Raise unless every id is in [0, vocab_size) (or IGNORE_INDEX, for targets when allowed).
+
+    Out-of-range ids have no row in the embedding or the head: a plain gather clamps them and a
+    vocab-parallel one gives zeros, so they would make the impls disagree in silence.
+    """
+    ids = np.asarray(ids)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if allow_ignore:
+        bad &= ids != IGNORE_INDEX
+    if bad.any():
+        allowed = f"[0, {vocab_size})" + (f" or {IGNORE_INDEX} (ignored)" if allow_ignore else "")
+        raise ValueError(
+            f"{what} hold token ids outside {allowed}, e.g. {ids[bad].flat[0]}: "
+            "encode the data with the model's vocabulary, or raise model.vocab_size"
+        )

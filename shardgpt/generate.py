@@ -1,11 +1,14 @@
-"""Fixed-shape generation: prefill into a KV cache, then a jitted decode loop; one compile per batch size.
+"""Fixed-shape generation: chunked prefill into a KV cache, then a jitted decode loop; one compile per batch.
 
-Prompts are right-padded to the context length and their lengths passed as data, and the number of new
-tokens is a loop bound, so no prompt length or token count causes a new trace. The cache is sharded by
-the same logical names and rules as the model (batch over dp, heads over tp).
+Prompts are right-padded to the context length and their lengths passed as data; the prefill is a loop
+over fixed-size chunks, as many as the longest prompt needs, and the number of new tokens is a loop bound,
+so no prompt length or token count causes a new trace. The params are kept whole over dp (the "dp"
+strategy's layout, whatever the training strategy) and the cache is sharded by the model's logical names
+(batch over dp, heads over tp).
 """
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +25,17 @@ from shardgpt.model import CACHE_AXES, GPT, init_cache, unstack_layers
 # Top-p first looks for the nucleus among this many most likely tokens (without top_k): a top-k window is
 # far cheaper per token than sorting the whole vocabulary, which it falls back to only when needed.
 TOP_P_WINDOW = 256
+# The prefill feeds the prompts through the cache in chunks of max(16, block_size / 8) positions: at most 8
+# steps, each big enough to keep an accelerator busy, and a prompt pays for at most one chunk past its end.
+PREFILL_STEPS, MIN_PREFILL_CHUNK = 8, 16
+# The decode loop runs in phases over growing prefixes of the cache, S/8, S/4, S/2 and S slots (those >= 16):
+# a step reads the shortest prefix that holds the context so far, so its cost follows the context, not
+# block_size. Phases are loops one after another, not a branch per step (a GPU waits on the host for every
+# lax.cond); each is one more loop body in the one compile.
+DECODE_PHASES, MIN_WINDOW = 4, 16
+# Generation reads every weight on every token, so it keeps them whole over dp (heads, mlp and vocab over
+# tp): a ZeRO-3 model is gathered once per `generate` call, not once per decode step.
+GENERATION_LAYOUT = "dp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +95,12 @@ def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def decode_windows(block_size: int) -> list[int]:
+    """The cache prefixes the decode phases read, ascending: block_size / 2^k (rounded up) >= MIN_WINDOW."""
+    halvings = [-(-block_size // 2**k) for k in reversed(range(DECODE_PHASES))]
+    return sorted({w for w in halvings if w >= MIN_WINDOW} | {block_size})
+
+
 class Generator:
     """Jitted prefill + decode for one (model, mesh, strategy, batch size, sampling): compiled once.
 
@@ -96,6 +116,7 @@ class Generator:
         batch_size: int = 1,
         sampling: Sampling = Sampling(),
         stop_token: int | None = None,
+        prefill_chunk: int | None = None,
     ):
         self.model, self.mesh, self.strategy = model, mesh, sharding.canonical(strategy)
         self.batch_size, self.sampling, self.stop_token = batch_size, sampling, stop_token
@@ -104,6 +125,11 @@ class Generator:
             raise ValueError(f"generation needs at least one prompt, got batch_size={batch_size}")
         if stop_token is not None and not 0 <= stop_token < cfg.vocab_size:
             raise ValueError(f"stop_token {stop_token} is outside the vocabulary [0, {cfg.vocab_size})")
+        if prefill_chunk is None:
+            prefill_chunk = max(MIN_PREFILL_CHUNK, -(-cfg.block_size // PREFILL_STEPS))
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = min(prefill_chunk, cfg.block_size)
         # Decoding runs the layers unrolled whatever the training layout: a scan inside the decode loop
         # pays its own loop overhead on every token (measured 1.8x slower per step on CPU for gpt-mini).
         self.decode_model = GPT(cfg.replace(scan_layers=False))
@@ -113,7 +139,7 @@ class Generator:
         sharding.check_divisible(
             "generation batch", (batch_size, cfg.block_size), ("batch", "length"), buffer.spec, mesh
         )
-        self.param_shardings = train.param_shardings(model, mesh, self.strategy)
+        self.param_shardings = train.param_shardings(model, mesh, GENERATION_LAYOUT)
         # The decode model is unrolled: its cache holds per-layer arrays, without the `layers` axis.
         cache_sharding = NamedSharding(
             mesh, sharding.logical_to_spec(CACHE_AXES[1:], activations, "KV cache")
@@ -126,6 +152,8 @@ class Generator:
             out_shardings=(buffer, vector),
         )
         self._cache_sharding, self._activations = cache_sharding, activations
+        self._default_key = jax.device_put(jax.random.key(0), replicated)  # made once: ~0.1 ms a call
+        self._placed: list[weakref.ref] = []  # weak references to the params last placed (see reshard)
 
     def _generate(self, params, tokens_BxT, lengths_B, max_new_tokens, key):
         self.traces += 1
@@ -133,8 +161,8 @@ class Generator:
         rows_B = jnp.arange(B)
         if cfg.scan_layers:
             params = unstack_layers(params, cfg.n_layer)
-        apply = lambda tokens, positions, cache: self.decode_model.apply(
-            {"params": params}, tokens, positions, cache
+        apply = lambda tokens, positions, cache, logits_at=None: self.decode_model.apply(
+            {"params": params}, tokens, positions, cache, logits_at
         )
 
         def emit(i, tokens_BxT, length_B, last_BxV, done_B):
@@ -153,11 +181,7 @@ class Generator:
             cache = jax.lax.with_sharding_constraint(
                 cache, jax.tree.map(lambda _: self._cache_sharding, cache)
             )
-            # Prefill the whole padded context: slots past a prompt's end hold junk that decoding
-            # overwrites before any query can see it (a query at t attends to slots <= t only).
-            S = cfg.block_size
-            logits_BxSxV, cache = apply(tokens_BxT[:, :S], jnp.broadcast_to(jnp.arange(S), (B, S)), cache)
-            last_BxV = jnp.take_along_axis(logits_BxSxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+            last_BxV, cache = self._prefill(apply, tokens_BxT, lengths_B, cache)
 
             def cond(carry):
                 i, *_, done_B = carry
@@ -172,25 +196,82 @@ class Generator:
                 )
                 return i + 1, tokens_BxT, length_B, logits_Bx1xV[:, 0], cache, done_B
 
-            done_B = jnp.zeros((B,), bool)
-            carry = (jnp.int32(0), tokens_BxT, lengths_B, last_BxV, cache, done_B)
-            i, tokens_BxT, lengths_B, last_BxV, _, done_B = jax.lax.while_loop(cond, body, carry)
+            i, done_B = jnp.int32(0), jnp.zeros((B,), bool)
+            prefix = jax.tree.map(lambda x: x[:, :0], cache)
+            for W in decode_windows(cfg.block_size):
+                # Grow the prefix by this phase's new (prefilled) slots; the last phase writes the prefix
+                # back into the whole cache instead, in place.
+                def grow(x, p, W=W):
+                    if W == x.shape[1]:
+                        return jax.lax.dynamic_update_slice_in_dim(x, p, 0, axis=1)
+                    return jnp.concatenate([p, x[:, p.shape[1] : W]], axis=1)
+
+                prefix = jax.tree.map(grow, cache, prefix)
+
+                def in_window(carry, W=W):  # every row's next write (its next token's position) fits
+                    _, _, length_B, _, _, done_B = carry
+                    return cond(carry) & (jnp.max(jnp.where(done_B, length_B - 1, length_B)) < W)
+
+                carry = (i, tokens_BxT, lengths_B, last_BxV, prefix, done_B)
+                i, tokens_BxT, lengths_B, last_BxV, prefix, done_B = jax.lax.while_loop(
+                    in_window, body, carry
+                )
             # The last token is emitted without a forward pass: nothing will read it.
             tokens_BxT, lengths_B, _ = emit(i, tokens_BxT, lengths_B, last_BxV, done_B)
         return tokens_BxT, lengths_B
+
+    def _prefill(self, apply, tokens_BxT, lengths_B, cache):
+        """Run the prompts through the cache in fixed chunks, as many as the longest prompt needs; returns
+        each row's logits at its last prompt token and the filled cache.
+
+        Slots past a prompt's end hold junk that decoding overwrites before any query can see it (a query
+        at t attends to slots <= t only). The last chunk starts early enough to end inside the context: it
+        recomputes a few positions already written, with the same values.
+        """
+        B, S, C = tokens_BxT.shape[0], self.model.config.block_size, self.prefill_chunk
+        last_B = lengths_B - 1
+
+        def body(carry):
+            start, last_BxV, cache = carry
+            start = jnp.minimum(start, S - C)
+            positions_BxC = jnp.broadcast_to(start + jnp.arange(C), (B, C))
+            chunk_BxC = jax.lax.dynamic_slice_in_dim(tokens_BxT, start, C, axis=1)
+            at_B = jnp.clip(last_B - start, 0, C - 1)  # the head runs on one position per row
+            logits_Bx1xV, cache = apply(chunk_BxC, positions_BxC, cache, at_B[:, None])
+            mine_B = (start <= last_B) & (last_B < start + C)
+            return start + C, jnp.where(mine_B[:, None], logits_Bx1xV[:, 0], last_BxV), cache
+
+        last_BxV = jnp.zeros((B, self.model.config.padded_vocab_size), self.decode_model.config.dtype)
+        carry = (jnp.int32(0), last_BxV, cache)
+        _, last_BxV, cache = jax.lax.while_loop(lambda c: c[0] < jnp.max(lengths_B), body, carry)
+        return last_BxV, cache
 
     def __call__(
         self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, key=None
     ) -> list[np.ndarray]:
         """Each prompt followed by up to `max_new_tokens` generated tokens (fewer after a stop token)."""
         tokens_BxS, lengths_B = self.pad(prompts, max_new_tokens)
-        key = jax.random.key(0) if key is None else key
-        # Params trained under another mesh or strategy move to this one's layout (a no-op when they match).
-        params = jax.device_put(params, self.param_shardings)
+        key = self._default_key if key is None else key
+        params = self.reshard(params)
         with jax.set_mesh(self.mesh):
             tokens_BxS, lengths_B = self._jitted(params, tokens_BxS, lengths_B, np.int32(max_new_tokens), key)
-        tokens_BxS, lengths_B = jax.device_get((tokens_BxS, lengths_B))
+        tokens_BxS, lengths_B = np.asarray(tokens_BxS), np.asarray(lengths_B)  # cheaper than device_get
         return [row[:n] for row, n in zip(tokens_BxS, lengths_B, strict=True)]
+
+    def reshard(self, params):
+        """Params in the generation layout, moved once per call where they differ (e.g. ZeRO-3 params)."""
+        leaves, targets = jax.tree.leaves(params), jax.tree.leaves(self.param_shardings)
+        if len(leaves) == len(self._placed) and all(
+            r() is x for r, x in zip(self._placed, leaves, strict=True)
+        ):
+            return params  # the arrays of the last call, already checked
+        if len(leaves) != len(targets) or not all(
+            isinstance(x, jax.Array) and (x.sharding == s or x.sharding.is_equivalent_to(s, x.ndim))
+            for x, s in zip(leaves, targets, strict=True)
+        ):  # device_put costs ~1 ms a call on CPU even where nothing moves: only where something must
+            params = jax.device_put(params, self.param_shardings)
+        self._placed = [weakref.ref(x) for x in jax.tree.leaves(params)]
+        return params
 
     def pad(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """Validate prompts and right-pad them into the (batch, block_size + 1) buffer, before any compile."""

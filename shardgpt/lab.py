@@ -8,7 +8,6 @@ pipelined loop, bytes from the arrays' shards, collectives and peak memory from 
 import dataclasses
 import datetime
 import functools
-import math
 import re
 import statistics
 import time
@@ -19,12 +18,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from shardgpt import config, data, metrics, optim, sharding, train, weights
+from shardgpt import (
+    config,
+    data,
+    generation_bench,
+    metrics,
+    optim,
+    sharding,
+    spmd,
+    train,
+    weight_files,
+    weights,
+)
 from shardgpt.mesh import describe, make_mesh
 from shardgpt.model import GPT
 
 IMPLS = ("gspmd", "shard_map")
 FLOPS_SOURCE = "6N + 12·L·H·Q·T (PaLM app. B)"
+DEFAULT_WARMUP = 5
 PROFILE_STEPS = 3  # steps traced by --profile, run after the timed ones so the trace costs them nothing
 
 
@@ -37,6 +48,7 @@ class RunSpec:
     impl: str = "gspmd"
     model: str = "gpt-pico"
     overrides: tuple[tuple[str, str], ...] = ()  # --model.X=V pairs, type-checked by ModelConfig.replace
+    optim: tuple[tuple[str, str], ...] = ()  # --optim.X=V pairs, type-checked by OptimConfig.replace
     task: str = "sort"
     seq: int | None = None  # chars tasks only; sort's length is fixed
     steps: int = 100
@@ -47,7 +59,7 @@ class RunSpec:
     remat: bool = False
     lr: float = 3e-3
     seed: int = 0
-    warmup: int = 5  # leading steps left out of the median step time
+    warmup: int | None = None  # leading steps left out of the median step time; None: up to 5
     generate: int = 0  # new tokens for the generation benchmark; 0: none
     init_from: str | None = None
     profile: str | None = None
@@ -66,23 +78,25 @@ class Setup:
     make_step: Callable
     prompt_len: int
     generate_batch: int
+    optim: optim.OptimConfig
+    warmup: int  # timed steps start after this many
 
 
 @functools.lru_cache(maxsize=1)
+def _checkpoint(path: str) -> weight_files.Checkpoint:
+    return weight_files.load_checkpoint(path)  # cached: every run of a comparison starts from the same file
+
+
 def _state_dict(path: str) -> dict:
-    return weights.load_state_dict(path)  # cached: every run of a comparison starts from the same file
+    return _checkpoint(path).state_dict
 
 
-def _step_builder(impl: str) -> Callable:
+def step_builder(impl: str) -> Callable:
     """make_train_step of the chosen implementation (same signature for both)."""
     if impl == "gspmd":
         return train.make_train_step
     if impl != "shard_map":
         raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)} (or both)")
-    try:
-        from shardgpt import spmd
-    except ImportError as e:
-        raise ValueError(f"shard_map impl not available (shardgpt.spmd: {e})") from None
     return spmd.make_train_step
 
 
@@ -90,11 +104,12 @@ def _model_config(spec: RunSpec, task: Any) -> config.ModelConfig:
     overrides = dict(spec.overrides)
     run_fields = dict(dtype=spec.dtype, attention=spec.attention, scan_layers=spec.scan, remat=spec.remat)
     if spec.init_from:
-        # Shapes come from the file; n_head (not in the shapes) from --model.n_head, or from the preset
-        # only when the preset has the checkpoint's width and depth (else its head count means nothing).
-        sd = _state_dict(spec.init_from)
+        # Shapes come from the file, and n_head, GELU and eps from its metadata when it has some (nanoGPT's
+        # model_args, HF's config.json); else n_head from --model.n_head, or from the preset only when the
+        # preset has the checkpoint's width and depth (else its head count means nothing).
+        sd, hints = _checkpoint(spec.init_from)
         n_head = overrides.pop("n_head", None)
-        if n_head is None:
+        if n_head is None and "n_head" not in hints:
             shapes, base = weights.config_from_state_dict(sd, 1), config.preset(spec.model)
             if (base.n_embd, base.n_layer) != (shapes.n_embd, shapes.n_layer):
                 raise ValueError(
@@ -102,7 +117,8 @@ def _model_config(spec: RunSpec, task: Any) -> config.ModelConfig:
                     f"{spec.model!r}: give its head count with --model.n_head=H (or the matching --model)"
                 )
             n_head = base.n_head
-        cfg = weights.config_from_state_dict(sd, int(n_head), **run_fields, **overrides)
+        # --model.X beats the run's own flags (--dtype, --scan, ...) here as it does for presets.
+        cfg = weights.config_from_state_dict(sd, n_head, hints=hints, **(run_fields | overrides))
     else:
         # The preset's context, widened to the task's sequence, unless --model.block_size says otherwise.
         block = max(config.preset(spec.model).block_size, task.seq_len)
@@ -121,10 +137,14 @@ def prepare(spec: RunSpec) -> Setup:
     """Resolve a spec and check mesh, strategy, model, shapes, batch: ValueError if bad; compiles nothing."""
     if spec.steps < 1 or spec.batch < 1:
         raise ValueError(f"--steps and --batch must be >= 1 (got {spec.steps}, {spec.batch})")
-    if spec.generate < 0 or spec.warmup < 0 or (spec.seq is not None and spec.seq < 1):
+    warmup = min(DEFAULT_WARMUP, spec.steps - 1) if spec.warmup is None else spec.warmup
+    if spec.generate < 0 or warmup < 0 or (spec.seq is not None and spec.seq < 1):
         raise ValueError(
-            f"--generate and --warmup must be >= 0 and --seq >= 1 (got {spec.generate}, {spec.warmup}, "
-            f"{spec.seq})"
+            f"--generate and --warmup must be >= 0 and --seq >= 1 (got {spec.generate}, {warmup}, {spec.seq})"
+        )
+    if warmup >= spec.steps:
+        raise ValueError(
+            f"--warmup {warmup} leaves none of the {spec.steps} steps to time: use --warmup < --steps"
         )
     if not spec.lr > 0:
         raise ValueError(f"--lr must be > 0, got {spec.lr}")
@@ -133,15 +153,16 @@ def prepare(spec: RunSpec) -> Setup:
     task = data.make_task(spec.task, spec.seq, spec.seed)
     mesh = make_mesh(spec.mesh)
     strategy = sharding.canonical(spec.strategy)
-    make_step = _step_builder(spec.impl)
+    make_step = step_builder(spec.impl)
     cfg = _model_config(spec, task)
     platform = mesh.devices.flat[0].platform
     if cfg.attention == "cudnn" and platform != "gpu":
         raise ValueError(f"--attention cudnn needs NVIDIA GPUs (cuDNN), not {platform}: use --attention xla")
     model = GPT(cfg)
     lr_warmup = min(10, max(1, spec.steps // 10))
-    schedule = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=lr_warmup, total_steps=spec.steps)
-    tx = optim.make_optimizer(schedule)
+    base = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=lr_warmup, total_steps=spec.steps)
+    optim_config = base.replace(**dict(spec.optim))
+    tx = optim.make_optimizer(optim_config)
     train.check_batch(model, mesh, strategy, spec.batch, task.seq_len)
     train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
     prompt_len = getattr(task, "length", min(32, task.seq_len // 2))  # sort: the unsorted digits
@@ -153,7 +174,10 @@ def prepare(spec: RunSpec) -> Setup:
             "--model.block_size"
         )
     dp = mesh.shape["dp"]
-    return Setup(task, mesh, strategy, cfg, model, tx, make_step, prompt_len, -(-8 // dp) * dp)
+    generate_batch = -(-8 // dp) * dp
+    return Setup(
+        task, mesh, strategy, cfg, model, tx, make_step, prompt_len, generate_batch, optim_config, warmup
+    )
 
 
 def run_name(spec: RunSpec) -> str:
@@ -173,27 +197,41 @@ def _nbytes(tree: Any) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
 
 
-def _memory(state: train.TrainState, shardings: train.StateShardings) -> dict[str, int]:
-    """Bytes per device of params and optimizer state (from their shards) and of the gradients.
+# Where each memory figure comes from: results.json carries this beside the numbers.
+MEMORY_SOURCES = {
+    "params_bytes_per_device": "live arrays (the state's shards)",
+    "opt_state_bytes_per_device": "live arrays (the state's shards)",
+    "grads_bytes_per_device": "derived from the layout (gradients never persist)",
+    "argument_bytes_per_device": "compiled program (memory_analysis)",
+    "output_bytes_per_device": "compiled program (memory_analysis)",
+    "alias_bytes_per_device": "compiled program (memory_analysis)",
+    "temp_bytes_per_device": "compiled program (memory_analysis)",
+    "peak_bytes_per_device": "compiled program (memory_analysis)",
+    "device_peak_bytes": "live device (memory_stats, peak since the process started; null where absent)",
+}
 
-    Gradients never persist, so theirs are computed from the grads' shardings: shard shape x itemsize.
-    """
-    grads = sum(
-        math.prod(where.shard_shape(p.shape)) * p.dtype.itemsize
-        for p, where in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.grads), strict=True)
-    )
+
+def _memory(state: train.TrainState, shardings: train.StateShardings, compiled: Any) -> dict[str, Any]:
+    """Bytes per device, each figure from its source (MEMORY_SOURCES): the state's live shards, the grads'
+    layout, the compiled program's buffers; the device's own peak is added after the run."""
+    compiled_memory = metrics.compiled_memory(compiled) or {}
     return {
         "params_bytes_per_device": metrics.bytes_per_device(state.params),
         "opt_state_bytes_per_device": metrics.bytes_per_device(state.opt_state),
-        "grads_bytes_per_device": int(grads),
+        "grads_bytes_per_device": metrics.shard_bytes(state.params, shardings.grads),
+        **{
+            f"{k}_bytes_per_device": compiled_memory.get(f"{k}_bytes")
+            for k in ("argument", "output", "alias")
+        },
+        "temp_bytes_per_device": compiled_memory.get("temp_bytes"),
+        "peak_bytes_per_device": metrics.peak_bytes(compiled),
     }
 
 
-def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train one spec and measure it; returns one record of results.json's "runs" (DESIGN.md's schema).
+def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
+    """Train one spec and measure it; returns one record of results.json's "runs" (docs/DESIGN.md's schema).
 
-    `generate_bench(model, params, mesh, strategy, batch, prompt_len, new_tokens) -> dict` runs after
-    training when spec.generate > 0 (it lives in experiments/, so the caller injects it).
+    With spec.generate > 0 the trained params are then benchmarked by shardgpt.generation_bench.
     """
     started = time.perf_counter()
     s = prepare(spec)
@@ -203,17 +241,19 @@ def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = 
         state, shardings = weights.state_from_params(params, s.model, s.tx, mesh, s.strategy)
     else:
         state, shardings = train.init_state(s.model, s.tx, mesh, s.strategy, seed=spec.seed)
-    memory = _memory(state, shardings)  # now: on accelerators the state is donated to the first step
     totals = _nbytes(state.params), _nbytes(state.opt_state)
 
     step_fn = s.make_step(s.model, s.tx, mesh, s.strategy, shardings)
     batch_sharding = sharding.batch_sharding(mesh, s.strategy)
-    batch_for = lambda i: data.global_batch(s.task, i, spec.batch, batch_sharding)  # noqa: E731
+
+    def batch_for(step: int) -> dict:
+        return data.global_batch(s.task, step, spec.batch, batch_sharding, s.config.vocab_size)
+
     first = batch_for(0)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = getattr(step_fn, "jitted", step_fn).lower(state, first).compile()
+    compiled = step_fn.jitted.lower(state, first).compile()  # lowered under the step's own mesh
     compile_s = time.perf_counter() - t0
+    memory = _memory(state, shardings, compiled)  # before the first step donates the state
 
     # Train through the compiled executable itself: the timed loop can never hide a recompile.
     tokens_per_step = spec.batch * seq
@@ -221,7 +261,7 @@ def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = 
     state = jax.block_until_ready(trainer.run(spec.steps))
     # The Trainer reads step t's metrics after dispatching t+1: each interval is one step of the pipeline.
     step_times = [tokens_per_step / h["tokens_per_s"] for h in trainer.history]
-    timed = step_times[min(spec.warmup, spec.steps - 1) :]
+    timed = step_times[s.warmup :]
     step_time = statistics.median(timed)
     losses = [h["loss"] for h in trainer.history]
     grad_norms = [h["grad_norm"] for h in trainer.history if "grad_norm" in h]
@@ -236,8 +276,8 @@ def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = 
         jax.profiler.stop_trace()
 
     generate = None
-    if spec.generate and generate_bench is not None:
-        generate = generate_bench(
+    if spec.generate:
+        generate = generation_bench.benchmark(
             s.model, state.params, mesh, s.strategy, s.generate_batch, s.prompt_len, spec.generate
         )
 
@@ -259,7 +299,8 @@ def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = 
         "seq": seq,
         "steps": spec.steps,
         "dtype": cfg.dtype,
-        "lr": spec.lr,
+        "lr": s.optim.learning_rate,
+        "optim": dataclasses.asdict(s.optim),
         "seed": spec.seed,
         "compile_s": compile_s,
         "step_time_s": step_time,
@@ -269,7 +310,8 @@ def run(spec: RunSpec, generate_bench: Callable | None = None, progress: bool = 
         "flops_per_token": flops_per_token,
         "peak_flops": peak_flops,
         "mfu": metrics.mfu(tokens_per_s, flops_per_token, peak_flops, mesh.devices.size),
-        "memory": memory | {"peak_bytes_per_device": metrics.peak_bytes(compiled)},
+        "memory": memory | {"device_peak_bytes": metrics.device_peak_bytes(mesh.devices.flat[0])},
+        "memory_sources": MEMORY_SOURCES,
         "expected_memory": metrics.zero_expected_bytes(totals[0], totals[1], totals[0], s.strategy, dp, tp),
         "collectives": metrics.collectives(compiled.as_text()),
         "expected_collectives": metrics.expected_collectives(

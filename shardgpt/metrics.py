@@ -4,11 +4,13 @@ Practice is read from what XLA really compiled; theory (textbook collectives, th
 computed beside it so a table can show both.
 """
 
+import math
 import re
 from collections import defaultdict
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from shardgpt.config import ModelConfig
 from shardgpt.sharding import EMBED_ON_DP_FROM_STAGE, STRATEGIES, canonical
@@ -199,29 +201,71 @@ def bytes_per_device(tree: Any) -> int:
     return max(per_device.values(), default=0)
 
 
+def shard_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree (arrays or ShapeDtypeStructs) laid out by `shardings`, from the
+    layout alone: each leaf's shard shape x itemsize. Derived, not measured: nothing need exist."""
+    leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    return sum(math.prod(where.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x, where in leaves)
+
+
+def state_bytes(state: Any, shardings: Any) -> dict[str, int]:
+    """Per-device bytes of a TrainState's params, grads and optimizer state (train.StateShardings), from the
+    layout: exact for what the rules place, with nothing allocated."""
+    return {
+        "params_bytes_per_device": shard_bytes(state.params, shardings.state.params),
+        "grads_bytes_per_device": shard_bytes(state.params, shardings.grads),
+        "opt_state_bytes_per_device": shard_bytes(state.opt_state, shardings.state.opt_state),
+    }
+
+
+def device_peak_bytes(device: Any) -> int | None:
+    """The live device's peak bytes in use so far (memory_stats()); None where the backend has none (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise rather than return None
+        return None
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def _memory_analysis(compiled: Any) -> Any:
+    try:
+        return compiled.memory_analysis()
+    except Exception:  # some backends raise rather than return None
+        return None
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """Bytes per device of a compiled program, from XLA's memory_analysis(); None where unavailable.
+
+    {"argument_bytes", "output_bytes", "alias_bytes" (outputs written into donated arguments),
+    "temp_bytes" (XLA's temporaries: gradients, activations, workspaces), "total_bytes" (arguments +
+    outputs - aliased + temporaries: all live at once, an upper bound on the peak)}. Compiling is enough:
+    lower with jax.ShapeDtypeStruct inputs (sharding= set) and nothing is allocated.
+    """
+    stats = _memory_analysis(compiled)
+    if stats is None:
+        return None
+    field = lambda name: int(getattr(stats, f"{name}_size_in_bytes", None) or 0)
+    memory = {f"{name}_bytes": field(name) for name in ("argument", "output", "alias", "temp")}
+    memory["total_bytes"] = (
+        memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+    )
+    return memory
+
+
 def peak_bytes(compiled: Any) -> int | None:
     """Peak device memory of a compiled program from XLA's memory_analysis(); None where unavailable.
 
-    Uses `peak_memory_in_bytes` where it is consistent, else arguments + outputs - aliased + temporaries
-    (everything live at once, an upper bound): on CPU (jax 0.10) the peak field leaves temporaries out.
+    Uses `peak_memory_in_bytes` where it is consistent, else compiled_memory's total (everything live at
+    once, an upper bound): on CPU (jax 0.10) the peak field leaves temporaries out.
     """
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # some backends raise rather than return None
+    memory = compiled_memory(compiled)
+    if memory is None:
         return None
-    if stats is None:
-        return None
-    field = lambda name: getattr(stats, name, None) or 0
-    total = (
-        field("argument_size_in_bytes")
-        + field("output_size_in_bytes")
-        - field("alias_size_in_bytes")
-        + field("temp_size_in_bytes")
-    )
-    peak = getattr(stats, "peak_memory_in_bytes", None)
-    if peak and peak >= field("temp_size_in_bytes"):
+    peak = getattr(_memory_analysis(compiled), "peak_memory_in_bytes", None)
+    if peak and peak >= memory["temp_bytes"]:
         return int(peak)
-    return int(total) if total > 0 else None
+    return memory["total_bytes"] or None
 
 
 # Theory beside practice.

@@ -37,9 +37,13 @@ class Hooks:
         """The shape this device computes with, for a global shape with these logical names."""
         return shape
 
-    def param(self, module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...]):
-        """module.param with logical names; `shape` is the compute shape (see compute_shape)."""
-        return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+    def param(
+        self, module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype=None
+    ):
+        """module.param with logical names, read as `dtype` (None: fp32, as stored); `shape` is the compute
+        shape (see compute_shape)."""
+        value = module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+        return value if dtype is None else value.astype(dtype)
 
     def copy_to_shards(self, x):
         """Megatron's f, before a layer whose weights are split: identity forward, all-reduce backward."""
@@ -50,8 +54,12 @@ class Hooks:
         return y
 
     def embed(self, table_VxD, ids):
-        """Rows of the embedding table: a vocab-parallel lookup where the vocab is split."""
-        return table_VxD[ids]
+        """Rows of the embedding table: a vocab-parallel lookup where the vocab is split.
+
+        An id outside the table gives a zero row, as the vocab-parallel lookup does (a plain gather would
+        clamp it); ids are validated where data enters, so this only keeps the two impls equal.
+        """
+        return jnp.take(table_VxD, ids, axis=0, mode="fill", fill_value=0)
 
     def vocab_ids(self, n: int):
         """Global vocab ids of this device's n logits (they differ from arange where vocab is split)."""
@@ -76,9 +84,24 @@ def use_hooks(hooks: Hooks) -> Iterator[None]:
         _HOOKS.reset(token)
 
 
-def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...]):
-    """A float32 param with its logical axis names attached where it is created, read through the hooks."""
-    return _hooks().param(module, name, init, shape, names)
+def constrain(x, names: tuple[str, ...]):
+    """Constrain an activation to its logical names' sharding; loud where flax would be silent.
+
+    flax drops a logical constraint when no mesh is set, so a program lowered outside `jax.set_mesh`
+    would quietly differ from the one that runs: with rules active and no mesh, raise instead.
+    """
+    if nn.get_logical_axis_rules() and jax.sharding.get_abstract_mesh().empty:
+        raise RuntimeError(
+            "activation sharding rules are set but no mesh is: trace the model under jax.set_mesh(mesh) "
+            "(train.make_train_step's jitted step carries its mesh)"
+        )
+    return nn.with_logical_constraint(x, names)
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype=None):
+    """A float32 param with its logical axis names attached where it is created, read through the hooks
+    as `dtype` (None: fp32)."""
+    return _hooks().param(module, name, init, shape, names, dtype)
 
 
 _normal = nn.initializers.normal  # minGPT's N(0, std) init
@@ -100,12 +123,13 @@ class Dense(nn.Module):
         hooks, n_in = _hooks(), len(self.in_axes)
         features = hooks.compute_shape(self.features, self.out_axes)
         names = (*self.in_axes, *self.out_axes)
-        kernel = _param(self, "kernel", _normal(self.std), x.shape[-n_in:] + features, names)
         dtype = jnp.dtype(self.config.dtype)
+        # Read in the compute dtype: a weight gathered over dp (ZeRO-3) is cast as a shard, then gathered.
+        kernel = _param(self, "kernel", _normal(self.std), x.shape[-n_in:] + features, names, dtype)
         # Row-parallel (contracting a split dim) sums the shards' partial products before the bias.
-        y = hooks.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel.astype(dtype), n_in), self.in_axes)
+        y = hooks.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
         if self.config.use_bias if self.use_bias is None else self.use_bias:
-            y = y + _param(self, "bias", _zeros, features, self.out_axes).astype(dtype)
+            y = y + _param(self, "bias", _zeros, features, self.out_axes, dtype)
         return y
 
 
@@ -138,9 +162,9 @@ class CausalSelfAttention(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # minGPT's scaled init of residual projections
         heads = functools.partial(Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg)
         x_BxLxD = _hooks().copy_to_shards(x_BxLxD)  # once for q, k and v: one backward all-reduce
-        q_BxLxHxK = nn.with_logical_constraint(heads(name="query")(x_BxLxD), BxLxHxK)
-        k_BxLxHxK = nn.with_logical_constraint(heads(name="key")(x_BxLxD), BxLxHxK)
-        v_BxLxHxK = nn.with_logical_constraint(heads(name="value")(x_BxLxD), BxLxHxK)
+        q_BxLxHxK = constrain(heads(name="query")(x_BxLxD), BxLxHxK)
+        k_BxLxHxK = constrain(heads(name="key")(x_BxLxD), BxLxHxK)
+        v_BxLxHxK = constrain(heads(name="value")(x_BxLxD), BxLxHxK)
         if cache is None:
             with jax.named_scope("attention"):
                 out_BxLxHxK = jax.nn.dot_product_attention(
@@ -148,9 +172,9 @@ class CausalSelfAttention(nn.Module):
                 )
         else:
             out_BxLxHxK, cache = _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache)
-        out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, BxLxHxK)
+        out_BxLxHxK = constrain(out_BxLxHxK, BxLxHxK)
         proj = Dense((cfg.n_embd,), ("heads", "kv"), ("embed",), residual_std, cfg, name="out")
-        return nn.with_logical_constraint(proj(out_BxLxHxK), BxLxD), cache
+        return constrain(proj(out_BxLxHxK), BxLxD), cache
 
 
 def _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache):
@@ -184,7 +208,7 @@ class MLP(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         x_BxLxD = _hooks().copy_to_shards(x_BxLxD)
         h_BxLxF = Dense((cfg.mlp_dim,), ("embed",), ("mlp",), 0.02, cfg, name="up")(x_BxLxD)
-        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
         h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.gelu_approximate)
         return Dense((cfg.n_embd,), ("mlp",), ("embed",), residual_std, cfg, name="down")(h_BxLxF)
 
@@ -202,16 +226,19 @@ class Block(nn.Module):
         )
         x_BxLxD = x_BxLxD + attn_BxLxD
         x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(LayerNorm(cfg, name="ln_2")(x_BxLxD))
-        return nn.with_logical_constraint(x_BxLxD, BxLxD), cache
+        return constrain(x_BxLxD, BxLxD), cache
 
 
 class GPT(nn.Module):
-    """tokens_BxL -> logits_BxLxV. With a KV cache (see `init_cache`) it also returns the updated cache."""
+    """tokens_BxL -> logits_BxLxV. With a KV cache (see `init_cache`) it also returns the updated cache.
+
+    `logits_at_BxM` (indices into L) applies the head only at those positions: logits_BxMxV.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL=None, cache=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, cache=None, logits_at_BxM=None):
         cfg, hooks = self.config, _hooks()
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
@@ -221,7 +248,7 @@ class GPT(nn.Module):
         wpe_shape = hooks.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
         wpe_LxD = _param(self, "wpe", _normal(0.02), wpe_shape, length_embed)
         x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + wpe_LxD[positions_BxL]).astype(cfg.dtype)
-        x_BxLxD = nn.with_logical_constraint(x_BxLxD, BxLxD)
+        x_BxLxD = constrain(x_BxLxD, BxLxD)
 
         block = Block
         if cfg.remat or hooks.remat_policy is not None:
@@ -246,13 +273,15 @@ class GPT(nn.Module):
                 layer_caches.append(layer_cache)
             cache = None if cache is None else tuple(layer_caches)
 
+        if logits_at_BxM is not None:  # e.g. a prefill needs only each prompt's last position
+            x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxM[:, :, None], axis=1)
         x_BxLxD = hooks.copy_to_shards(LayerNorm(cfg, name="ln_f")(x_BxLxD))
         if cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, wte_VxD.astype(cfg.dtype))
         else:
             head = Dense((cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, False, name="lm_head")
             logits_BxLxV = head(x_BxLxD)
-        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+        logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
         if cfg.padded_vocab_size != cfg.vocab_size:
             # Padding ids get no probability: loss, sampling and users all see the unpadded distribution.
             real_V = hooks.vocab_ids(logits_BxLxV.shape[-1]) < cfg.vocab_size

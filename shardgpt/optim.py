@@ -4,10 +4,13 @@ It knows nothing of the model class: which params decay is read from the paramet
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from shardgpt.config import replace_typed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,25 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.total_steps >= 1, "total_steps must be >= 1"),
+            (0 <= self.warmup_steps <= self.total_steps, "warmup_steps must be in [0, total_steps]"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)"),
+            (self.grad_clip > 0, "grad_clip must be > 0 (clipping at a norm <= 0 zeroes every update)"),
+        ]
+        # `not ok` rather than a negated comparison, so NaN fails every check.
+        wrong = [message for ok, message in checks if not ok]
+        if wrong:
+            raise ValueError(f"OptimConfig: {'; '.join(wrong)} (got {self})")
+
+    def replace(self, **overrides: Any) -> "OptimConfig":
+        """A copy with fields replaced; each value is checked against (or coerced to) the field's type."""
+        return replace_typed(self, "optim", overrides)
 
 
 def decay_mask(params):

@@ -2,12 +2,14 @@
 
 Each device runs the one model (model.py) on its own shards through `ShardHooks`: Megatron's f and g around
 the column- and row-parallel layers and a vocab-parallel embedding over tp, ZeRO-3's per-layer gathers over
-dp. Around it the step computes a vocab-parallel cross-entropy (no device holds full logits), reduces the
-gradients to the layout the rule tables give them (all-reduce, or reduce-scatter), updates only the
-optimizer-state shard it owns, and gathers the new params back. Per-device locals end in `_`; every
-collective sits in a jax.named_scope, which the compiled HLO keeps in its op names.
+dp (in the compute dtype). Around it the step computes a vocab-parallel cross-entropy (no device holds full
+logits), reduces the gradients to the layout the rule tables give them (all-reduce after the backward pass,
+or reduce-scatter inside it, each layer's as soon as it exists), updates only the optimizer-state shard it
+owns, and gathers the new params back. Per-device locals end in `_`; every collective sits in a
+jax.named_scope, which the compiled HLO keeps in its op names.
 """
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
+from jax.extend.core.primitives import custom_vjp_call_p
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -34,6 +38,11 @@ def _drop_inactive(spec: P, active: dict[str, int]) -> P:
     return P(*(tuple(filter(keep, a)) or None if isinstance(a, tuple) else keep(a) for a in spec))
 
 
+def _axes_of(spec: P) -> tuple[str, ...]:
+    """The mesh axes `spec` splits over, sorted: those its shards vary over."""
+    return tuple(sorted(a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))))
+
+
 def _dim_on(spec: P, axis: str | None) -> int | None:
     """The dim that `spec` splits over mesh `axis`, or None."""
     for dim, entry in enumerate(spec):
@@ -42,14 +51,49 @@ def _dim_on(spec: P, axis: str | None) -> int | None:
     return None
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather(shard_, dtype, axis: str, dim: int):
+    """ZeRO-3's read: all-gather the shard cast to `dtype` (half the bytes in bf16); the backward pass
+    reduce-scatters the gradient in fp32, as GSPMD does."""
+    with jax.named_scope("zero3_gather"):
+        return jax.lax.all_gather(shard_.astype(dtype), axis, axis=dim, tiled=True)
+
+
+def _gather_bwd(dtype, axis, dim, _, ct_):
+    with jax.named_scope("zero3_gather"):
+        return (jax.lax.psum_scatter(ct_.astype(jnp.float32), axis, scatter_dimension=dim, tiled=True),)
+
+
+_gather.defvjp(lambda *args: (_gather(*args), None), _gather_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _scatter_grad(value_, grad_shard_, axis: str, dim: int):
+    """ZeRO-2's read: `value_` itself; the backward pass reduce-scatters its gradient into `grad_shard_`'s
+    place, so each layer's gradient is split as soon as it exists and no whole one is ever live."""
+    return value_
+
+
+def _scatter_grad_bwd(axis, dim, _, ct_):
+    with jax.named_scope("grad_reduce_scatter"):
+        return None, jax.lax.psum_scatter(ct_, axis, scatter_dimension=dim, tiled=True)
+
+
+_scatter_grad.defvjp(lambda value_, *_: (value_, None), _scatter_grad_bwd)
+
 # Casts and broadcasts are cheap to redo, and may be of a gathered param: saving one would save the param.
 _NOT_SAVED = (jax.lax.all_gather_p, jax.lax.convert_element_type_p, jax.lax.broadcast_in_dim_p)
 
 
-def _save_all_but_gathers(primitive, *_, **__) -> bool:
+def _save_all_but_gathers(primitive, *_, **params) -> bool:
     """ZeRO-3's remat policy: save every residual but the all-gathered params (and casts and broadcasts),
     so the backward pass gathers each layer's params again instead of keeping whole weights alive."""
+    if primitive is custom_vjp_call_p:  # `_gather` is one; another (cuDNN attention) is saved
+        return not any(eqn.primitive is jax.lax.all_gather_p for eqn in params["call_jaxpr"].eqns)
     return primitive not in _NOT_SAVED
+
+
+GRAD_SHARD = "{}_grad_shard"  # ZeRO-2: the zero param beside a whole one that receives its gradient shard
 
 
 class ShardHooks(Hooks):
@@ -58,6 +102,8 @@ class ShardHooks(Hooks):
     Params arrive split as sharding.rules(strategy, "params") says. An axis that also splits the batch (dp)
     cannot split a weight during compute, since each of its shards needs the whole weight for its own rows:
     those dims are all-gathered when the param is used (ZeRO-3). The rest (tp) stay split: Megatron.
+    Where the grads rules split a dim over dp that the params keep whole (ZeRO-2), the param is read with
+    its `GRAD_SHARD` beside it, into which the backward pass reduce-scatters the gradient.
     """
 
     def __init__(self, mesh: Mesh, strategy: str):
@@ -66,6 +112,8 @@ class ShardHooks(Hooks):
         batch_axis = dict(sharding.rules(strategy, "activations"))["batch"]
         self.gathered = {name: axis for name, axis in at_rest.items() if axis == batch_axis}
         self.split = {name: axis for name, axis in at_rest.items() if axis != batch_axis}
+        grads = {name: axis for name, axis in sharding.rules(strategy, "grads") if axis in self.sizes}
+        self.scattered = {n: a for n, a in grads.items() if a == batch_axis and n not in self.gathered}
         self.split_axes = tuple(sorted(set(self.split.values())))
         self.remat_policy = _save_all_but_gathers if self.gathered else None
 
@@ -77,15 +125,18 @@ class ShardHooks(Hooks):
     def compute_shape(self, shape, names):
         return self._divide(shape, names, self.split)
 
-    def param(self, module, name, init, shape, names):
+    def param(self, module, name, init, shape, names, dtype=None):
         init = nn.with_logical_partitioning(init, names)
         value_ = module.param(name, init, self._divide(shape, names, self.gathered), jnp.float32)
-        for dim, logical in enumerate(names):
+        for dim, logical in enumerate(names):  # the rules put at most one dim on dp
             if logical in self.gathered:
-                # all_gather's transpose is psum_scatter: the gradient comes back reduce-scattered.
-                with jax.named_scope("zero3_gather"):
-                    value_ = jax.lax.all_gather(value_, self.gathered[logical], axis=dim, tiled=True)
-        return value_
+                return _gather(value_, dtype or jnp.float32, self.gathered[logical], dim)
+            if logical in self.scattered:
+                shard_shape = self._divide(shape, names, self.scattered)
+                zeros = nn.initializers.zeros_init()  # never run: the step passes the shard in
+                grad_shard_ = module.param(GRAD_SHARD.format(name), zeros, shard_shape, jnp.float32)
+                value_ = _scatter_grad(value_, grad_shard_, self.scattered[logical], dim)
+        return value_ if dtype is None else value_.astype(dtype)
 
     def copy_to_shards(self, x_):
         if not self.split_axes:
@@ -149,8 +200,7 @@ def _global_norm(tree_: Any, specs: Any) -> jax.Array:
     only, so a leaf replicated over an axis is counted once, not once per replica."""
     groups: dict[tuple[str, ...], list[jax.Array]] = defaultdict(list)
     for leaf_, spec in zip(jax.tree.leaves(tree_), jax.tree.leaves(specs), strict=True):
-        axes = tuple(sorted(a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))))
-        groups[axes].append(jnp.sum(jnp.square(leaf_.astype(jnp.float32))))
+        groups[_axes_of(spec)].append(jnp.sum(jnp.square(leaf_.astype(jnp.float32))))
     total = jnp.float32(0)
     for axes, squares_ in sorted(groups.items()):
         partial_ = sum(squares_)
@@ -180,13 +230,14 @@ def make_train_step(
     dp = data_axis if data_axis in active else None
     vocab_axis = hooks.split.get("vocab")
 
-    def reduce_grad(g_, p_spec, g_spec):
+    def scattered(p_spec, g_spec) -> bool:
+        """ZeRO-2: the param is whole on every device but its gradient lives split over dp."""
+        return _dim_on(g_spec, dp) is not None and _dim_on(p_spec, dp) is None
+
+    def reduce_grad(g_, g_spec):
         """A device's partial gradient -> the summed gradient in the grads layout (its shard, or whole)."""
-        if dp is None or _dim_on(p_spec, dp) is not None:
-            return g_  # ZeRO-3: the gathers' transposes already reduce-scattered it
-        if (dim := _dim_on(g_spec, dp)) is not None:
-            with jax.named_scope("grad_reduce_scatter"):
-                return jax.lax.psum_scatter(g_, dp, scatter_dimension=dim, tiled=True)
+        if dp is None or _dim_on(g_spec, dp) is not None:
+            return g_  # ZeRO-2 and -3: the backward pass already reduce-scattered it, layer by layer
         with jax.named_scope("grad_all_reduce"):
             return jax.lax.psum(g_, dp)
 
@@ -206,8 +257,27 @@ def make_train_step(
         with jax.named_scope("param_all_gather"):
             return jax.lax.all_gather(x_, dp, axis=dim, tiled=True, to="invarying")
 
+    def grad_shard_or_param(p_, p_spec, g_spec):
+        """What autodiff differentiates for one param: itself, or for ZeRO-2 a zero shard in the grads
+        layout, into which the backward pass reduce-scatters the gradient (ShardHooks.param)."""
+        if not scattered(p_spec, g_spec):
+            return p_
+        shape = list(p_.shape)
+        shape[_dim_on(g_spec, dp)] //= active[dp]
+        return jax.lax.pcast(jnp.zeros(shape, p_.dtype), _axes_of(g_spec), to="varying")
+
+    def with_grad_shards(whole_, wrt_):
+        """The params tree the model reads: `wrt_`, with each ZeRO-2 param taken whole from `whole_` and
+        its grad shard from `wrt_` put beside it under GRAD_SHARD's name (ShardHooks.param pairs them)."""
+        flat, flat_whole = traverse_util.flatten_dict(wrt_), traverse_util.flatten_dict(whole_)
+        for path in zero2_paths:
+            flat[(*path[:-1], GRAD_SHARD.format(path[-1]))] = flat[path]
+            flat[path] = flat_whole[path]
+        return traverse_util.unflatten_dict(flat)
+
     def train_step_(state_: train.TrainState, batch_: dict) -> tuple[train.TrainState, dict]:
-        def loss_fn(params_):
+        def loss_fn(wrt_):
+            params_ = with_grad_shards(whole_, wrt_)
             with nn.logical_axis_rules(()), use_hooks(hooks):  # no rules: activation constraints no-op
                 logits_BxLxV_ = model.apply({"params": params_}, batch_["inputs"])
             loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
@@ -222,11 +292,15 @@ def make_train_step(
         def vary(p_, spec):
             return p_ if dp is None or _dim_on(spec, dp) is not None else jax.lax.pcast(p_, dp, to="varying")
 
-        loss_, grads_ = jax.value_and_grad(loss_fn)(jax.tree.map(vary, state_.params, param_specs))
+        # ZeRO-2's params are read whole from `whole_` but not differentiated there, so no whole gradient
+        # of them is ever made: autodiff differentiates their grad shards instead.
+        whole_ = jax.tree.map(vary, state_.params, param_specs)
+        wrt_ = jax.tree.map(grad_shard_or_param, whole_, param_specs, grad_specs)
+        loss_, grads_ = jax.value_and_grad(loss_fn)(wrt_)
         if dp:
             with jax.named_scope("loss_sum"):
                 loss_ = jax.lax.psum(loss_, dp)
-        grads_ = jax.tree.map(reduce_grad, grads_, param_specs, grad_specs)
+        grads_ = jax.tree.map(reduce_grad, grads_, grad_specs)
         grads_ = jax.tree.map(to_update_layout, grads_, grad_specs, update_specs)
         params_ = jax.tree.map(to_update_layout, state_.params, param_specs, update_specs)
         grad_norm = _global_norm(grads_, update_specs)
@@ -247,6 +321,8 @@ def make_train_step(
         return jax.tree.map(to_spec, shardings.params_axes, is_leaf=lambda x: isinstance(x, P))
 
     param_specs, grad_specs = specs("params"), specs("grads")
+    flat_param_specs, flat_grad_specs = map(traverse_util.flatten_dict, (param_specs, grad_specs))
+    zero2_paths = [path for path, spec in flat_param_specs.items() if scattered(spec, flat_grad_specs[path])]
     update_specs = specs("opt_state")  # where Adam's moments live is where a device updates its params
     if param_specs != state_specs.params:
         raise ValueError(
@@ -268,10 +344,4 @@ def make_train_step(
         out_shardings=(shardings.state, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
-
-    def step(state: train.TrainState, batch: dict) -> tuple[train.TrainState, dict]:
-        train.check_batch(model, mesh, strategy, *batch["inputs"].shape)
-        return jitted(state, batch)
-
-    step.jitted = jitted
-    return step
+    return train.bind_step(jitted, model, mesh, strategy)

@@ -1,5 +1,6 @@
 """TrainState, the loss, state created sharded from birth, a pure train step jitted once, and a Trainer."""
 
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -14,12 +15,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from shardgpt import sharding
+from shardgpt import data, sharding
 from shardgpt.data import IGNORE_INDEX
 from shardgpt.model import GPT
 
-# Donation is not implemented on CPU; the state is still donated on accelerators.
-warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+PROGRESS_LINES = 10  # without a terminal the Trainer prints this many progress lines, not a live bar
 
 
 @flax.struct.dataclass
@@ -74,7 +74,7 @@ def state_shardings(
     axes = param_axes(model)
     abstract = jax.eval_shape(lambda: _init(model, tx, jax.random.key(0)))
     opt_axes = sharding.param_subtree_axes(abstract.opt_state, axes)
-    shard = lambda target, tree, tree_axes: sharding.tree_shardings(  # noqa: E731
+    shard = lambda target, tree, tree_axes: sharding.tree_shardings(
         tree, tree_axes, mesh, sharding.rules(strategy, target)
     )
     # One abstract init serves every target: params, grads and opt_state differ only in their rules.
@@ -98,6 +98,19 @@ def init_state(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strateg
     return init(jax.random.key(seed)), shardings
 
 
+def abstract_state(
+    model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str
+) -> tuple[TrainState, StateShardings]:
+    """(state, shardings) with every leaf a jax.ShapeDtypeStruct carrying its sharding: nothing allocated.
+
+    Lowering a step on it compiles the real program, so its memory can be read without running it.
+    """
+    shardings = state_shardings(model, tx, mesh, strategy)
+    shapes = jax.eval_shape(lambda: _init(model, tx, jax.random.key(0)))
+    place = lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where)
+    return jax.tree.map(place, shapes, shardings.state), shardings
+
+
 def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len: int):
     """Raise before compiling when the batch cannot run: too long for the context, or not divisible by dp."""
     if seq_len > model.config.block_size:
@@ -107,6 +120,48 @@ def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len:
         )
     spec = sharding.batch_sharding(mesh, strategy).spec
     sharding.check_divisible("batch", (batch_size, seq_len), ("batch", "length"), spec, mesh)
+
+
+def check_host_batch(model: GPT, batch: dict):
+    """Raise on token ids outside the vocabulary in a host (numpy) batch, before it reaches the device.
+
+    Device arrays are left alone (reading them back would stall the pipeline): data.global_batch checks
+    its rows as it builds them.
+    """
+    vocab = model.config.vocab_size
+    if not isinstance(batch["inputs"], jax.Array):
+        data.check_ids(batch["inputs"], vocab, "batch inputs")
+    if not isinstance(batch["targets"], jax.Array):
+        data.check_ids(batch["targets"], vocab, "batch targets", allow_ignore=True)
+
+
+class MeshBound:
+    """A jitted function that is traced under its mesh whether it is called or lowered.
+
+    Activation constraints need a mesh in context (model.constrain raises without one), so binding it
+    here makes `step.jitted.lower(...)` in a test compile the very program that training runs.
+    """
+
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        """jax.jit's lower, under the mesh; `.compile()` the result to get the executable."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
+def quiet_cpu_donation(mesh: Mesh):
+    """Silence "donated buffers were not usable" on CPU only, where XLA implements no donation.
+
+    On GPU and TPU the warning means the state is held twice, so there it must be seen.
+    """
+    if mesh.devices.flat[0].platform == "cpu":
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 def make_train_step(
@@ -136,11 +191,21 @@ def make_train_step(
         out_shardings=(shardings.state, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
+    return bind_step(jitted, model, mesh, strategy)
+
+
+def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str) -> Callable:
+    """`step(state, batch)`: the batch checked on the host, then `jitted` run under its mesh.
+
+    The step's `.jitted` (a MeshBound) lowers the same program for tests and benchmarks.
+    """
+    jitted = MeshBound(jitted, mesh)
+    quiet_cpu_donation(mesh)
 
     def step(state, batch):
         check_batch(model, mesh, strategy, *batch["inputs"].shape)  # host-side, before any compile
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
+        check_host_batch(model, batch)
+        return jitted(state, batch)
 
     step.jitted = jitted
     return step
@@ -183,7 +248,10 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self)
         first = int(self.state.step)
-        bar = tqdm(total=steps, desc=self.description, disable=not self.progress, leave=False)
+        # A live bar only on a terminal: in a log its carriage-return frames would fill hundreds of lines.
+        live = self.progress and sys.stderr.isatty()
+        every = max(1, steps // PROGRESS_LINES)
+        bar = tqdm(total=steps, desc=self.description, disable=not live, leave=False)
         pending, last_time = None, time.perf_counter()
         for step in range(first, first + steps + 1):
             if step < first + steps:
@@ -197,6 +265,14 @@ class Trainer:
                 self.history.append(values)
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+                done = done_step - first + 1
+                if self.progress and not live and (done % every == 0 or done == steps):
+                    print(
+                        f"{self.description}: step {done}/{steps}, loss {values['loss']:.4f}, "
+                        f"{values['tokens_per_s']:,.0f} tokens/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 for cb in self.callbacks:
                     cb.on_step_end(self, done_step, values)
             pending = (step, metrics) if step < first + steps else None

@@ -19,8 +19,14 @@ from jax.sharding import Mesh
 from shardgpt import train
 from shardgpt.config import ModelConfig
 from shardgpt.model import GPT
+from shardgpt.weight_files import load_checkpoint
 
 LAYOUTS = ("linear", "conv1d")
+# Export flavours: whose strict load_state_dict the file is for -> (matmul layout, write causal masks?).
+# minGPT registers a persistent `attn.bias` mask per layer (so does nanoGPT without flash attention, torch<2);
+# nanoGPT with flash attention registers none, and Hugging Face's GPT2 masks are non-persistent, so neither
+# wants them. Import drops the masks either way.
+FLAVOURS = {"mingpt": ("linear", True), "nanogpt": ("linear", False), "hf": ("conv1d", False)}
 # The matmul weights whose layout differs; embeddings and lm_head are (vocab, embed) in every layout.
 _MATMULS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Prefixes that name no tensor: torch.compile's wrapper and the GPT2LMHeadModel body.
@@ -28,44 +34,6 @@ _PREFIXES = ("_orig_mod.", "transformer.")
 _LAYER = re.compile(r"^h\.(\d+)\.")
 
 Flat = dict[tuple[str, ...], np.ndarray]
-
-
-def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a state dict from .safetensors, .npz or (when torch is installed) .pt/.bin, as numpy arrays."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".npz", ".pt", ".bin", ".pth"):
-        raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; use .safetensors, .npz, .pt or .bin")
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if suffix in (".pt", ".bin", ".pth"):
-        return _load_torch(path)
-    try:
-        if suffix == ".safetensors":
-            import safetensors.numpy
-
-            return safetensors.numpy.load_file(path)
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}  # read every member now: truncation raises here
-    except Exception as e:  # safetensors, zipfile and numpy each raise their own kinds
-        raise ValueError(f"{path}: not a readable {suffix} checkpoint (truncated or corrupt?): {e}") from e
-
-
-def _load_torch(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"{path}: reading .pt/.bin checkpoints needs torch, which is not installed; install it, or "
-            "convert the file to .safetensors where torch is available"
-        ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
-    state = state.get("model", state)  # nanoGPT's ckpt.pt wraps the state dict with its run's metadata
-    # numpy has no bfloat16: floats go through fp32, which our params use anyway.
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
 
 
 def _canonical(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -76,7 +44,7 @@ def _canonical(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
         for prefix in _PREFIXES:
             name = name.removeprefix(prefix)
         value = np.asarray(value)
-        # nanoGPT's and Hugging Face's registered causal-mask buffers: (1, 1, T, T) and a scalar.
+        # Causal-mask buffers (minGPT's, nanoGPT's without flash, older HF's): (1, 1, T, T) and a scalar.
         if name.endswith(".attn.masked_bias") or (name.endswith(".attn.bias") and value.ndim == 4):
             continue
         if name in out:
@@ -101,9 +69,18 @@ def detect_layout(state_dict: dict[str, Any], layout: str | None = None) -> str:
     return layouts[shape]
 
 
-def config_from_state_dict(state_dict: dict[str, Any], n_head: int | None, **overrides: Any) -> ModelConfig:
-    """The ModelConfig a state dict describes; n_head is not in the shapes, so the caller gives it."""
-    if n_head is None:
+def config_from_state_dict(
+    state_dict: dict[str, Any],
+    n_head: int | None = None,
+    *,
+    hints: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> ModelConfig:
+    """The ModelConfig of the shapes, then the file's hints (n_head, GELU, eps), then n_head and overrides."""
+    hints = hints or {}
+    if n_head is not None:
+        overrides = dict(overrides, n_head=n_head)
+    if "n_head" not in overrides and "n_head" not in hints:
         raise ValueError("n_head cannot be read from the tensor shapes: pass it (GPT-2 124M has 12 heads)")
     sd = _canonical(state_dict)
     layout = detect_layout(sd)
@@ -117,7 +94,6 @@ def config_from_state_dict(state_dict: dict[str, Any], n_head: int | None, **ove
     head = sd.get("lm_head.weight")
     inferred = dict(
         n_layer=1 + max(int(m.group(1)) for k in sd if (m := _LAYER.match(k))),
-        n_head=n_head,
         n_embd=d,
         vocab_size=vocab,
         block_size=sd["wpe.weight"].shape[0] if "wpe.weight" in sd else ModelConfig.block_size,
@@ -126,7 +102,13 @@ def config_from_state_dict(state_dict: dict[str, Any], n_head: int | None, **ove
         # Tied when the head is absent (HF safetensors) or is the same tensor (nanoGPT's state_dict).
         tie_embeddings=head is None or np.array_equal(head, sd["wte.weight"]),
     )
-    return ModelConfig().replace(**(inferred | overrides))
+    # Metadata that contradicts the tensors describes some other model: trust neither.
+    clash = [
+        f"{k}={v!r} but the tensors say {inferred[k]!r}" for k, v in hints.items() if inferred.get(k, v) != v
+    ]
+    if clash:
+        raise ValueError("checkpoint metadata does not match its tensors: " + "; ".join(clash))
+    return ModelConfig().replace(**(inferred | hints | overrides))
 
 
 def _gpt2_shapes(config: ModelConfig, layout: str) -> dict[str, tuple[int, ...]]:
@@ -273,9 +255,17 @@ def import_params(
     return jax.tree.map(place, host, shardings)
 
 
-def to_state_dict(params: Any, config: ModelConfig, layout: str = "linear") -> dict[str, np.ndarray]:
-    """Our params (sharded or not) -> GPT-2-named host arrays in `layout`, vocab padding dropped."""
-    layout = _checked(layout)
+def to_state_dict(
+    params: Any, config: ModelConfig, layout: str | None = None, flavour: str | None = None
+) -> dict[str, np.ndarray]:
+    """Our params (sharded or not) -> GPT-2-named host arrays, vocab padding dropped.
+
+    `flavour` ("mingpt", "nanogpt", "hf") writes what that library's strict load_state_dict wants (see
+    FLAVOURS); without one, the tensors alone in `layout` (default "linear").
+    """
+    layout, masks = _flavoured(layout, flavour)
+    # minGPT's registered causal mask, one per layer: tril of ones, float32 like its torch.ones.
+    mask_1x1xTxT = np.tril(np.ones((1, 1, config.block_size, config.block_size), np.float32))
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
     v = config.vocab_size
     wte = flat[("wte",)][:v]
@@ -292,15 +282,20 @@ def to_state_dict(params: Any, config: ModelConfig, layout: str = "linear") -> d
         if layout == "linear":
             t |= {name: t[name].T for name in _MATMULS}
         sd |= {f"transformer.h.{i}.{name}": a for name, a in t.items()}
-    # Written even when tied: minGPT's and nanoGPT's strict load_state_dict expect the key.
+        if masks:
+            sd[f"transformer.h.{i}.attn.bias"] = mask_1x1xTxT
+    # Written even when tied: every strict load_state_dict expects the key (nanoGPT's and HF's state_dict()
+    # list the tied tensor under both names).
     sd["lm_head.weight"] = wte.copy() if config.tie_embeddings else flat[("lm_head", "kernel")][:, :v].T
     return {k: np.ascontiguousarray(a) for k, a in sd.items()}
 
 
-def export_params(params: Any, config: ModelConfig, path: str | Path, layout: str = "linear") -> Path:
-    """Write our params as GPT-2-named .safetensors (or .npz) in `layout`; import gives them back exactly."""
+def export_params(
+    params: Any, config: ModelConfig, path: str | Path, layout: str | None = None, flavour: str | None = None
+) -> Path:
+    """Write to_state_dict(params, config, layout, flavour) as .safetensors or .npz; import reads it back."""
     path = Path(path)
-    sd = to_state_dict(params, config, layout)
+    sd = to_state_dict(params, config, layout, flavour)
     if path.suffix == ".safetensors":
         import safetensors.numpy
 
@@ -317,13 +312,13 @@ def load_params(
     path: str | Path,
     mesh: Mesh,
     strategy: str,
-    n_head: int | None,
+    n_head: int | None = None,
     layout: str | None = None,
     **overrides: Any,
 ) -> tuple[Any, ModelConfig]:
-    """(params, config) from a checkpoint file, the config inferred from it plus `overrides`: --init-from."""
-    sd = load_state_dict(path)
-    config = config_from_state_dict(sd, n_head, **overrides)
+    """(params, config) from a checkpoint; the config from its shapes, hints and `overrides`: --init-from."""
+    sd, hints = load_checkpoint(path)
+    config = config_from_state_dict(sd, n_head, hints=hints, **overrides)
     return import_params(sd, config, mesh, strategy, layout), config
 
 
@@ -336,6 +331,20 @@ def state_from_params(
     opt_state = jax.jit(tx.init, out_shardings=shardings.state.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.state.step)
     return train.TrainState(step=step, params=params, opt_state=opt_state), shardings
+
+
+def _flavoured(layout: str | None, flavour: str | None) -> tuple[str, bool]:
+    """(layout, write causal masks?) for an export; a layout the flavour contradicts is an error."""
+    if flavour is None:
+        return _checked(layout or "linear"), False
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
+    flavour_layout, masks = FLAVOURS[flavour]
+    if layout not in (None, flavour_layout):
+        raise ValueError(
+            f"flavour {flavour!r} writes the {flavour_layout} layout, not {layout!r}: drop layout"
+        )
+    return flavour_layout, masks
 
 
 def _checked(layout: str) -> str:

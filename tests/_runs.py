@@ -27,6 +27,7 @@ class Run(NamedTuple):
     grad_norms: np.ndarray
     state: train.TrainState  # on the host
     hlo: str  # the compiled step's HLO text
+    program: str  # the lowered step (StableHLO, before partitioning): its sharding constraints
 
 
 def mesh_for(spec: str):
@@ -57,10 +58,14 @@ def run(impl: str, spec: str, strategy: str) -> Run:
     shardings = train.state_shardings(MODEL, TX, mesh, strategy)
     state = jax.device_put(initial_state(), shardings.state)
     make = train.make_train_step if impl == "gspmd" else spmd.make_train_step
-    compiled = make(MODEL, TX, mesh, strategy, shardings).jitted.lower(state, batch(0, mesh)).compile()
+    # .jitted carries its mesh: lowering it here compiles the very program that run.py trains with.
+    lowered = make(MODEL, TX, mesh, strategy, shardings).jitted.lower(state, batch(0, mesh))
+    compiled = lowered.compile()
     losses, norms = [], []
     for i in range(STEPS):
         state, metrics = compiled(state, batch(i, mesh))
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
-    return Run(np.array(losses), np.array(norms), jax.device_get(state), compiled.as_text())
+    return Run(
+        np.array(losses), np.array(norms), jax.device_get(state), compiled.as_text(), lowered.as_text()
+    )

@@ -6,7 +6,6 @@ import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,8 @@ RUN_KEYS = {
     "name", "mesh", "strategy", "impl", "model", "n_params", "batch", "seq", "steps", "dtype", "compile_s",
     "step_time_s", "tokens_per_s", "mfu", "memory", "collectives", "losses", "final_loss", "generate",
 }  # fmt: skip
-MEMORY_KEYS = {
-    "params_bytes_per_device", "opt_state_bytes_per_device", "grads_bytes_per_device", "peak_bytes_per_device"
-}  # fmt: skip
+MEMORY_KEYS = {f"{k}_bytes_per_device" for k in ("params", "opt_state", "grads", "peak", "temp")}
+MEMORY_KEYS |= {f"{k}_bytes_per_device" for k in ("argument", "output", "alias")} | {"device_peak_bytes"}
 SMOKE = ["--compare", "--model", "gpt-pico", "--model.n_layer=1", "--steps", "2", "--batch", "8"]
 SMOKE += ["--mesh", "dp=2,tp=4", "--generate", "0"]
 
@@ -59,11 +57,23 @@ def test_help_exits_0_and_mentions_mesh(capsys):
         (["--model.attention=cudnn"], "--attention cudnn needs NVIDIA GPUs"),
         (["--generate", "-1"], "--generate and --warmup must be >= 0"),
         (["--lr", "0"], "--lr must be > 0"),
+        (["--dtype", "float16"], "float16 needs loss scaling"),
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--model.ln_eps=0"], "ln_eps must be > 0"),
+        (["--warmup", "3"], "--warmup 3 leaves none of the 1 steps to time"),
+        (["--devices", "0"], "--devices must be >= 1"),
+        (["--out", "/dev/null/results"], "--out /dev/null/results: cannot write there"),
+        (["--profile", "/dev/null/trace"], "--profile /dev/null/trace: cannot write there"),
+        (["--optim.lr=1"], "unknown optim field 'lr'"),
+        (["--optim.weight_decay=heavy"], "optim field 'weight_decay' takes a float"),
+        (["--optim.grad_clip=0"], "grad_clip must be > 0"),
+        (["--optim.b2=1"], "b1 and b2 must be in [0, 1)"),
+        (["--optim.warmup_steps=50"], "warmup_steps must be in [0, total_steps]"),
+        (["--optim.learning_rate=-1"], "learning_rate must be > 0"),
+        (["--optim.min_lr_ratio=2"], "min_lr_ratio must be in [0, 1]"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_reason(argv, reason, capsys):
-    if "--generate" in argv and importlib.util.find_spec("generation") is None:
-        reason = "experiments/generation.py is not available"
     with pytest.raises(SystemExit) as exit_:
         cli.main([*argv, "--steps", "1"])
     assert exit_.value.code == 2
@@ -71,15 +81,40 @@ def test_bad_input_exits_2_with_a_one_line_reason(argv, reason, capsys):
     assert last.startswith("experiments/run.py: error: ") and reason in last, last
 
 
-def test_shard_map_impl_missing_exits_2(capsys, monkeypatch):
-    import shardgpt
-
-    monkeypatch.delattr(shardgpt, "spmd", raising=False)
-    monkeypatch.setitem(sys.modules, "shardgpt.spmd", None)  # as if spmd.py were not there: ImportError
+def test_missing_matplotlib_exits_2_before_training_unless_no_plots(capsys, monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["--impl", "shard_map", "--steps", "1"])
-    assert exit_.value.code == 2
-    assert "shard_map impl not available" in capsys.readouterr().err
+        cli.main(["--steps", "1", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--no-plots" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "compare", lambda specs, args, argv: len(specs))  # validation alone
+    assert cli.main(["--steps", "1", "--out", str(tmp_path), "--no-plots"]) == 4
+
+
+def test_an_error_during_a_run_keeps_its_traceback(monkeypatch):
+    """Only input validation becomes a usage line: a failure inside a run is a bug and must show as one."""
+    from shardgpt import lab
+
+    def broken(spec, progress=True):
+        raise ValueError("a bug inside the run")
+
+    monkeypatch.setattr(lab, "run", broken)
+    with pytest.raises(ValueError, match="a bug inside the run"):
+        cli.main(["--steps", "1", "--generate", "0", "--out", ""])
+
+
+def test_optim_overrides_reach_the_optimizer():
+    from shardgpt import lab
+
+    args = cli.parse_args(
+        cli.build_parser(), ["--optim.weight_decay=0", "--optim.b2", "0.99", "--steps", "20"]
+    )
+    (spec,) = cli.make_specs(args, 8, "cpu")[:1]
+    setup = lab.prepare(spec)
+    assert (setup.optim.weight_decay, setup.optim.b2, setup.optim.total_steps) == (0.0, 0.99, 20)
+    assert setup.optim.learning_rate == 3e-3  # --lr's default, the flags left alone keep theirs
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +137,11 @@ def test_smoke_compare_writes_complete_results(smoke):
         assert r["mesh"] == {"dp": 2, "tp": 4} and r["impl"] == "gspmd" and r["generate"] is None
         assert len(r["losses"]) == 2 and r["final_loss"] == r["losses"][-1] and math.isfinite(r["final_loss"])
         assert r["compile_s"] > 0 and r["step_time_s"] > 0 and r["mfu"] is None  # no known CPU peak
-        assert all(v > 0 for v in r["memory"].values())
+        assert r["memory"]["device_peak_bytes"] is None  # CPU has no memory_stats
+        assert all(
+            v > 0 for k, v in r["memory"].items() if k not in ("device_peak_bytes", "alias_bytes_per_device")
+        )
+        assert set(r["memory_sources"]) == MEMORY_KEYS
     assert all(check["ok"] for check in results["agreement"])
 
 
@@ -121,6 +160,8 @@ def test_smoke_numbers_follow_the_zero_stages(smoke):
 def test_smoke_prints_the_table_and_writes_the_plots(smoke):
     out, _, stdout = smoke
     assert "equivalent runs agree" in stdout and "6N + 12·L·H·Q·T (PaLM app. B)" in stdout
+    assert "measured from the live arrays' shards; grads* derived from" in stdout  # every figure's source
+    assert "temps and peak" in stdout and "from the compiled program" in stdout
     for name in report.PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -138,8 +179,9 @@ def _fake_run(name: str, losses: list[float], dtype: str = "float32", seed: int 
 
 
 def _verdicts(text: str) -> dict[str, str]:
-    first_table = text.split("\n\n")[0].splitlines()[2:-1]
-    return {line.split()[0]: line.split()[-1] for line in first_table}
+    lines = text.split("\n\n")[0].splitlines()[2:]
+    rows = lines[: next(i for i, line in enumerate(lines) if line.startswith("memory per device"))]
+    return {line.split()[0]: line.split()[-1] for line in rows}
 
 
 def test_report_flags_the_run_that_disagrees():

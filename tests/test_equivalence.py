@@ -5,6 +5,7 @@ Tolerances: losses and grad norms within 1e-5 absolute, every state leaf (params
 reductions differs between meshes (observed differences ~5e-7 on losses, ~1e-7 on params).
 """
 
+import _runs
 import jax
 import numpy as np
 import pytest
@@ -35,3 +36,27 @@ def test_strategy_matches_single_device(spec, strategy):
     flat = dict(jax.tree_util.tree_leaves_with_path(got.state))
     for path, expected in jax.tree_util.tree_leaves_with_path(ref.state):
         np.testing.assert_allclose(flat[path], expected, rtol=0, atol=2e-5, err_msg=f"{where} {path}")
+
+
+def test_the_compared_program_carries_the_activation_shardings():
+    """The runs above lower the step without an outer jax.set_mesh, as a test would: their program must
+    still hold the model's activation constraints (flax drops them silently when no mesh is set)."""
+    program = run("gspmd", "dp=2,tp=4", "zero3").program
+    b, length, h, k, d = _runs.BATCH, _runs.TASK.seq_len, 8, 8, 64
+    # Shardy's form first, then GSPMD's (jax may lower either): q/k/v split (batch -> dp, heads -> tp),
+    # and the residual stream split over dp only.
+    qkv = [f'[{{"dp"}}, {{}}, {{"tp"}}, {{}}]> : tensor<{b}x{length}x{h}x{k}xf32>', "{devices=[2,1,4,1]"]
+    residual = [f'[{{"dp"}}, {{}}, {{}}]> : tensor<{b}x{length}x{d}xf32>', "{devices=[2,1,1,4]"]
+    for what, forms in (("q/k/v", qkv), ("residual", residual)):
+        assert any(form in program for form in forms), f"no {what} activation constraint in the program"
+
+
+def test_tracing_the_model_under_rules_without_a_mesh_fails_loudly():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    params = initial_state().params
+    tokens = jnp.zeros((2, 4), jnp.int32)
+    with nn.logical_axis_rules(sharding.rules("dp", "activations")):
+        with pytest.raises(RuntimeError, match="no mesh is"):
+            jax.jit(lambda p: _runs.MODEL.apply({"params": p}, tokens))(params)

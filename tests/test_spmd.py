@@ -33,8 +33,8 @@ CASES = [(spec, s) for spec in ("dp=2,tp=4", "dp=8") for s in STRATEGIES] + [
 
 @pytest.mark.parametrize("spec, strategy", CASES)
 def test_shard_map_trains_like_gspmd(spec, strategy):
-    ref_losses, ref_norms, ref_state, _ = run("gspmd", spec, strategy)
-    losses, norms, state, _ = run("shard_map", spec, strategy)
+    ref_losses, ref_norms, ref_state, *_ = run("gspmd", spec, strategy)
+    losses, norms, state, *_ = run("shard_map", spec, strategy)
     assert ref_losses[-1] < ref_losses[0] and ref_norms.min() > 1, "vacuous: no learning or no clipping"
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5, err_msg=f"{spec} {strategy} losses")
     np.testing.assert_allclose(norms, ref_norms, rtol=0, atol=1e-5, err_msg=f"{spec} {strategy} grad norms")
@@ -53,20 +53,21 @@ def test_shard_map_trains_like_gspmd(spec, strategy):
 # - dp adds the global token count (a psum of the targets, before the forward: it cannot combine) and the
 #   combined (gradients + loss [+ norm]) all-reduce; zero1 also a norm psum over its dp-sharded update.
 # - zero1/zero2: 17 all-gathers of the updated params (one per embed leaf; not combined on CPU); zero2
-#   reduce-scatters those 17 gradients and all-reduces only the 4 bias leaves without an embed dim.
+#   reduce-scatters those 17 gradients in the backward pass, each layer's as it is made (2 x 12 in the layer
+#   loop + 5 outside it: 29), and all-reduces only the 4 bias leaves without an embed dim.
 # - zero3: forward gathers all 17 embed leaves (2 x 12 in the layer loop + 5 outside it), backward gathers
 #   again the 8 per layer whose gradient needs them (6 kernels, 2 LayerNorm scales: 16); the 29 gathers'
 #   transposes are the 29 reduce-scatters.
 EXPECTED = {
     ("dp=8", "dp"): dict(all_reduce=2),
     ("dp=8", "zero1"): dict(all_reduce=3, all_gather=17),
-    ("dp=8", "zero2"): dict(all_reduce=2, all_gather=17, reduce_scatter=17),
+    ("dp=8", "zero2"): dict(all_reduce=2, all_gather=17, reduce_scatter=29),
     ("dp=8", "zero3"): dict(all_reduce=2, all_gather=45, reduce_scatter=29),
     ("tp=8", "dp"): dict(all_reduce=13),
     ("tp=8", "zero3"): dict(all_reduce=13),  # dp=1: no ZeRO collectives, plain Megatron
     ("dp=2,tp=4", "dp"): dict(all_reduce=15),
     ("dp=2,tp=4", "zero1"): dict(all_reduce=17, all_gather=17),
-    ("dp=2,tp=4", "zero2"): dict(all_reduce=16, all_gather=17, reduce_scatter=17),
+    ("dp=2,tp=4", "zero2"): dict(all_reduce=16, all_gather=17, reduce_scatter=29),
     ("dp=2,tp=4", "zero3"): dict(all_reduce=16, all_gather=45, reduce_scatter=29),
 }
 _COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
@@ -117,8 +118,11 @@ def test_dp_reduces_the_gradients_once():
 
 def test_zero2_reduce_scatters_gradients_and_never_all_reduces_them_whole():
     hlo, dp = run("shard_map", "dp=8", "zero2")[3], 8
-    scattered = _scoped(hlo, "grad_reduce_scatter", backward=False)["reduce-scatter"]
-    assert scattered == {"count": 17, "bytes": _param_bytes(embed_only=True) // dp}
+    scattered = _scoped(hlo, "grad_reduce_scatter", backward=True)["reduce-scatter"]
+    assert scattered == {"count": N_LAYER * 12 + 5, "bytes": _param_bytes(embed_only=True) // dp}
+    # Inside the backward layer loop, as each layer's gradient is made: its body holds one layer's 12.
+    static = _scoped(hlo, "grad_reduce_scatter", backward=True, per_execution=False)["reduce-scatter"]
+    assert static["count"] == 12 + 5
     # Only the small bias leaves without an embed dim are all-reduced (in the combined tuple op).
     all_reduced = metrics.collectives(hlo)["all-reduce"]["bytes"]
     assert all_reduced <= _param_bytes(embed_only=False) + 64 < _param_bytes(embed_only=True) // dp

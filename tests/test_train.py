@@ -125,3 +125,66 @@ def test_sort_task_trains_to_low_loss(trained_sort):
     assert trainer.events[1:-1] == list(range(300)), "on_step_end must see every step once, in order"
     final = np.mean([h["loss"] for h in trainer.history[-10:]])
     assert final < 0.05, f"sort loss {final:.3f} after 300 steps: the model or optimizer regressed"
+
+
+@pytest.mark.parametrize("impl", ["gspmd", "shard_map"])
+def test_out_of_range_token_ids_are_rejected_before_compiling(impl):
+    """A plain gather clamps such ids and the vocab-parallel one zeroes them: both impls refuse them."""
+    from shardgpt import spmd
+
+    task = data.SortTask()
+    model = GPT(config.preset("gpt-pico", vocab_size=task.vocab_size, block_size=task.seq_len))
+    tx, mesh = optim.make_optimizer(optim.OptimConfig()), make_mesh("dp=2,tp=4")
+    shardings = train.state_shardings(model, tx, mesh, "zero1")
+    make = train.make_train_step if impl == "gspmd" else spmd.make_train_step
+    step = make(model, tx, mesh, "zero1", shardings)
+    inputs, targets = task.rows(0, range(8))
+    bad_inputs, bad_targets = inputs.copy(), targets.copy()
+    bad_inputs[3, 2], bad_targets[5, -1] = task.vocab_size, -7
+    # The state is never touched: the check runs before anything is traced or compiled.
+    with pytest.raises(ValueError, match=r"batch inputs hold token ids outside \[0, 3\), e.g. 3"):
+        step(None, {"inputs": bad_inputs, "targets": targets})
+    with pytest.raises(ValueError, match=r"batch targets hold token ids outside \[0, 3\) or -1 \(ignored\)"):
+        step(None, {"inputs": inputs, "targets": bad_targets})
+    assert step.jitted.jitted._cache_size() == 0
+
+
+def test_global_batch_checks_ids_against_the_models_vocabulary():
+    task, mesh = data.SortTask(num_digits=5), make_mesh("dp=2,tp=4")
+    batch_sharding = sharding.batch_sharding(mesh, "dp")
+    data.global_batch(task, 0, 8, batch_sharding, vocab_size=5)
+    with pytest.raises(ValueError, match=r"SortTask inputs hold token ids outside \[0, 4\)"):
+        data.global_batch(task, 0, 8, batch_sharding, vocab_size=4)
+
+
+def test_donation_warning_is_silenced_on_cpu_only():
+    import subprocess
+    import sys
+    import types
+    import warnings
+
+    code = "import warnings, shardgpt.lab; print(any('donated' in str(f[1]) for f in warnings.filters))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False", "importing shardgpt must not hide the donation warning"
+    fake = lambda platform: types.SimpleNamespace(
+        devices=np.array([types.SimpleNamespace(platform=platform)])
+    )
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # restored on exit
+        train.quiet_cpu_donation(fake("gpu"))
+        assert not any("donated" in str(f[1]) for f in warnings.filters)
+        train.quiet_cpu_donation(fake("cpu"))
+        assert any("donated" in str(f[1]) for f in warnings.filters)
+
+
+def test_progress_without_a_terminal_prints_a_few_lines_not_frames(capsys):
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0)}
+
+    state = train.TrainState(step=jnp.int32(0), params={}, opt_state=())
+    trainer = train.Trainer(step, state, lambda i: None, tokens_per_step=10, description="t")
+    trainer.run(95)
+    err = capsys.readouterr().err  # captured: not a terminal
+    lines = err.strip().splitlines()
+    assert "\r" not in err and len(lines) == train.PROGRESS_LINES + 1, err  # every 9th step, and the last
+    assert lines[-1].startswith("t: step 95/95, loss 1.0000")

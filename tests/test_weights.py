@@ -1,5 +1,7 @@
 """Weights in and out: exact round trips, parity with a numpy GPT-2, and clear errors on bad files."""
 
+import importlib.util
+import json
 import math
 
 import flax.linen as nn
@@ -7,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from flax import traverse_util
 
-from shardgpt import sharding, train, weights
+from shardgpt import lab, sharding, train, weight_files, weights
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 from shardgpt.optim import OptimConfig, make_optimizer
@@ -17,6 +20,8 @@ from shardgpt.optim import OptimConfig, make_optimizer
 # Tiny and awkward on purpose: vocab 50 is a multiple of nothing, so padding rows are exercised.
 N_LAYER, N_HEAD, N_EMBD, VOCAB, BLOCK = 2, 8, 64, 50, 16
 ATOL = 1e-4  # fp32 shardgpt vs the float64 numpy reference; logits are O(1-10) here
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+NEEDS_TORCH = "writing .pt fixtures and torch's strict load_state_dict need torch (pip install torch)"
 
 
 def one_device():
@@ -189,7 +194,7 @@ def test_round_trip_on_one_device_is_exact(tmp_path, layout, suffix):
     init = jax.jit(lambda key: nn.unbox(GPT(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
     params = init(jax.random.key(3))  # random padding rows too, which import must not bring back
     path = weights.export_params(params, config, tmp_path / f"model{suffix}", layout=layout)
-    sd = weights.load_state_dict(path)
+    sd = weight_files.load_state_dict(path)
     assert "lm_head.weight" in sd and "transformer.wte.weight" in sd
     assert weights.config_from_state_dict(sd, N_HEAD) == config
     imported = weights.import_params(sd, config, one_device(), "dp")
@@ -206,7 +211,7 @@ def test_round_trip_under_dp2_tp4_zero3_is_exact_and_sharded(tmp_path, tied):
     model, tx = GPT(config), make_optimizer(OptimConfig())
     state, shardings = train.init_state(model, tx, mesh, "zero3", seed=4)
     path = weights.export_params(state.params, config, tmp_path / "model.safetensors")
-    imported = weights.import_params(weights.load_state_dict(path), config, mesh, "zero3")
+    imported = weights.import_params(weight_files.load_state_dict(path), config, mesh, "zero3")
     assert_same_params(imported, state.params, config)
     placed = jax.tree.map(lambda a: a.sharding, imported)
     assert jax.tree.all(jax.tree.map(lambda a, b: a == b, placed, shardings.state.params))
@@ -244,7 +249,7 @@ def test_truncated_or_corrupt_file_raises(tmp_path, suffix):
     for broken in (data[: len(data) - 100], data[: len(data) // 2], b"not a checkpoint" * 4):
         path.write_bytes(broken)
         with pytest.raises(ValueError, match=rf"model\{suffix}.*truncated or corrupt"):
-            weights.load_state_dict(path)
+            weight_files.load_state_dict(path)
 
 
 def test_wrong_keys_are_listed_and_nothing_is_placed(placements):
@@ -282,14 +287,179 @@ def test_config_needs_n_head_and_known_formats(tmp_path):
     with pytest.raises(ValueError, match="n_head cannot be read"):
         weights.config_from_state_dict(gpt2_state_dict(), None)
     with pytest.raises(ValueError, match="unknown checkpoint format"):
-        weights.load_state_dict(tmp_path / "model.ckpt")
+        weight_files.load_state_dict(tmp_path / "model.ckpt")
     with pytest.raises(ValueError, match="unknown layout"):
         weights.detect_layout(gpt2_state_dict(), "transposed")
     with pytest.raises(ValueError, match="not a GPT-2-named state dict"):
         weights.config_from_state_dict({"model.embed_tokens.weight": np.zeros((4, 4))}, N_HEAD)
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        (tmp_path / "model.pt").write_bytes(b"\x80\x02")
-        with pytest.raises(ImportError, match="needs torch"):
-            weights.load_state_dict(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="block_size=32 but the tensors say 16"):
+        weights.config_from_state_dict(gpt2_state_dict(), hints=dict(n_head=N_HEAD, block_size=32))
+
+
+@pytest.mark.skipif(
+    HAVE_TORCH, reason="torch is installed: test_nanogpt_pt_brings_its_heads_and_exact_gelu reads real .pt"
+)
+def test_pt_without_torch_says_what_to_install(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"\x80\x02")
+    with pytest.raises(ImportError, match="needs torch"):
+        weight_files.load_state_dict(tmp_path / "model.pt")
+
+
+def test_export_flavours_write_what_each_strict_load_wants(tmp_path):
+    """minGPT's flavour adds its attn.bias causal masks; nanoGPT's and HF's have none; import drops them."""
+    sd = gpt2_state_dict(seed=5)
+    config = weights.config_from_state_dict(sd, N_HEAD)
+    params = weights.import_params(sd, config, one_device(), "dp")
+    plain = weights.to_state_dict(params, config)
+    path = weights.export_params(params, config, tmp_path / "mingpt.safetensors", flavour="mingpt")
+    mingpt = weight_files.load_state_dict(path)
+    masks = {f"transformer.h.{i}.attn.bias" for i in range(N_LAYER)}
+    assert mingpt.keys() == plain.keys() | masks
+    for name in masks:
+        assert mingpt[name].shape == (1, 1, BLOCK, BLOCK) and mingpt[name].dtype == np.float32
+        assert np.array_equal(mingpt[name][0, 0], np.tril(np.ones((BLOCK, BLOCK))))
+    assert weights.to_state_dict(params, config, flavour="nanogpt").keys() == plain.keys()
+    hf = weights.to_state_dict(params, config, flavour="hf")
+    assert hf.keys() == plain.keys() and weights.detect_layout(hf) == "conv1d"
+    assert_same_params(weights.import_params(mingpt, config, one_device(), "dp"), params, config)
+    with pytest.raises(ValueError, match="flavour 'hf' writes the conv1d layout, not 'linear'"):
+        weights.to_state_dict(params, config, "linear", flavour="hf")
+    with pytest.raises(ValueError, match="unknown flavour 'megatron'"):
+        weights.to_state_dict(params, config, flavour="megatron")
+
+
+def torch_gpt2(torch, masks: bool):
+    """An empty torch module tree with minGPT's names (masks=True) or nanoGPT's with flash attention."""
+    nn_, d = torch.nn, N_EMBD
+
+    def block():
+        attn = nn_.ModuleDict(dict(c_attn=nn_.Linear(d, 3 * d), c_proj=nn_.Linear(d, d)))
+        if masks:  # minGPT's persistent causal-mask buffer
+            attn.register_buffer("bias", torch.tril(torch.ones(BLOCK, BLOCK)).view(1, 1, BLOCK, BLOCK))
+        mlp = nn_.ModuleDict(dict(c_fc=nn_.Linear(d, 4 * d), c_proj=nn_.Linear(4 * d, d)))
+        return nn_.ModuleDict(dict(ln_1=nn_.LayerNorm(d), attn=attn, ln_2=nn_.LayerNorm(d), mlp=mlp))
+
+    h = nn_.ModuleList([block() for _ in range(N_LAYER)])
+    body = dict(wte=nn_.Embedding(VOCAB, d), wpe=nn_.Embedding(BLOCK, d), h=h, ln_f=nn_.LayerNorm(d))
+    return nn_.ModuleDict(dict(transformer=nn_.ModuleDict(body), lm_head=nn_.Linear(d, VOCAB, bias=False)))
+
+
+def test_strict_torch_loads_take_their_flavour():
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+    sd = gpt2_state_dict(seed=6)
+    config = weights.config_from_state_dict(sd, N_HEAD)
+    params = weights.import_params(sd, config, one_device(), "dp")
+    export = lambda flavour: {
+        k: torch.tensor(v) for k, v in weights.to_state_dict(params, config, flavour=flavour).items()
+    }
+    mingpt, nanogpt = torch_gpt2(torch, masks=True), torch_gpt2(torch, masks=False)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*transformer.h.0.attn.bias"):
+        mingpt.load_state_dict(export("nanogpt"))  # the issue: the plain export is refused
+    mingpt.load_state_dict(export("mingpt"))
+    nanogpt.load_state_dict(export("nanogpt"))
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*attn.bias"):
+        nanogpt.load_state_dict(export("mingpt"))
+    for model in (mingpt, nanogpt):
+        w = model["transformer"]["h"][1]["attn"]["c_attn"].weight.detach().numpy()
+        np.testing.assert_array_equal(w, sd["transformer.h.1.attn.c_attn.weight"])
+
+
+def nanogpt_ckpt(torch, path, sd, **model_args):
+    """nanoGPT's ckpt.pt: the state dict of a torch.compile'd model, its model_args and run metadata."""
+    model = {"_orig_mod." + k: torch.from_numpy(v) for k, v in sd.items()}
+    if "lm_head.weight" not in sd:  # nanoGPT ties by sharing one tensor, which state_dict lists twice
+        model["_orig_mod.lm_head.weight"] = model["_orig_mod.transformer.wte.weight"]
+    args = dict(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=BLOCK, bias=False, vocab_size=VOCAB)
+    ckpt = dict(model=model, model_args=args | dict(dropout=0.0) | model_args, iter_num=5)
+    torch.save(ckpt | dict(best_val_loss=torch.tensor(1.5), config=dict(dataset="shakespeare_char")), path)
+    return path
+
+
+def test_nanogpt_pt_brings_its_heads_and_exact_gelu(tmp_path):
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+    sd = gpt2_state_dict(seed=7, bias=False, tied=True)
+    path = nanogpt_ckpt(torch, tmp_path / "ckpt.pt", sd)
+    state_dict, hints = weight_files.load_checkpoint(path)
+    assert hints == dict(
+        n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=BLOCK, vocab_size=VOCAB, use_bias=False
+    ) | dict(gelu_approximate=False)
+    config = weights.config_from_state_dict(state_dict, hints=hints)
+    assert (config.n_head, config.gelu_approximate, config.tie_embeddings) == (N_HEAD, False, True)
+    params = weights.import_params(state_dict, config, one_device(), "dp")
+    tokens = tokens_for()
+    expected = reference_logits(sd, tokens, N_HEAD, "linear", exact_gelu=True)
+    np.testing.assert_allclose(
+        shardgpt_logits(params, config, one_device(), "dp", tokens), expected, atol=ATOL
+    )
+    # --init-from needs no --model.n_head, even beside a preset of another width; --model.X still wins
+    spec = lab.RunSpec(
+        init_from=str(path), model="gpt-micro", mesh="dp=8", overrides=(("dtype", "bfloat16"),)
+    )
+    assert lab.prepare(spec).config == config.replace(dtype="bfloat16")
+    explicit = weights.config_from_state_dict(state_dict, 4, hints=hints, gelu_approximate=True)
+    assert (explicit.n_head, explicit.gelu_approximate) == (4, True)
+    with pytest.raises(ValueError, match="n_embd=128 but the tensors say 64"):
+        weights.load_params(nanogpt_ckpt(torch, tmp_path / "bad.pt", sd, n_embd=128), one_device(), "dp")
+
+
+def hf_directory(path, sd, **config):
+    """A save_pretrained directory: GPT2Config's config.json and model.safetensors (tied: no lm_head)."""
+    path.mkdir()
+    hf = dict(model_type="gpt2", n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, n_positions=BLOCK)
+    hf |= dict(vocab_size=VOCAB, layer_norm_epsilon=1e-5, activation_function="gelu_new") | config
+    (path / "config.json").write_text(json.dumps(hf))
+    safetensors.numpy.save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("activation, exact", [("gelu_new", False), ("gelu", True)])
+def test_hf_directory_brings_its_config(tmp_path, activation, exact):
+    sd = gpt2_state_dict(seed=8, layout="conv1d", tied=True)
+    path = hf_directory(tmp_path / "gpt2", sd, activation_function=activation, layer_norm_epsilon=1e-3)
+    state_dict, hints = weight_files.load_checkpoint(path)
+    config = weights.config_from_state_dict(state_dict, hints=hints)
+    assert (config.n_head, config.gelu_approximate, config.ln_eps) == (N_HEAD, not exact, 1e-3)
+    params = weights.import_params(state_dict, config, one_device(), "dp")
+    tokens = tokens_for()
+    expected = reference_logits(sd, tokens, N_HEAD, "conv1d", exact, eps=1e-3)
+    np.testing.assert_allclose(
+        shardgpt_logits(params, config, one_device(), "dp", tokens), expected, atol=ATOL
+    )
+    spec = lab.RunSpec(
+        init_from=str(path), model="gpt-micro", mesh="dp=8", overrides=(("dtype", "bfloat16"),)
+    )
+    assert lab.prepare(spec).config == config.replace(dtype="bfloat16")
+
+
+def test_hf_directory_errors_say_what_is_wrong(tmp_path):
+    sd = gpt2_state_dict(layout="conv1d", tied=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="with config.json and model.safetensors; it has nothing"):
+        weight_files.load_checkpoint(tmp_path / "empty")
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config.json and model.safetensors; it has \['config.json'\]"):
+        lab.prepare(lab.RunSpec(init_from=str(tmp_path / "no-weights"), mesh="dp=8"))
+    with pytest.raises(ValueError, match="activation_function 'relu' is not supported"):
+        weight_files.load_checkpoint(hf_directory(tmp_path / "relu", sd, activation_function="relu"))
+    with pytest.raises(ValueError, match="model_type 'llama'; only gpt2"):
+        weight_files.load_checkpoint(hf_directory(tmp_path / "llama", sd, model_type="llama"))
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        weight_files.load_checkpoint(
+            hf_directory(tmp_path / "mistral", sd, scale_attn_by_inverse_layer_idx=True)
+        )
+    with pytest.raises(ValueError, match="block_size=32 but the tensors say 16"):
+        weights.load_params(hf_directory(tmp_path / "long", sd, n_positions=32), one_device(), "dp")
+
+
+def test_init_from_overrides_beat_run_flags(tmp_path):
+    """--model.dtype and friends win over --dtype/--scan with --init-from, as they do for presets."""
+    path = tmp_path / "plain.safetensors"
+    safetensors.numpy.save_file(gpt2_state_dict(seed=9), path)
+    overrides = (("n_head", "8"), ("dtype", "bfloat16"), ("scan_layers", "false"))
+    spec = lab.RunSpec(init_from=str(path), mesh="dp=8", dtype="float32", scan=True, overrides=overrides)
+    config = lab.prepare(spec).config
+    assert (config.n_head, config.dtype, config.scan_layers) == (N_HEAD, "bfloat16", False)
+    # A plain file says nothing of its heads, and gpt-micro's width differs: still asked for.
+    with pytest.raises(ValueError, match="give its head count with --model.n_head=H"):
+        lab.prepare(lab.RunSpec(init_from=str(path), model="gpt-micro", mesh="dp=8"))

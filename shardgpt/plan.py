@@ -1,0 +1,230 @@
+"""Will it fit: each strategy's memory per device from compile-only runs, and the largest batch that fits.
+
+Nothing is allocated and no step runs: the train step is lowered on abstract arrays (shapes, dtypes and
+shardings only) and compiled, and XLA's buffer assignment says what one device would hold. The state
+(params, grads, optimizer state) is exact, read from the layout; the temporaries are what XLA's compiler
+for *this* backend assigns, so on CPU they are an estimate for a GPU or TPU, and are labelled so.
+"""
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from shardgpt import config, lab, metrics, optim, report, sharding, train
+from shardgpt.config import ModelConfig
+from shardgpt.mesh import describe, make_mesh
+from shardgpt.model import GPT
+
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS |= {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "TIB": 2**40}
+MAX_BATCH = 2**16  # the search's ceiling: a larger global batch is not a memory question any more
+
+
+def parse_bytes(text: str) -> int:
+    """ "80GiB" -> 85899345920: units B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB, K/M/G/T (of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match and (match.group(2).upper() or "B")
+    if not match or unit not in _UNITS:
+        raise ValueError(
+            f"cannot read the memory size {text!r}: write a number and a unit, e.g. 80GiB, 24G or 16GB"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def compile_step(make_step, model, tx, mesh, strategy: str, batch: int, seq: int) -> Any:
+    """The train step compiled for abstract state and batch (nothing allocated); returns the executable."""
+    state, shardings = train.abstract_state(model, tx, mesh, strategy)
+    where: NamedSharding = sharding.batch_sharding(mesh, strategy)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=where)
+    step = make_step(model, tx, mesh, strategy, shardings)
+    return step.jitted.lower(state, {"inputs": tokens, "targets": tokens}).compile()
+
+
+@dataclasses.dataclass
+class Planner:
+    """Compile-only memory estimates of one (model, mesh, strategy, impl) at any global batch."""
+
+    spec: Any  # the lab.RunSpec it was made from
+    config: ModelConfig
+    mesh: Mesh
+    strategy: str
+    seq: int
+    model: GPT
+    tx: Any
+    make_step: Any
+    compiled: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)  # by global batch
+
+    @classmethod
+    def prepare(cls, spec: Any, devices: Sequence[jax.Device]) -> "Planner":
+        """Resolve and validate a lab.RunSpec for planning (the preset's own vocab and context, seq = --seq or
+        the context); raises ValueError on anything that cannot be laid out, before any compile."""
+        run_fields = dict(dtype=spec.dtype, attention=spec.attention, scan_layers=spec.scan, remat=spec.remat)
+        cfg = config.preset(spec.model, **(run_fields | dict(spec.overrides)))
+        seq = spec.seq or cfg.block_size
+        mesh, strategy, model = make_mesh(spec.mesh, devices), sharding.canonical(spec.strategy), GPT(cfg)
+        base = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=1, total_steps=max(spec.steps, 1))
+        tx = optim.make_optimizer(base.replace(**dict(spec.optim)))
+        train.check_batch(model, mesh, strategy, spec.batch, seq)
+        train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
+        return cls(spec, cfg, mesh, strategy, seq, model, tx, lab.step_builder(spec.impl))
+
+    def memory(self, batch: int) -> dict[str, int]:
+        """XLA's buffer assignment for one device at this global batch (metrics.compiled_memory's keys).
+
+        Compiled once per batch: the search and the report share every compile.
+        """
+        if batch not in self.compiled:
+            train.check_batch(self.model, self.mesh, self.strategy, batch, self.seq)
+            step = (self.make_step, self.model, self.tx, self.mesh, self.strategy)
+            self.compiled[batch] = metrics.compiled_memory(compile_step(*step, batch, self.seq))
+        return self.compiled[batch]
+
+    def largest_batch(self, budget: int) -> int:
+        """The largest global batch (a multiple of dp) whose compiled total fits `budget` bytes, or 0.
+
+        A bisection whose first guess is a line through two compiles (the temporaries grow about linearly
+        with the batch), so it usually ends after 3-4 compiles.
+        """
+        dp = self.mesh.shape["dp"]
+        total = lambda batch: self.memory(batch)["total_bytes"]
+        fits = lambda batch: total(batch) <= budget
+
+        if not fits(dp):
+            return 0
+        ceiling = MAX_BATCH // dp * dp
+        slope = max(total(2 * dp) - total(dp), 1) / dp  # bytes per example
+        guess = min(ceiling, max(dp, int(dp + (budget - total(dp)) / slope) // dp * dp))
+        low, high, probe, step = dp, None, guess, dp  # low fits; high, once found, does not
+        while True:
+            if fits(probe):
+                low = probe
+            else:
+                high = probe
+            if high is None and low < ceiling:  # the line was pessimistic: search upwards, doubling
+                probe, step = min(low + step, ceiling), 2 * step
+            elif high is not None and high - low > dp:
+                probe = (low + high) // 2 // dp * dp
+            else:
+                return low
+
+
+def plan(planner: Planner, budget: int | None) -> dict[str, Any]:
+    """One row of the plan: exact state bytes, compiled memory at the spec's batch, and (given a budget)
+    whether it fits and the largest global batch that does."""
+    started = time.perf_counter()
+    spec = planner.spec
+    state, shardings = train.abstract_state(planner.model, planner.tx, planner.mesh, planner.strategy)
+    compiled = planner.memory(spec.batch)
+    row = {
+        "name": f"{lab.model_label(spec)} {describe(planner.mesh)} {planner.strategy}"
+        + ("" if spec.impl == "gspmd" else f" {spec.impl}"),
+        "model": lab.model_label(spec),
+        "n_params": planner.config.n_params(),
+        "mesh": dict(planner.mesh.shape),
+        "strategy": planner.strategy,
+        "impl": spec.impl,
+        "batch": spec.batch,
+        "seq": planner.seq,
+        "dtype": planner.config.dtype,
+        "state": metrics.state_bytes(state, shardings),  # exact: from the layout
+        "compiled": compiled,  # XLA's buffer assignment on this backend: an estimate elsewhere
+        "budget_bytes": budget,
+        "fits": None if budget is None else compiled["total_bytes"] <= budget,
+        "max_batch": None,
+    }
+    if budget is not None:
+        row["max_batch"] = planner.largest_batch(budget)
+    row["totals_by_batch"] = {b: m["total_bytes"] for b, m in sorted(planner.compiled.items())}
+    row["compiles"], row["wall_s"] = len(planner.compiled), time.perf_counter() - started
+    return row
+
+
+def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows best first: those that fit first, then by the larger max batch, then by less memory."""
+    key = lambda r: (r["fits"] is False, -(r["max_batch"] or 0), r["compiled"]["total_bytes"])
+    ranked = sorted(rows, key=key)
+    for i, row in enumerate(ranked, 1):
+        row["rank"] = i
+    return ranked
+
+
+def _gib(nbytes: float | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**30:.2f}"
+
+
+def table(rows: list[dict[str, Any]], platform: str) -> str:
+    """The ranked plan as text, every column labelled with where its figure comes from."""
+    budget = rows[0]["budget_bytes"] if rows else None
+    header = ["#", "run", "params", "grads", "opt state", "temps", "total", "fits", "max batch", "compiles"]
+    lines = []
+    for r in rows:
+        st, c = r["state"], r["compiled"]
+        fits = "-" if r["fits"] is None else "yes" if r["fits"] else "NO"
+        max_batch = "-" if r["max_batch"] is None else str(r["max_batch"]) if r["max_batch"] else "none"
+        lines.append(
+            [str(r["rank"]), r["name"]]
+            + [_gib(st[f"{k}_bytes_per_device"]) for k in ("params", "grads", "opt_state")]
+            + [_gib(c["temp_bytes"]), _gib(c["total_bytes"]), fits, max_batch, str(r["compiles"])]
+        )
+    first = rows[0] if rows else {}
+    estimate = "" if platform != "cpu" else " (XLA:CPU's compile: an estimate for a GPU or TPU)"
+    notes = [
+        f"memory per device in GiB at global batch {first.get('batch')} x seq {first.get('seq')}, "
+        f"{first.get('dtype')} compute; nothing was allocated or run",
+        "params, grads, opt state: exact, from the layout (shard shape x itemsize)",
+        f"temps: XLA's temporaries from the compiled step{estimate}",
+        "total: arguments + outputs - aliased + temporaries of the compiled step (the state is an argument)",
+    ]
+    if budget is not None:
+        notes.append(
+            f"fits / max batch: total within {budget / 2**30:.2f} GiB; the largest global batch (a multiple "
+            "of dp) that fits, by compile-only bisection"
+        )
+    return "\n".join(report.grid(header, lines) + notes)
+
+
+def write(
+    rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path, plots: bool = True
+) -> list[Path]:
+    """out_dir/plan.json ({"meta", "plan": rows}) and, unless `plots` is False, plan.png."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "plan.json"
+    path.write_text(json.dumps({"meta": meta, "plan": rows}, indent=2, default=str) + "\n")
+    return [path, *([_plot(rows, out / "plan.png")] if plots else [])]
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Stacked bars per run (params, grads, opt state, temporaries) against the device's memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    names = [r["name"] for r in rows]
+    left = [0.0] * len(rows)
+    parts = [("params", "state"), ("grads", "state"), ("opt_state", "state"), ("temp", "compiled")]
+    for key, where in parts:
+        field = f"{key}_bytes_per_device" if where == "state" else f"{key}_bytes"
+        widths = [r[where][field] / 2**30 for r in rows]
+        ax.barh(names, widths, left=left, label=key.replace("_", " "))
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    if rows and rows[0]["budget_bytes"]:
+        ax.axvline(rows[0]["budget_bytes"] / 2**30, color="k", linestyle="--", label="device memory")
+    ax.invert_yaxis()
+    ax.set(xlabel="GiB per device", title="memory plan (compile-only; temporaries from XLA's compile)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,20 @@
+"""The project's plumbing: CI checks style before the tests; the package stands without experiments/."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_lint_before_the_tests():
+    steps = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "make lint" in steps and "make test" in steps, steps
+    assert steps.index("make lint") < steps.index("make test")
+
+
+def test_the_package_needs_nothing_from_experiments():
+    """lab runs the generation benchmark from the package: experiments/ is a client, never a dependency."""
+    code = "import sys, shardgpt.lab; print([m for m in sys.modules if m == 'generation'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-500:]
