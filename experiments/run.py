@@ -162,15 +162,20 @@ def check_outputs(args: argparse.Namespace):
         _check_writable("--profile", args.profile)
 
 
-def _simulate_devices(n: int | None):
-    """Ask XLA for n host devices; only effective before jax initialises (later the present ones are used)."""
+def _set_xla_flags(devices: int | None, plan: bool):
+    """Ask XLA for `devices` host devices (and, to plan, a fast backend); only effective before jax
+    initialises (later the present devices are used)."""
     if "jax" in sys.modules:
         return
     flags = os.environ.get("XLA_FLAGS", "")
-    if n is None and "xla_force_host_platform_device_count" in flags:
-        return  # the environment already chose
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n or DEFAULT_DEVICES}".strip()
+    if devices is not None or "xla_force_host_platform_device_count" not in flags:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+        flags += f" --xla_force_host_platform_device_count={devices or DEFAULT_DEVICES}"
+    if plan and "xla_backend_optimization_level" not in flags:
+        # LLVM's optimisation level changes the code's speed, not XLA's buffer assignment: the same bytes,
+        # compiled ~40% faster (gpt2 on 8 devices: 2.7 s instead of 4.4 s a compile, here).
+        flags += " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = flags.strip()
 
 
 def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> list:
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(parser, argv)
-    _simulate_devices(args.devices)
+    _set_xla_flags(args.devices, args.plan)
     try:  # only validation is caught: an error during a run is a bug, and keeps its traceback
         work = validate_plan(args) if args.plan else validate(args)
     except (ValueError, FileNotFoundError) as e:  # the library's validation errors say what to change

@@ -152,6 +152,6 @@ def check_ids(ids, vocab_size: int, what: str = "tokens", allow_ignore: bool = F
     if bad.any():
         allowed = f"[0, {vocab_size})" + (f" or {IGNORE_INDEX} (ignored)" if allow_ignore else "")
         raise ValueError(
-            f"{what} hold token ids outside {allowed}, e.g. {ids[bad].flat[0]}: "
+            f"{what}: token ids outside {allowed}, e.g. {ids[bad].flat[0]}: "
             "encode the data with the model's vocabulary, or raise model.vocab_size"
         )

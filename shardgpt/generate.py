@@ -1,10 +1,10 @@
 """Fixed-shape generation: chunked prefill into a KV cache, then a jitted decode loop; one compile per batch.
 
 Prompts are right-padded to the context length and their lengths passed as data; the prefill is a loop
-over fixed-size chunks, as many as the longest prompt needs, and the number of new tokens is a loop bound,
-so no prompt length or token count causes a new trace. The params are kept whole over dp (the "dp"
-strategy's layout, whatever the training strategy) and the cache is sharded by the model's logical names
-(batch over dp, heads over tp).
+over fixed-size chunks, as many as the longest prompt needs, and decoding is a few loops over growing
+prefixes of the cache, the number of new tokens their bound, so no prompt length or token count causes a
+new trace. The params are kept whole over dp (the "dp" strategy's layout, whatever the training strategy)
+and the cache is sharded by the model's logical names (batch over dp, heads over tp).
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import sharding, train
+from shardgpt import data, sharding, train
 from shardgpt.model import CACHE_AXES, GPT, init_cache, unstack_layers
 
 # Top-p first looks for the nucleus among this many most likely tokens (without top_k): a top-k window is
@@ -302,8 +302,7 @@ class Generator:
                     f"model read {prompt.size + max_new_tokens - 1} positions, past its context "
                     f"({cfg.block_size}): ask for at most {cfg.block_size + 1 - prompt.size} new tokens"
                 )
-            if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
-                raise ValueError(f"prompt {row} has token ids outside [0, {cfg.vocab_size})")
+            data.check_ids(prompt, cfg.vocab_size, f"prompt {row}")
             buffer[row, : prompt.size], lengths[row] = prompt, prompt.size
         return buffer, lengths
 

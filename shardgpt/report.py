@@ -136,7 +136,7 @@ def table(results: dict[str, Any]) -> str:
     out += [
         "memory per device: params and opt state measured from the live arrays' shards; grads* derived from",
         "  the layout (they never persist); (in brackets) the ZeRO paper's ideal (theory); temps and peak",
-        "  from the compiled program (XLA's memory_analysis: temporaries; args + outputs - aliased + temps)",
+        "  from the compiled program (XLA's memory_analysis; on CPU peak = args + outputs - aliased + temps)",
     ]
     device_peaks = [(r["name"], r["memory"].get("device_peak_bytes")) for r in runs]
     if any(peak is not None for _, peak in device_peaks):

@@ -1,5 +1,6 @@
 """TrainState, the loss, state created sharded from birth, a pure train step jitted once, and a Trainer."""
 
+import contextlib
 import sys
 import time
 import warnings
@@ -139,29 +140,29 @@ class MeshBound:
     """A jitted function that is traced under its mesh whether it is called or lowered.
 
     Activation constraints need a mesh in context (model.constrain raises without one), so binding it
-    here makes `step.jitted.lower(...)` in a test compile the very program that training runs.
+    here makes `step.jitted.lower(...)` in a test compile the very program that training runs. With
+    `quiet_donation` (CPU meshes: XLA:CPU implements no donation) the "donated buffers were not usable"
+    warning is silenced for this function's calls only; on GPU and TPU it means the state is held twice.
     """
 
-    def __init__(self, jitted: Callable, mesh: Mesh):
-        self.jitted, self.mesh = jitted, mesh
+    def __init__(self, jitted: Callable, mesh: Mesh, quiet_donation: bool = False):
+        self.jitted, self.mesh, self.quiet_donation = jitted, mesh, quiet_donation
+
+    @contextlib.contextmanager
+    def _context(self):
+        with jax.set_mesh(self.mesh), warnings.catch_warnings():
+            if self.quiet_donation:
+                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            yield
 
     def __call__(self, *args):
-        with jax.set_mesh(self.mesh):
+        with self._context():
             return self.jitted(*args)
 
     def lower(self, *args):
         """jax.jit's lower, under the mesh; `.compile()` the result to get the executable."""
-        with jax.set_mesh(self.mesh):
+        with self._context():
             return self.jitted.lower(*args)
-
-
-def quiet_cpu_donation(mesh: Mesh):
-    """Silence "donated buffers were not usable" on CPU only, where XLA implements no donation.
-
-    On GPU and TPU the warning means the state is held twice, so there it must be seen.
-    """
-    if mesh.devices.flat[0].platform == "cpu":
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 def make_train_step(
@@ -199,8 +200,7 @@ def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str) -> Callab
 
     The step's `.jitted` (a MeshBound) lowers the same program for tests and benchmarks.
     """
-    jitted = MeshBound(jitted, mesh)
-    quiet_cpu_donation(mesh)
+    jitted = MeshBound(jitted, mesh, quiet_donation=mesh.devices.flat[0].platform == "cpu")
 
     def step(state, batch):
         check_batch(model, mesh, strategy, *batch["inputs"].shape)  # host-side, before any compile

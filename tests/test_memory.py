@@ -11,10 +11,9 @@ import tempfile
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import pytest
 
-from shardgpt import config, metrics, optim, sharding, spmd, train
+from shardgpt import config, metrics, optim, plan, sharding, spmd, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -36,11 +35,7 @@ class Compiled(NamedTuple):
 
 def _compile(impl: str, strategy: str, dtype: str) -> Compiled:
     model, mesh = GPT(CONFIG.replace(dtype=dtype)), make_mesh(f"dp={DP}")
-    state, shardings = train.abstract_state(model, TX, mesh, strategy)
-    tokens = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=sharding.batch_sharding(mesh, strategy))
-    lowered = MAKE[impl](model, TX, mesh, strategy, shardings).jitted.lower(
-        state, {"inputs": tokens, "targets": tokens}
-    )
+    lowered = plan.lower_step(MAKE[impl], model, TX, mesh, strategy, BATCH, SEQ)
     with tempfile.TemporaryDirectory() as dump:
         compiled = lowered.compile({"xla_dump_to": dump, "xla_dump_hlo_pass_re": _WIDENING_PASS})
         before = sorted(pathlib.Path(dump).glob(f"*before_{_WIDENING_PASS}.txt"))

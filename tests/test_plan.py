@@ -101,3 +101,27 @@ def test_bad_plan_input_exits_2_before_compiling(argv, reason, capsys):
         cli.main(["--plan", *argv])
     assert exit_.value.code == 2
     assert reason in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("dp", [1, 8])
+@pytest.mark.parametrize(
+    "curve, most",
+    [
+        (lambda b: 4.2e9 + 2.06e9 * (b - 1), 4),  # gpt2 on one H200 (measured: a line): 4 compiles
+        (lambda b: 5e9 + 1e8 * b - 4e9 * (b > 8), 6),  # a jump: small batches laid out differently
+        (lambda b: 1e9 + 3e9 * b**0.5, 12),  # bending away: interpolation and bisection take turns
+        (lambda b: 1e9 + 3e7 * b + 2e5 * b * b, 17),  # bending up: no worse than a bisection
+        (lambda b: 150e9 + b, 1),  # nothing fits
+        (lambda b: 1e6 + b, 4),  # everything up to the ceiling fits
+    ],
+)
+def test_largest_batch_search_agrees_with_brute_force_in_few_compiles(curve, most, dp):
+    import types
+
+    budget = plan.parse_bytes("139GiB")
+    compiled = []
+    planner = plan.Planner(None, None, types.SimpleNamespace(shape={"dp": dp}), "dp", 1, None, None, None)
+    planner.memory = lambda b: compiled.append(b) or {"total_bytes": curve(b)}
+    fits = [b for b in range(dp, plan.MAX_BATCH + 1, dp) if curve(b) <= budget]
+    assert planner.largest_batch(budget) == (max(fits) if fits else 0)
+    assert len(set(compiled)) <= most, sorted(set(compiled))
