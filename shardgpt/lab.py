@@ -83,12 +83,12 @@ class Setup:
 
 
 @functools.lru_cache(maxsize=1)
-def _checkpoint(path: str) -> weight_files.Checkpoint:
-    return weight_files.load_checkpoint(path)  # cached: every run of a comparison starts from the same file
+def _weight_file(path: str) -> weight_files.WeightFile:
+    return weight_files.read_weight_file(path)  # cached: every run of a comparison starts from the same file
 
 
 def _state_dict(path: str) -> dict:
-    return _checkpoint(path).state_dict
+    return _weight_file(path).state_dict
 
 
 def step_builder(impl: str) -> Callable:
@@ -107,7 +107,7 @@ def _model_config(spec: RunSpec, task: Any) -> config.ModelConfig:
         # Shapes come from the file, and n_head, GELU and eps from its metadata when it has some (nanoGPT's
         # model_args, HF's config.json); else n_head from --model.n_head, or from the preset only when the
         # preset has the checkpoint's width and depth (else its head count means nothing).
-        sd, hints = _checkpoint(spec.init_from)
+        sd, hints = _weight_file(spec.init_from)
         n_head = overrides.pop("n_head", None)
         if n_head is None and "n_head" not in hints:
             shapes, base = weights.config_from_state_dict(sd, 1), config.preset(spec.model)

@@ -18,14 +18,14 @@ _HF_CONFIG = dict(n_layer="n_layer", n_embd="n_embd", n_positions="block_size", 
 _HF_GELUS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
 
 
-class Checkpoint(NamedTuple):
+class WeightFile(NamedTuple):
     """A state dict and what its file says beyond the shapes, as ModelConfig fields (n_head, GELU, ...)."""
 
     state_dict: dict[str, np.ndarray]
     hints: dict[str, Any]
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def read_weight_file(path: str | Path) -> WeightFile:
     """Read .safetensors, .npz, .pt/.bin (with torch) or a Hugging Face model directory, with its hints."""
     path = Path(path)
     if path.is_dir():
@@ -45,19 +45,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if suffix == ".safetensors":
             import safetensors.numpy
 
-            return Checkpoint(safetensors.numpy.load_file(path), {})
+            return WeightFile(safetensors.numpy.load_file(path), {})
         with np.load(path, allow_pickle=False) as npz:
-            return Checkpoint({name: npz[name] for name in npz.files}, {})  # read all now: truncation raises
+            return WeightFile({name: npz[name] for name in npz.files}, {})  # read all now: truncation raises
     except Exception as e:  # safetensors, zipfile and numpy each raise their own kinds
         raise ValueError(f"{path}: not a readable {suffix} checkpoint (truncated or corrupt?): {e}") from e
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """The state dict of load_checkpoint(path), as numpy arrays, without its hints."""
-    return load_checkpoint(path).state_dict
+    """The state dict of read_weight_file(path), as numpy arrays, without its hints."""
+    return read_weight_file(path).state_dict
 
 
-def _load_torch(path: Path) -> Checkpoint:
+def _load_torch(path: Path) -> WeightFile:
     try:
         import torch
     except ImportError:
@@ -79,10 +79,10 @@ def _load_torch(path: Path) -> Checkpoint:
     state = state.get("model", state)
     # numpy has no bfloat16: floats go through fp32, which our params use anyway.
     sd = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
-    return Checkpoint(sd, hints)
+    return WeightFile(sd, hints)
 
 
-def _load_hf_dir(path: Path) -> Checkpoint:
+def _load_hf_dir(path: Path) -> WeightFile:
     """A `save_pretrained` directory: config.json for the hints, model.safetensors (or its shards)."""
     index = path / "model.safetensors.index.json"
     files = [path / "model.safetensors"]
@@ -96,8 +96,8 @@ def _load_hf_dir(path: Path) -> Checkpoint:
     hints = _hf_hints(json.loads((path / "config.json").read_text()), path)
     sd: dict[str, np.ndarray] = {}
     for f in files:
-        sd |= load_checkpoint(f).state_dict
-    return Checkpoint(sd, hints)
+        sd |= read_weight_file(f).state_dict
+    return WeightFile(sd, hints)
 
 
 def _hf_hints(hf: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from shardgpt import train
 from shardgpt.config import ModelConfig
 from shardgpt.model import GPT
-from shardgpt.weight_files import load_checkpoint
+from shardgpt.weight_files import read_weight_file
 
 LAYOUTS = ("linear", "conv1d")
 # Export flavours: whose strict load_state_dict the file is for -> (matmul layout, write causal masks?).
@@ -317,7 +317,7 @@ def load_params(
     **overrides: Any,
 ) -> tuple[Any, ModelConfig]:
     """(params, config) from a checkpoint; the config from its shapes, hints and `overrides`: --init-from."""
-    sd, hints = load_checkpoint(path)
+    sd, hints = read_weight_file(path)
     config = config_from_state_dict(sd, n_head, hints=hints, **overrides)
     return import_params(sd, config, mesh, strategy, layout), config
 

@@ -6,17 +6,12 @@ import importlib.util
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
+from _cli import cli
 
 from shardgpt import report
 from shardgpt.metrics import KINDS
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("run_cli", ROOT / "experiments" / "run.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
 
 # DESIGN.md's results schema: the keys every consumer of results.json may rely on.
 META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command", "date"}

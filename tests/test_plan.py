@@ -2,20 +2,14 @@
 bad input refused before any compile."""
 
 import contextlib
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import jax
 import pytest
+from _cli import cli
 
 from shardgpt import plan
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("run_cli_plan", ROOT / "experiments" / "run.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
 
 BUDGET = "4MiB"
 PLAN = ["--plan", "--model", "gpt-pico", "--mesh", "dp=8", "--strategy", "zero3", "--seq", "32"]

@@ -379,7 +379,7 @@ def test_nanogpt_pt_brings_its_heads_and_exact_gelu(tmp_path):
     torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
     sd = gpt2_state_dict(seed=7, bias=False, tied=True)
     path = nanogpt_ckpt(torch, tmp_path / "ckpt.pt", sd)
-    state_dict, hints = weight_files.load_checkpoint(path)
+    state_dict, hints = weight_files.read_weight_file(path)
     assert hints == dict(
         n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=BLOCK, vocab_size=VOCAB, use_bias=False
     ) | dict(gelu_approximate=False)
@@ -416,7 +416,7 @@ def hf_directory(path, sd, **config):
 def test_hf_directory_brings_its_config(tmp_path, activation, exact):
     sd = gpt2_state_dict(seed=8, layout="conv1d", tied=True)
     path = hf_directory(tmp_path / "gpt2", sd, activation_function=activation, layer_norm_epsilon=1e-3)
-    state_dict, hints = weight_files.load_checkpoint(path)
+    state_dict, hints = weight_files.read_weight_file(path)
     config = weights.config_from_state_dict(state_dict, hints=hints)
     assert (config.n_head, config.gelu_approximate, config.ln_eps) == (N_HEAD, not exact, 1e-3)
     params = weights.import_params(state_dict, config, one_device(), "dp")
@@ -435,17 +435,17 @@ def test_hf_directory_errors_say_what_is_wrong(tmp_path):
     sd = gpt2_state_dict(layout="conv1d", tied=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="with config.json and model.safetensors; it has nothing"):
-        weight_files.load_checkpoint(tmp_path / "empty")
+        weight_files.read_weight_file(tmp_path / "empty")
     (tmp_path / "no-weights").mkdir()
     (tmp_path / "no-weights" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"config.json and model.safetensors; it has \['config.json'\]"):
         lab.prepare(lab.RunSpec(init_from=str(tmp_path / "no-weights"), mesh="dp=8"))
     with pytest.raises(ValueError, match="activation_function 'relu' is not supported"):
-        weight_files.load_checkpoint(hf_directory(tmp_path / "relu", sd, activation_function="relu"))
+        weight_files.read_weight_file(hf_directory(tmp_path / "relu", sd, activation_function="relu"))
     with pytest.raises(ValueError, match="model_type 'llama'; only gpt2"):
-        weight_files.load_checkpoint(hf_directory(tmp_path / "llama", sd, model_type="llama"))
+        weight_files.read_weight_file(hf_directory(tmp_path / "llama", sd, model_type="llama"))
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
-        weight_files.load_checkpoint(
+        weight_files.read_weight_file(
             hf_directory(tmp_path / "mistral", sd, scale_attn_by_inverse_layer_idx=True)
         )
     with pytest.raises(ValueError, match="block_size=32 but the tensors say 16"):
