@@ -205,12 +205,12 @@ def table(rows: list[dict[str, Any]], platform: str) -> str:
 def write(
     rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path, plots: bool = True
 ) -> list[Path]:
-    """out_dir/plan.json ({"meta", "plan": rows}) and, unless `plots` is False, plan.png."""
+    """out_dir/results.json ({"meta", "plan": rows}: a plan where a comparison has runs) and plan.png."""
     import json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "plan.json"
+    path = out / "results.json"
     path.write_text(json.dumps({"meta": meta, "plan": rows}, indent=2, default=str) + "\n")
     return [path, *([_plot(rows, out / "plan.png")] if plots else [])]
 

@@ -30,7 +30,7 @@ def planned(tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert cli.main([*PLAN, "--out", str(out)]) == 0
-    return json.loads((out / "plan.json").read_text())["plan"], stdout.getvalue(), out
+    return json.loads((out / "results.json").read_text())["plan"], stdout.getvalue(), out
 
 
 def test_plan_finds_the_largest_batch_that_fits(planned):
