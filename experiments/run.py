@@ -50,25 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="--plan: memory of one device, e.g. 80GiB (default: the accelerator's own, if one is present)",
     )
-    model = p.add_argument_group("model and data")
-    model.add_argument("--model", default="gpt-pico", help="preset name, or a comma list (default gpt-pico)")
-    model.add_argument("--task", default="sort", help="sort, or chars:PATH (a local text file)")
-    model.add_argument(
-        "--seq", type=int, help="sequence length of a chars task (--plan: default the context)"
-    )
-    model.add_argument(
-        "--dtype",
-        help="compute dtype, float32 or bfloat16 (default: bfloat16 on accelerators, float32 on CPU)",
-    )
-    model.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
-    model.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan layers")
-    model.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
-    model.add_argument(
-        "--init-from",
-        metavar="PATH",
-        help="GPT-2-named weights: a .safetensors/.npz/.pt file or a Hugging Face save_pretrained directory "
-        "(nanoGPT's ckpt.pt and HF's config.json supply n_head and the GELU)",
-    )
+    add_model_flags(p)
     loop = p.add_argument_group("training and measurement")
     loop.add_argument("--steps", type=int, default=100)
     loop.add_argument("--batch", type=int, default=64, help="global batch size")
@@ -90,6 +72,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-plots", action="store_true", help="write results.json only (no matplotlib needed)"
     )
     loop.add_argument("--profile", metavar="DIR", help="jax.profiler trace of a few steps per run")
+    add_device_flags(p)
+    return p
+
+
+def add_model_flags(p: argparse.ArgumentParser):
+    """The "model and data" flags, shared with experiments/train.py."""
+    model = p.add_argument_group("model and data")
+    model.add_argument("--model", default="gpt-pico", help="preset name, or a comma list (default gpt-pico)")
+    model.add_argument(
+        "--task", default="sort", help="sort, chars:PATH (a local text file) or bin:DIR (nanoGPT's train.bin)"
+    )
+    model.add_argument(
+        "--seq", type=int, help="sequence length of a chars task (--plan: default the context)"
+    )
+    model.add_argument(
+        "--dtype",
+        help="compute dtype, float32 or bfloat16 (default: bfloat16 on accelerators, float32 on CPU)",
+    )
+    model.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
+    model.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan layers")
+    model.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
+    model.add_argument(
+        "--init-from",
+        metavar="PATH",
+        help="GPT-2-named weights: a .safetensors/.npz/.pt file or a Hugging Face save_pretrained directory "
+        "(nanoGPT's ckpt.pt and HF's config.json supply n_head and the GELU)",
+    )
+
+
+def add_device_flags(p: argparse.ArgumentParser):
+    """The "devices" flags (simulated devices, multi-host), shared with experiments/train.py."""
     where = p.add_argument_group("devices")
     where.add_argument(
         "--devices",
@@ -104,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
     where.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
-    return p
 
 
 def _env_int(name: str) -> int | None:
@@ -260,7 +272,7 @@ def validate_plan(args: argparse.Namespace) -> tuple[list, int | None]:
 
 
 def plan(planners: list, budget: int | None, args: argparse.Namespace, argv: list[str]) -> int:
-    """Compile every planner's step (abstract arrays only), print the ranked table, write plan.json."""
+    """Compile every planner's step (abstract arrays only), print the ranked table, write results.json."""
     import time
 
     from shardgpt import lab

@@ -1,4 +1,4 @@
-"""Tasks (minGPT's sort, char-level text) and deterministic global batches sharded over `dp`.
+"""Tasks (minGPT's sort, char-level text, nanoGPT's train.bin) and deterministic global batches over `dp`.
 
 Row r of the batch for step i depends only on (seed, i, r), so every process (and every strategy) sees
 the same data, and each process builds only the rows its own devices hold.
@@ -6,6 +6,7 @@ the same data, and each process builds only the rows its own devices hold.
 
 import dataclasses
 import pathlib
+import pickle
 
 import jax
 import numpy as np
@@ -94,6 +95,58 @@ class CharTask:
         return windows[:, :-1], windows[:, 1:]
 
 
+GPT2_VOCAB = 50257  # nanoGPT's prepare.py scripts write GPT-2 BPE ids unless meta.pkl says otherwise
+
+
+@dataclasses.dataclass(frozen=True)
+class BinTask:
+    """nanoGPT's prepared data: DIR/train.bin, a flat uint16 token memmap; windows at seeded random offsets.
+
+    The file is memory-mapped, so a process reads only the windows of its own rows. The vocabulary size is
+    DIR/meta.pkl's `vocab_size` (nanoGPT's char datasets) if present, else GPT-2's.
+    """
+
+    path: str
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        train = pathlib.Path(self.path) / "train.bin"
+        if not train.is_file():
+            raise ValueError(f"no {train}: give bin:DIR with nanoGPT's prepared train.bin (uint16 tokens)")
+        tokens = np.memmap(train, dtype=np.uint16, mode="r")
+        if len(tokens) < self.seq_len + 1:
+            raise ValueError(
+                f"{train} has {len(tokens)} tokens; need more than seq_len={self.seq_len}: use a smaller "
+                "--seq"
+            )
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "vocab_size", _meta_vocab(pathlib.Path(self.path) / "meta.pkl"))
+
+    def rows(self, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
+        starts = [
+            np.random.default_rng([self.seed, step, r]).integers(0, len(self.tokens) - self.seq_len)
+            for r in rows
+        ]
+        windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
+        return windows[:, :-1], windows[:, 1:]
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):  # meta.pkl holds dicts, strings and ints: nothing to import
+        raise ValueError(f"meta.pkl refers to {module}.{name}; only plain data is read")
+
+
+def _meta_vocab(path: pathlib.Path) -> int:
+    if not path.is_file():
+        return GPT2_VOCAB
+    with path.open("rb") as f:
+        meta = _PlainUnpickler(f).load()
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise ValueError(f"{path}: expected nanoGPT's meta.pkl, a dict with an int vocab_size")
+    return meta["vocab_size"]
+
+
 def _read_text(path: str) -> str:
     file = pathlib.Path(path)
     if not file.is_file():
@@ -102,12 +155,17 @@ def _read_text(path: str) -> str:
 
 
 def make_task(spec: str, seq_len: int | None = None, seed: int = 0):
-    """A task from its spec, "sort" or "chars:PATH"; `seq_len` applies to chars (sort's is fixed)."""
+    """A task from its spec, "sort", "chars:PATH" or "bin:DIR"; `seq_len` applies to the last two."""
     if spec == "sort":
         return SortTask(seed=seed)
     if spec.startswith("chars:"):
         return CharTask(spec[len("chars:") :], seq_len or 128, seed)
-    raise ValueError(f"unknown task {spec!r}: use 'sort' or 'chars:PATH' (a local text file)")
+    if spec.startswith("bin:"):
+        return BinTask(spec[len("bin:") :], seq_len or 128, seed)
+    raise ValueError(
+        f"unknown task {spec!r}: use 'sort', 'chars:PATH' (a local text file) or 'bin:DIR' (nanoGPT's "
+        "train.bin)"
+    )
 
 
 def global_batch(

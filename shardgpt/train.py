@@ -1,6 +1,7 @@
 """TrainState, the loss, state created sharded from birth, a pure train step jitted once, and a Trainer."""
 
 import contextlib
+import math
 import sys
 import time
 import warnings
@@ -216,16 +217,42 @@ class Callback:
 
     def on_train_begin(self, trainer: "Trainer"): ...
 
-    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]): ...
+    def wants_state(self, step: int) -> bool:
+        """True to receive step `step`'s state in on_step_end (the Trainer then reads that step's metrics
+        before dispatching the next, which donates the state)."""
+        return False
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict[str, float], state: Any = None):
+        """Step `step` (0-based; its state has state.step == step + 1) produced `metrics`; `state` is that
+        step's TrainState when a callback's wants_state(step) said so or the step is the last, else None."""
 
     def on_train_end(self, trainer: "Trainer"): ...
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or inf; `step` counts from 1 (the failing step's state.step), as logs do."""
+
+    def __init__(self, step: int, metrics: dict[str, float], what: str | None = None):
+        what = what or ", ".join(f"{k} {v}" for k, v in metrics.items() if k in ("loss", "grad_norm"))
+        super().__init__(f"step {step}: non-finite {what}: lower the learning rate or check the data")
+        self.step = step
+
+
+class StopOnNonFinite(Callback):
+    """Raise NonFiniteError at the first step whose loss or grad norm is NaN or inf."""
+
+    def on_step_end(self, trainer, step, metrics, state=None):
+        values = [metrics[k] for k in ("loss", "grad_norm") if k in metrics]
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteError(step + 1, metrics)
 
 
 class Trainer:
     """Runs `train_step` over `batch_for(step)`; knows nothing of GPT.
 
     Step t+1 is dispatched before step t's metrics are read, so the host never stalls the device and the
-    tokens/s it reports is honest.
+    tokens/s it reports is honest. A callback whose wants_state(t) is true gets step t's own state in
+    on_step_end: the Trainer reads that step's metrics before the next dispatch donates the state.
     """
 
     def __init__(
@@ -250,33 +277,45 @@ class Trainer:
         first = int(self.state.step)
         # A live bar only on a terminal: in a log its carriage-return frames would fill hundreds of lines.
         live = self.progress and sys.stderr.isatty()
-        every = max(1, steps // PROGRESS_LINES)
-        bar = tqdm(total=steps, desc=self.description, disable=not live, leave=False)
-        pending, last_time = None, time.perf_counter()
-        for step in range(first, first + steps + 1):
-            if step < first + steps:
+        self._every, self._first, self._steps = max(1, steps // PROGRESS_LINES), first, steps
+        self._bar = tqdm(total=steps, desc=self.description, disable=not live, leave=False)
+        self._live, self._last_time = live, time.perf_counter()
+        pending = None  # (step, metrics) dispatched but not yet read
+        try:
+            for step in range(first, first + steps):
                 self.state, metrics = self.train_step(self.state, self.batch_for(step))
-            if pending is not None:  # read the previous step's metrics while this one runs
-                done_step, done_metrics = pending
-                values = {k: float(v) for k, v in jax.device_get(done_metrics).items()}
-                now = time.perf_counter()
-                values["tokens_per_s"] = self.tokens_per_step / max(now - last_time, 1e-9)
-                last_time = now
-                self.history.append(values)
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
-                done = done_step - first + 1
-                if self.progress and not live and (done % every == 0 or done == steps):
-                    print(
-                        f"{self.description}: step {done}/{steps}, loss {values['loss']:.4f}, "
-                        f"{values['tokens_per_s']:,.0f} tokens/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                for cb in self.callbacks:
-                    cb.on_step_end(self, done_step, values)
-            pending = (step, metrics) if step < first + steps else None
-        bar.close()
+                if pending is not None:  # read the previous step's metrics while this one runs
+                    self._report(*pending, state=None)
+                    pending = None
+                if any(cb.wants_state(step) for cb in self.callbacks):
+                    # The next dispatch donates this state: hand it over now, at the cost of one bubble.
+                    self._report(step, metrics, state=self.state)
+                else:
+                    pending = (step, metrics)
+            if pending is not None:
+                self._report(*pending, state=self.state)
+        finally:  # a callback may stop the run by raising (StopOnNonFinite)
+            self._bar.close()
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.state
+
+    def _report(self, step: int, metrics: dict, state: TrainState | None):
+        """Read step `step`'s metrics to the host, show progress, and call every on_step_end."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        values["tokens_per_s"] = self.tokens_per_step / max(now - self._last_time, 1e-9)
+        self._last_time = now
+        self.history.append(values)
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+        done = step - self._first + 1
+        if self.progress and not self._live and (done % self._every == 0 or done == self._steps):
+            print(
+                f"{self.description}: step {done}/{self._steps}, loss {values['loss']:.4f}, "
+                f"{values['tokens_per_s']:,.0f} tokens/s",
+                file=sys.stderr,
+                flush=True,
+            )
+        for cb in self.callbacks:
+            cb.on_step_end(self, step, values, state)

@@ -40,7 +40,7 @@ def trained_sort():
         def on_train_begin(self, trainer):
             recorder.append("begin")
 
-        def on_step_end(self, trainer, step, metrics):
+        def on_step_end(self, trainer, step, metrics, state=None):
             recorder.append(step)
 
         def on_train_end(self, trainer):

@@ -1,3 +1,5 @@
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,26 @@ def test_char_task_windows_and_codec(tmp_path):
         data.make_task("chars:/no/such/file.txt")
     with pytest.raises(ValueError, match="unknown task 'lm'"):
         data.make_task("lm")
+
+
+def test_bin_task_reads_nanogpt_train_bin_windows(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 40, 5000).astype(np.uint16)
+    tokens.tofile(tmp_path / "train.bin")  # as nanoGPT's prepare.py writes it
+    task = data.make_task(f"bin:{tmp_path}", seq_len=16, seed=3)
+    assert task.vocab_size == data.GPT2_VOCAB  # no meta.pkl: GPT-2 BPE ids
+    x, y = task.rows(7, range(2, 6))
+    assert x.dtype == np.int32 and x.shape == y.shape == (4, 16)
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    np.testing.assert_array_equal(x, task.rows(7, range(0, 6))[0][2:])  # a row is (seed, step, row) only
+    start = np.flatnonzero([np.array_equal(tokens[i : i + 16], x[0]) for i in range(len(tokens) - 16)])
+    assert len(start) == 1, "each row is one window of the file"
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 40, "itos": {0: "a"}}))
+    assert data.make_task(f"bin:{tmp_path}").vocab_size == 40
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 40, "bad": np.int64(1)}))
+    with pytest.raises(ValueError, match="only plain data is read"):
+        data.make_task(f"bin:{tmp_path}")
+    with pytest.raises(ValueError, match="nanoGPT's prepared train.bin"):
+        data.make_task(f"bin:{tmp_path / 'none'}")
 
 
 def test_global_batch_is_sharded_over_dp_and_equal_across_meshes():

@@ -1,0 +1,271 @@
+"""Train one (mesh, strategy, impl) to --steps, with checkpoints, resume onto any mesh, and a NaN guard.
+
+    python experiments/train.py --task chars:README.md --model gpt-micro --mesh dp=2,tp=4 --strategy zero3 \\
+        --steps 300 --ckpt-dir ckpt --save-every 50
+    python experiments/train.py ... --resume --mesh dp=8 --strategy zero1   # continues, resharded
+
+Exit status: 0 done, 2 bad input (one line, before anything compiles), 3 a NaN or inf loss or grad norm.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py's flag helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, no pip install
+
+import run as run_cli  # noqa: E402  (after the path is set)
+
+EXIT_NON_FINITE = 3
+SAMPLE_CHARS = 200  # characters generated after a chars task
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """run.py's model and device flags, plus one run's layout, length and checkpoints."""
+    p = argparse.ArgumentParser(
+        prog="experiments/train.py",
+        description=__doc__.split("\n")[0],
+        epilog="Overrides: --model.FIELD=VALUE and --optim.FIELD=VALUE, as in experiments/run.py.",
+    )
+    what = p.add_argument_group("layout")
+    what.add_argument("--mesh", default=None, help="mesh spec (default: dp=2,tp=4 on 8 devices, else dp=-1)")
+    what.add_argument("--strategy", default="dp", help=f"one of {', '.join(run_cli.STRATEGIES)}, fsdp")
+    what.add_argument("--impl", choices=("gspmd", "shard_map"), default="gspmd")
+    run_cli.add_model_flags(p)
+    loop = p.add_argument_group("training")
+    loop.add_argument(
+        "--steps", type=int, default=100, help="total steps to reach (a resumed run stops there)"
+    )
+    loop.add_argument("--batch", type=int, default=64, help="global batch size")
+    loop.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (= --optim.learning_rate)")
+    loop.add_argument("--seed", type=int, default=0)
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--ckpt-dir", metavar="DIR", help="checkpoints and metrics.jsonl (default: none)")
+    ckpt.add_argument("--save-every", type=int, default=100, metavar="K", help="save every K steps")
+    ckpt.add_argument("--keep", type=int, default=3, metavar="N", help="keep the last N checkpoints")
+    ckpt.add_argument(
+        "--resume", action="store_true", help="continue from DIR's latest checkpoint (resharded if needed)"
+    )
+    p.add_argument(
+        "--export", metavar="PATH", help="write GPT-2-named weights at the end (.safetensors or .npz)"
+    )
+    run_cli.add_device_flags(p)
+    return p
+
+
+@dataclasses.dataclass
+class Job:
+    """What validation resolved: the lab setup, the run's description, and the checkpoint to resume."""
+
+    spec: object
+    setup: object
+    description: dict
+    checkpointer: object = None
+    resume_step: int | None = None
+
+
+def validate(args: argparse.Namespace) -> Job:
+    """Initialise jax, resolve the run, open and check the checkpoint directory: nothing compiles."""
+    import jax
+
+    if args.coordinator or args.num_processes:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from shardgpt import checkpoint, lab
+    from shardgpt.mesh import describe
+
+    if args.save_every < 1 or args.keep < 1:
+        raise ValueError(f"--save-every and --keep must be >= 1 (got {args.save_every}, {args.keep})")
+    if args.export:
+        if Path(args.export).suffix not in (".safetensors", ".npz"):
+            raise ValueError(f"--export {args.export}: give a .safetensors or .npz path")
+        if jax.process_count() > 1:
+            raise ValueError("--export runs on one process only for now: drop it for multi-host runs")
+        run_cli._check_writable("--export", str(Path(args.export).resolve().parent))
+    if args.resume and not args.ckpt_dir:
+        raise ValueError("--resume needs --ckpt-dir DIR: the directory to continue from")
+    platform = jax.devices()[0].platform
+    spec = lab.RunSpec(
+        mesh=args.mesh or ("dp=2,tp=4" if jax.device_count() == 8 else "dp=-1"),
+        strategy=args.strategy, impl=args.impl, model=args.model, overrides=args.overrides, optim=args.optim,
+        task=args.task, seq=args.seq, steps=args.steps, batch=args.batch,
+        dtype=args.dtype or ("float32" if platform == "cpu" else "bfloat16"), attention=args.attention,
+        scan=args.scan, remat=args.remat, lr=args.lr, seed=args.seed, init_from=args.init_from,
+    )  # fmt: skip
+    setup = lab.prepare(spec)
+    description = {
+        "model": dataclasses.asdict(setup.config),
+        "strategy": setup.strategy,
+        "mesh": describe(setup.mesh),
+        "impl": spec.impl,
+        "optim": dataclasses.asdict(setup.optim),
+        "seed": spec.seed,
+        "task": spec.task,
+        "seq": setup.task.seq_len,
+        "batch": spec.batch,
+    }
+    job = Job(spec, setup, description)
+    if args.ckpt_dir:
+        job.checkpointer = checkpoint.Checkpointer(args.ckpt_dir, keep=args.keep)
+        latest = job.checkpointer.latest_step()
+        if latest is not None and not args.resume:  # a fresh run would prune and overwrite that one's files
+            raise ValueError(
+                f"{args.ckpt_dir} already holds checkpoints up to step {latest}: pass --resume to continue "
+                "that run, or choose another --ckpt-dir"
+            )
+    if args.resume:
+        job.resume_step = job.checkpointer.latest_step()
+        if job.resume_step is None:
+            raise ValueError(f"--resume: no checkpoint in {args.ckpt_dir}: train without --resume first")
+        saved = job.checkpointer.description(job.resume_step)
+        for note in checkpoint.check_compatible(saved, description):
+            resharded = note.startswith(("mesh", "strategy", "impl"))
+            _say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
+    return job
+
+
+def train(job: Job, args: argparse.Namespace) -> int:
+    """Restore or initialise the state, train to --steps, then save, export and sample; returns the status."""
+    from shardgpt import lab, weights
+    from shardgpt import train as training
+
+    s, spec, ckpt = job.setup, job.spec, job.checkpointer
+    if job.resume_step is not None:
+        target, shardings = training.abstract_state(s.model, s.tx, s.mesh, s.strategy)
+        state = ckpt.restore(target, job.resume_step)  # placed straight into the current mesh's layout
+        _say(f"resumed from {ckpt.directory}/{job.resume_step} onto {job.description['mesh']} {s.strategy}")
+    elif spec.init_from:
+        params = weights.import_params(lab._state_dict(spec.init_from), s.config, s.mesh, s.strategy)
+        state, shardings = weights.state_from_params(params, s.model, s.tx, s.mesh, s.strategy)
+    else:
+        state, shardings = training.init_state(s.model, s.tx, s.mesh, s.strategy, seed=spec.seed)
+    if int(state.step) >= spec.steps:
+        _say(f"already at step {int(state.step)} of --steps {spec.steps}: nothing to train")
+    else:
+        try:
+            state = _train_to_the_end(job, args, state, shardings)
+        except training.NonFiniteError as e:
+            if ckpt is not None:
+                ckpt.wait()  # a save in flight is a good state: name it once it is on disk
+            last = ckpt.latest_step() if ckpt else None
+            kept = f"; the last good checkpoint is step {last}" if last is not None else ""
+            print(f"experiments/train.py: error: {e}{kept}", file=sys.stderr)
+            return _finish(ckpt, EXIT_NON_FINITE)
+    _conclude(job, args, state)
+    return _finish(ckpt, 0)
+
+
+def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
+    """The Trainer from the state's step to --steps, with the NaN guard, metrics log and checkpoints."""
+    import jax
+
+    from shardgpt import checkpoint, data, optim, sharding
+    from shardgpt import train as training
+
+    s, spec, ckpt, first = job.setup, job.spec, job.checkpointer, int(state.step)
+    step_fn = s.make_step(s.model, s.tx, s.mesh, s.strategy, shardings)
+    batch_sharding = sharding.batch_sharding(s.mesh, s.strategy)
+    batch_for = lambda i: data.global_batch(s.task, i, spec.batch, batch_sharding, s.config.vocab_size)
+    callbacks = [training.StopOnNonFinite()]
+    if ckpt is not None:
+        if jax.process_index() == 0:
+            callbacks.insert(0, MetricsLog(ckpt.directory / "metrics.jsonl", optim.schedule(s.optim), first))
+        callbacks.append(checkpoint.SaveEvery(ckpt, args.save_every, job.description))
+    name = f"{job.description['mesh']} {s.strategy}" + ("" if spec.impl == "gspmd" else f" {spec.impl}")
+    trainer = training.Trainer(
+        step_fn, state, batch_for, spec.batch * s.task.seq_len, callbacks,
+        progress=jax.process_index() == 0, description=name,
+    )  # fmt: skip
+    state = trainer.run(spec.steps - first)
+    losses = [h["loss"] for h in trainer.history]
+    _say(f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f})")
+    return state
+
+
+def _conclude(job: Job, args: argparse.Namespace, state):
+    """Save the final state (unless just saved), write --export, print a text sample on a chars task."""
+    import jax
+
+    from shardgpt import data, generate, weights
+
+    s = job.setup
+    if job.checkpointer is not None:
+        job.checkpointer.save(state, job.description)
+    if args.export:
+        _say(f"wrote {weights.export_params(state.params, s.config, args.export)}")
+    if isinstance(s.task, data.CharTask) and jax.process_count() == 1:
+        prompt = s.task.decode(s.task.ids[:8])
+        room = s.config.block_size + 1 - len(prompt)
+        text = generate.generate_text(s.model, state.params, s.task, prompt, min(SAMPLE_CHARS, room))
+        _say(f"sample:\n{text}")
+
+
+class MetricsLog:
+    """DIR/metrics.jsonl: one JSON object per step (step counted from 1, loss, grad_norm, tokens_per_s, lr).
+
+    On resume the lines of steps that run again are dropped first, so the file reads as one run.
+    """
+
+    def __init__(self, path: Path, lr_schedule, first: int):
+        self.path, self.lr = path, lr_schedule
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= first]
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+    def on_train_begin(self, trainer): ...
+
+    def wants_state(self, step: int) -> bool:
+        return False
+
+    def on_step_end(self, trainer, step, metrics, state=None):
+        record = {"step": step + 1, **metrics, "lr": float(self.lr(step))}
+        with self.path.open("a") as log:  # a line at a time: a kill loses at most the line being written
+            log.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, trainer): ...
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut by a kill: dropped
+
+
+def _finish(ckpt, status: int) -> int:
+    if ckpt is not None:
+        ckpt.close()  # wait for saves in flight: a checkpoint is only latest once complete
+    return status
+
+
+def _say(*args, **kwargs):
+    """print, on process 0 only."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train one run; exit 2 with a one-line reason on bad input, 3 on a NaN or inf."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = run_cli.parse_args(parser, argv)
+    run_cli._set_xla_flags(args.devices, plan=False)  # before jax is first imported
+    from shardgpt.checkpoint import CheckpointError
+
+    try:  # only validation is caught: an error while training keeps its traceback
+        job = validate(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e).splitlines()[0])
+    try:
+        return train(job, args)
+    except CheckpointError as e:  # a corrupt checkpoint found while restoring: nothing was deleted
+        print(f"experiments/train.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
