@@ -87,10 +87,6 @@ def _weight_file(path: str) -> weight_files.WeightFile:
     return weight_files.read_weight_file(path)  # cached: every run of a comparison starts from the same file
 
 
-def _state_dict(path: str) -> dict:
-    return _weight_file(path).state_dict
-
-
 def step_builder(impl: str) -> Callable:
     """make_train_step of the chosen implementation (same signature for both)."""
     if impl == "gspmd":
@@ -237,7 +233,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     s = prepare(spec)
     name, seq, mesh = run_name(spec), s.task.seq_len, s.mesh
     if spec.init_from:
-        params = weights.import_params(_state_dict(spec.init_from), s.config, mesh, s.strategy)
+        params = weights.import_params(_weight_file(spec.init_from).state_dict, s.config, mesh, s.strategy)
         state, shardings = weights.state_from_params(params, s.model, s.tx, mesh, s.strategy)
     else:
         state, shardings = train.init_state(s.model, s.tx, mesh, s.strategy, seed=spec.seed)
