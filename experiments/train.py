@@ -4,6 +4,9 @@
         --steps 300 --ckpt-dir ckpt --save-every 50
     python experiments/train.py ... --resume --mesh dp=8 --strategy zero1   # continues, resharded
 
+Every --eval-every steps it prints the loss on held-out data (the task's val split) and, on a chars task,
+a text sample.
+
 Exit status: 0 done, 2 bad input (one line, before anything compiles), 3 a NaN or inf loss or grad norm.
 """
 
@@ -19,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 import run as run_cli  # noqa: E402  (after the path is set)
 
 EXIT_NON_FINITE = 3
-SAMPLE_CHARS = 200  # characters generated after a chars task
+SAMPLE_CHARS = 200  # characters generated at each evaluation of a chars task
+SAMPLING = dict(temperature=1.0, top_k=10)  # minGPT's chargpt samples so
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--batch", type=int, default=64, help="global batch size")
     loop.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (= --optim.learning_rate)")
     loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument(
+        "--eval-every", type=int, default=100, metavar="N",
+        help="held-out loss (and a text sample on chars tasks) every N steps and at the end; 0: never",
+    )  # fmt: skip
+    loop.add_argument(
+        "--eval-batches", type=int, default=4, metavar="B", help="held-out batches per evaluation"
+    )
     ckpt = p.add_argument_group("checkpoints")
     ckpt.add_argument("--ckpt-dir", metavar="DIR", help="checkpoints and metrics.jsonl (default: none)")
     ckpt.add_argument("--save-every", type=int, default=100, metavar="K", help="save every K steps")
@@ -75,8 +86,13 @@ def validate(args: argparse.Namespace) -> Job:
     from shardgpt import checkpoint, lab
     from shardgpt.mesh import describe
 
-    if args.save_every < 1 or args.keep < 1:
-        raise ValueError(f"--save-every and --keep must be >= 1 (got {args.save_every}, {args.keep})")
+    if args.save_every < 1 or args.keep < 1 or args.eval_batches < 1:
+        raise ValueError(
+            f"--save-every, --keep and --eval-batches must be >= 1 (got {args.save_every}, {args.keep}, "
+            f"{args.eval_batches})"
+        )
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0 (0: no evaluation), got {args.eval_every}")
     if args.export:
         if Path(args.export).suffix not in (".safetensors", ".npz"):
             raise ValueError(f"--export {args.export}: give a .safetensors or .npz path")
@@ -94,6 +110,8 @@ def validate(args: argparse.Namespace) -> Job:
         scan=args.scan, remat=args.remat, lr=args.lr, seed=args.seed, init_from=args.init_from,
     )  # fmt: skip
     setup = lab.prepare(spec)
+    if args.eval_every:
+        setup.task.rows(0, range(1), "val")  # a missing held-out split (bin:DIR without val.bin) fails now
     description = {
         "model": dataclasses.asdict(setup.config),
         "strategy": setup.strategy,
@@ -167,10 +185,12 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
     step_fn = s.make_step(s.model, s.tx, s.mesh, s.strategy, shardings)
     batch_sharding = sharding.batch_sharding(s.mesh, s.strategy)
     batch_for = lambda i: data.global_batch(s.task, i, spec.batch, batch_sharding, s.config.vocab_size)
-    callbacks = [training.StopOnNonFinite()]
+    # In this order: the evaluation adds val_loss to the metrics that the log then writes.
+    callbacks = [Evaluate(job, args, shardings)] if args.eval_every else []
+    if ckpt is not None and jax.process_index() == 0:
+        callbacks.append(MetricsLog(ckpt.directory / "metrics.jsonl", optim.schedule(s.optim), first))
+    callbacks.append(training.StopOnNonFinite())
     if ckpt is not None:
-        if jax.process_index() == 0:
-            callbacks.insert(0, MetricsLog(ckpt.directory / "metrics.jsonl", optim.schedule(s.optim), first))
         callbacks.append(checkpoint.SaveEvery(ckpt, args.save_every, job.description))
     name = f"{job.description['mesh']} {s.strategy}" + ("" if spec.impl == "gspmd" else f" {spec.impl}")
     trainer = training.Trainer(
@@ -184,21 +204,66 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
 
 
 def _conclude(job: Job, args: argparse.Namespace, state):
-    """Save the final state (unless just saved), write --export, print a text sample on a chars task."""
-    import jax
+    """Save the final state (unless just saved) and write --export."""
+    from shardgpt import weights
 
-    from shardgpt import data, generate, weights
-
-    s = job.setup
     if job.checkpointer is not None:
         job.checkpointer.save(state, job.description)
     if args.export:
-        _say(f"wrote {weights.export_params(state.params, s.config, args.export)}")
-    if isinstance(s.task, data.CharTask) and jax.process_count() == 1:
-        prompt = s.task.decode(s.task.ids[:8])
-        room = s.config.block_size + 1 - len(prompt)
-        text = generate.generate_text(s.model, state.params, s.task, prompt, min(SAMPLE_CHARS, room))
-        _say(f"sample:\n{text}")
+        _say(f"wrote {weights.export_params(state.params, job.setup.config, args.export)}")
+
+
+class Evaluate:
+    """Every --eval-every steps and at the last: the held-out loss (metrics' val_loss) and a text sample.
+
+    The held-out batches are the val split's first --eval-batches, the same at every evaluation, so the
+    losses compare; they are built once and kept on the devices.
+    """
+
+    def __init__(self, job: Job, args: argparse.Namespace, shardings):
+        import jax
+
+        from shardgpt import data, sharding
+        from shardgpt import train as training
+
+        s = job.setup
+        self.job, self.every, self.last = job, args.eval_every, args.steps
+        self.loss = training.make_eval_loss(s.model, s.mesh, s.strategy, shardings)
+        batch_sharding = sharding.batch_sharding(s.mesh, s.strategy)
+        self.batches = [
+            data.global_batch(s.task, i, job.spec.batch, batch_sharding, s.config.vocab_size, split="val")
+            for i in range(args.eval_batches)
+        ]
+        # A text sample needs every param on one process; multi-process runs print the loss alone.
+        self.sample = isinstance(s.task, data.CharTask) and jax.process_count() == 1
+
+    def on_train_begin(self, trainer): ...
+
+    def wants_state(self, step: int) -> bool:
+        return (step + 1) % self.every == 0 or step + 1 == self.last
+
+    def on_step_end(self, trainer, step, metrics, state=None):
+        import math
+
+        import jax
+
+        from shardgpt import generate
+
+        if state is None or not math.isfinite(metrics["loss"]):
+            return  # not an evaluation step, or a NaN step that StopOnNonFinite ends
+        metrics["val_loss"] = self.loss(state.params, self.batches)
+        _say(f"step {step + 1}: held-out loss {metrics['val_loss']:.4f} (train {metrics['loss']:.4f})")
+        if self.sample:
+            s = self.job.setup
+            prompt = s.task.decode(s.task.splits["val"][:8])
+            room = s.config.block_size + 1 - len(prompt)
+            text = generate.generate_text(
+                s.model, state.params, s.task, prompt, min(SAMPLE_CHARS, room),
+                sampling=generate.Sampling(**SAMPLING), key=jax.random.key(step),  # chargpt's sampling; a fixed key per step
+            )  # fmt: skip
+            _say(f"sample:\n{text}\n")
+
+    def on_train_end(self, trainer): ...
 
 
 class MetricsLog:

@@ -2,9 +2,14 @@
 
 Row r of the batch for step i depends only on (seed, i, r), so every process (and every strategy) sees
 the same data, and each process builds only the rows its own devices hold.
+
+Every task has two disjoint splits, "train" and "val" (held out): sort problems are split by a hash of
+their digits (as minGPT's sort dataset does), text by position (the last 10%, as nanoGPT's prepare
+scripts do), nanoGPT's data by file (train.bin, val.bin).
 """
 
 import dataclasses
+import hashlib
 import pathlib
 import pickle
 
@@ -13,6 +18,22 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 IGNORE_INDEX = -1  # targets with this value carry no loss
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.1  # of a text file, held out at its end
+
+
+def _rng(seed: int, step: int, row: int, split: str) -> np.random.Generator:
+    """The generator of one row; the val split draws from its own streams."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    return np.random.default_rng([seed, step, row] + ([1] if split == "val" else []))
+
+
+def _windows(tokens: np.ndarray, seq_len: int, rng_of, rows: range) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets (int32) of one seq_len + 1 window per row, at the row generator's random offset."""
+    starts = [rng_of(r).integers(0, len(tokens) - seq_len) for r in rows]
+    windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +55,26 @@ class SortTask:
     def seq_len(self) -> int:
         return 2 * self.length - 1
 
-    def problem(self, step: int, row: int) -> np.ndarray:
-        """The `length` unsorted digits of one example."""
-        return np.random.default_rng([self.seed, step, row]).integers(0, self.num_digits, self.length)
+    def problem(self, step: int, row: int, split: str = "train") -> np.ndarray:
+        """The `length` unsorted digits of one example, drawn until it belongs to `split`."""
+        rng = _rng(self.seed, step, row, split)
+        while True:
+            digits = rng.integers(0, self.num_digits, self.length)
+            if self.split_of(digits) == split:
+                return digits
 
-    def rows(self, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def split_of(digits: np.ndarray) -> str:
+        """A quarter of all problems are held out, chosen by a hash that is the same in every process."""
+        digest = hashlib.blake2b(np.asarray(digits, np.int64).tobytes(), digest_size=2).digest()
+        return "val" if int.from_bytes(digest, "little") % 4 == 0 else "train"
+
+    def rows(self, step: int, rows: range, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Inputs and targets, int32 (len(rows), seq_len), for these rows of step `step`'s batch."""
         x = np.empty((len(rows), self.seq_len), np.int32)
         y = np.empty((len(rows), self.seq_len), np.int32)
         for i, row in enumerate(rows):
-            digits = self.problem(step, row)
+            digits = self.problem(step, row, split)
             cat = np.concatenate([digits, np.sort(digits)])
             x[i], y[i] = cat[:-1], cat[1:]
         y[:, : self.length - 1] = IGNORE_INDEX  # predicting the unsorted input is not the task
@@ -52,7 +83,10 @@ class SortTask:
 
 @dataclasses.dataclass(frozen=True)
 class CharTask:
-    """Character-level language modelling over a local text file; windows at seeded random offsets."""
+    """Character-level language modelling over a local text file; windows at seeded random offsets.
+
+    The first 90% of the text is the train split, the rest the val split.
+    """
 
     path: str
     seq_len: int = 128
@@ -60,15 +94,19 @@ class CharTask:
 
     def __post_init__(self):
         text = _read_text(self.path)
-        if len(text) < self.seq_len + 1:
+        val = int(len(text) * VAL_FRACTION)
+        if min(len(text) - val, val) < self.seq_len + 1:
             raise ValueError(
-                f"{self.path} has {len(text)} characters; need more than seq_len={self.seq_len}: "
-                "use a longer file or a smaller --seq"
+                f"{self.path} has {len(text)} characters; its held-out last {VAL_FRACTION:.0%} needs more "
+                f"than seq_len={self.seq_len}: use a file of at least {(self.seq_len + 1) * 10} characters or "
+                "a smaller --seq"
             )
         chars = sorted(set(text))
         object.__setattr__(self, "chars", "".join(chars))
         lookup = {c: i for i, c in enumerate(chars)}
-        object.__setattr__(self, "ids", np.fromiter((lookup[c] for c in text), np.int32, len(text)))
+        ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "splits", {"train": ids[: len(ids) - val], "val": ids[len(ids) - val :]})
 
     @property
     def vocab_size(self) -> int:
@@ -86,13 +124,9 @@ class CharTask:
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in np.asarray(ids).tolist())
 
-    def rows(self, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
-        starts = [
-            np.random.default_rng([self.seed, step, r]).integers(0, len(self.ids) - self.seq_len)
-            for r in rows
-        ]
-        windows = np.stack([self.ids[s : s + self.seq_len + 1] for s in starts])
-        return windows[:, :-1], windows[:, 1:]
+    def rows(self, step: int, rows: range, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        rng_of = lambda r: _rng(self.seed, step, r, split)
+        return _windows(self.splits[split], self.seq_len, rng_of, rows)
 
 
 GPT2_VOCAB = 50257  # nanoGPT's prepare.py scripts write GPT-2 BPE ids unless meta.pkl says otherwise
@@ -102,8 +136,9 @@ GPT2_VOCAB = 50257  # nanoGPT's prepare.py scripts write GPT-2 BPE ids unless me
 class BinTask:
     """nanoGPT's prepared data: DIR/train.bin, a flat uint16 token memmap; windows at seeded random offsets.
 
-    The file is memory-mapped, so a process reads only the windows of its own rows. The vocabulary size is
-    DIR/meta.pkl's `vocab_size` (nanoGPT's char datasets) if present, else GPT-2's.
+    The files are memory-mapped, so a process reads only the windows of its own rows. The val split is
+    DIR/val.bin, read only when asked for. The vocabulary size is DIR/meta.pkl's `vocab_size` (nanoGPT's
+    char datasets) if present, else GPT-2's.
     """
 
     path: str
@@ -123,13 +158,18 @@ class BinTask:
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "vocab_size", _meta_vocab(pathlib.Path(self.path) / "meta.pkl"))
 
-    def rows(self, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
-        starts = [
-            np.random.default_rng([self.seed, step, r]).integers(0, len(self.tokens) - self.seq_len)
-            for r in rows
-        ]
-        windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
-        return windows[:, :-1], windows[:, 1:]
+    def rows(self, step: int, rows: range, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        rng_of = lambda r: _rng(self.seed, step, r, split)
+        return _windows(self.tokens if split == "train" else self._val_tokens(), self.seq_len, rng_of, rows)
+
+    def _val_tokens(self) -> np.ndarray:
+        val = pathlib.Path(self.path) / "val.bin"
+        if not val.is_file():
+            raise ValueError(f"no {val}: held-out loss needs nanoGPT's val.bin beside train.bin")
+        tokens = np.memmap(val, dtype=np.uint16, mode="r")
+        if len(tokens) < self.seq_len + 1:
+            raise ValueError(f"{val} has {len(tokens)} tokens; need more than seq_len={self.seq_len}")
+        return tokens
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -169,9 +209,15 @@ def make_task(spec: str, seq_len: int | None = None, seed: int = 0):
 
 
 def global_batch(
-    task, step: int, batch_size: int, sharding: NamedSharding, vocab_size: int | None = None
+    task,
+    step: int,
+    batch_size: int,
+    sharding: NamedSharding,
+    vocab_size: int | None = None,
+    split: str = "train",
 ) -> dict[str, jax.Array]:
-    """Step `step`'s batch as global arrays with `sharding`; each device's rows are built where it lives.
+    """Step `step`'s batch of `split` as global arrays with `sharding`; each device's rows are built where
+    it lives.
 
     With `vocab_size` (the model's), every row's ids are checked as they are built (see check_ids).
     """
@@ -185,7 +231,7 @@ def global_batch(
         rows = range(*index[0].indices(batch_size))
         key = (rows.start, rows.stop)
         if key not in built:
-            built[key] = task.rows(step, rows)
+            built[key] = task.rows(step, rows, split)
             if vocab_size is not None:
                 check_ids(built[key][0], vocab_size, f"{type(task).__name__} inputs")
                 check_ids(built[key][1], vocab_size, f"{type(task).__name__} targets", allow_ignore=True)

@@ -33,13 +33,19 @@ class TrainState:
     opt_state: Any
 
 
-def cross_entropy(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDEX):
-    """Mean next-token cross-entropy over targets != ignore_index, computed in fp32."""
+def cross_entropy_sum(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDEX):
+    """Summed next-token cross-entropy over targets != ignore_index (fp32), and how many there are."""
     mask_BxL = targets_BxL != ignore_index
     losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxLxV.astype(jnp.float32), jnp.where(mask_BxL, targets_BxL, 0)
     )
-    return jnp.sum(losses_BxL * mask_BxL) / jnp.maximum(mask_BxL.sum(), 1)
+    return jnp.sum(losses_BxL * mask_BxL), mask_BxL.sum()
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDEX):
+    """Mean next-token cross-entropy over targets != ignore_index, computed in fp32."""
+    total, count = cross_entropy_sum(logits_BxLxV, targets_BxL, ignore_index)
+    return total / jnp.maximum(count, 1)
 
 
 @flax.struct.dataclass
@@ -196,6 +202,40 @@ def make_train_step(
     return bind_step(jitted, model, mesh, strategy)
 
 
+def make_eval_loss(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings) -> Callable:
+    """`eval_loss(params, batches)`: the mean cross-entropy over all non-ignored tokens of `batches`.
+
+    One forward per batch, jitted once with the state's param shardings, so it serves either impl's state
+    (both lay params out by the same rules) without moving them.
+    """
+    activation_rules = sharding.rules(strategy, "activations")
+    batch_sharding = sharding.batch_sharding(mesh, strategy)
+
+    def loss_sum(params, batch):
+        with nn.logical_axis_rules(activation_rules):
+            logits_BxLxV = model.apply({"params": params}, batch["inputs"])
+        return cross_entropy_sum(logits_BxLxV, batch["targets"])
+
+    jitted = MeshBound(
+        jax.jit(
+            loss_sum,
+            in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
+            out_shardings=NamedSharding(mesh, P()),
+        ),
+        mesh,
+    )
+
+    def eval_loss(params, batches: Sequence[dict]) -> float:
+        sums = []
+        for batch in batches:
+            check_host_batch(model, batch)
+            sums.append(jitted(params, batch))  # dispatched back to back; read once at the end
+        totals = jax.device_get(sums)
+        return sum(float(t) for t, _ in totals) / max(sum(int(c) for _, c in totals), 1)
+
+    return eval_loss
+
+
 def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str) -> Callable:
     """`step(state, batch)`: the batch checked on the host, then `jitted` run under its mesh.
 
@@ -224,7 +264,8 @@ class Callback:
 
     def on_step_end(self, trainer: "Trainer", step: int, metrics: dict[str, float], state: Any = None):
         """Step `step` (0-based; its state has state.step == step + 1) produced `metrics`; `state` is that
-        step's TrainState when a callback's wants_state(step) said so or the step is the last, else None."""
+        step's TrainState when a callback's wants_state(step) said so or the step is the last, else None.
+        Entries a callback adds to `metrics` (an evaluation's val_loss) reach the callbacks after it."""
 
     def on_train_end(self, trainer: "Trainer"): ...
 

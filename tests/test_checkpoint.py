@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import checkpoint, config, optim, train
+from shardgpt import checkpoint, config, data, optim, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -93,6 +93,8 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run_loss_for_loss(killed):
     after = _losses(ckpt_dir)
     assert sorted(after) == list(range(1, last + 1))
     assert after == before, f"steps {start + 1}-{last} must replay bit for bit (fp32, same mesh)"
+    records = [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(records[-1]["val_loss"]), "the last step is evaluated on held-out data"
     ckpt = checkpoint.Checkpointer(ckpt_dir)
     assert ckpt.latest_step() == last and ckpt.description()["model"]["n_layer"] == 1
     assert not any(".orbax-checkpoint-tmp" in p.name for p in ckpt_dir.iterdir()), os.listdir(ckpt_dir)
@@ -153,6 +155,22 @@ def test_restore_reshards_onto_another_mesh_and_one_device(pico, host_state, tmp
     ckpt.close()
 
 
+def test_held_out_loss_is_the_token_mean_and_equals_one_device(pico, host_state):
+    """make_eval_loss on dp=2,tp=4 zero3 params equals the one-device cross-entropy of the batches
+    concatenated: a mean over every non-ignored token, not a mean of batch means."""
+    model, tx = pico
+    task = data.SortTask()
+    mesh = make_mesh("dp=2,tp=4")
+    shardings = train.state_shardings(model, tx, mesh, "zero3")
+    state = jax.device_put(host_state, shardings.state)
+    batches = [dict(zip(("inputs", "targets"), task.rows(i, range(8), "val"), strict=True)) for i in range(2)]
+    batches[1]["targets"][:4] = data.IGNORE_INDEX  # unequal token counts: a mean of means would differ
+    got = train.make_eval_loss(model, mesh, "zero3", shardings)(state.params, batches)
+    inputs, targets = (np.concatenate([b[k] for b in batches]) for k in ("inputs", "targets"))
+    logits = model.apply({"params": host_state.params}, inputs)
+    assert got == pytest.approx(float(train.cross_entropy(logits, targets)), rel=1e-6)
+
+
 def test_a_non_finite_state_is_never_saved(pico, host_state, tmp_path):
     model, tx = pico
     state = _state(model, tx, host_state, make_mesh("dp=2,tp=4"), "dp")
@@ -191,7 +209,8 @@ def test_bad_input_exits_2_before_compiling(killed, tmp_path, capsys):
     assert "pass --resume to continue" in _exits_2([*BASE, "--ckpt-dir", str(whole)], capsys)
     assert "no checkpoint in" in _exits_2([*BASE, "--ckpt-dir", str(tmp_path / "new"), "--resume"], capsys)
     assert "--resume needs --ckpt-dir" in _exits_2([*BASE, "--resume"], capsys)
-    assert "--save-every and --keep must be >= 1" in _exits_2([*BASE, "--save-every", "0"], capsys)
+    assert "--save-every, --keep and --eval-batches must be" in _exits_2([*BASE, "--save-every", "0"], capsys)
+    assert "--eval-every must be >= 0" in _exits_2([*BASE, "--eval-every", "-1"], capsys)
     assert "give a .safetensors or .npz path" in _exits_2([*BASE, "--export", "w.pt"], capsys)
 
 

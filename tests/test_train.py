@@ -47,18 +47,30 @@ def test_sort_task_rows_are_deterministic_and_sorted():
     full = np.concatenate([x, y[:, -1:]], axis=1)
     np.testing.assert_array_equal(full[:, 6:], np.sort(full[:, :6], axis=1))
     assert np.all(y[:, :5] == data.IGNORE_INDEX) and np.all(y[:, 5:] >= 0)
+    seen = {tuple(task.problem(step, row)) for step in range(8) for row in range(64)}
+    held_out = {tuple(task.problem(step, row, "val")) for step in range(8) for row in range(64)}
+    assert seen and held_out and not seen & held_out  # a problem is in one split only
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        task.rows(0, range(2), "test")
 
 
 def test_char_task_windows_and_codec(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("hello world, hello shardgpt\n" * 4)
+    text = "hello world, hello shardgpt\n" * 10 + "HELD OUT!\n" * 3  # the last 10% (31 chars) is val
+    path.write_text(text)
     task = data.make_task(f"chars:{path}", seq_len=16)
     x, y = task.rows(0, range(3))
     assert x.shape == y.shape == (3, 16)
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    train_text = "".join(task.decode(row) for step in range(20) for row in task.rows(step, range(8))[0])
+    val_text = task.decode(task.rows(0, range(1), "val")[0][0])
+    assert not set("HELDOUT!") & set(train_text) and val_text in text[-31:]
+    path.write_text("x" * 169)
+    with pytest.raises(ValueError, match="at least 170 characters"):
+        data.make_task(f"chars:{path}", seq_len=16)
     assert task.decode(task.encode("hello")) == "hello"
     with pytest.raises(ValueError, match="do not occur in"):
-        task.encode("HELLO")
+        task.encode("hello?")
     with pytest.raises(ValueError, match="not found"):
         data.make_task("chars:/no/such/file.txt")
     with pytest.raises(ValueError, match="unknown task 'lm'"):
@@ -76,6 +88,10 @@ def test_bin_task_reads_nanogpt_train_bin_windows(tmp_path):
     np.testing.assert_array_equal(x, task.rows(7, range(0, 6))[0][2:])  # a row is (seed, step, row) only
     start = np.flatnonzero([np.array_equal(tokens[i : i + 16], x[0]) for i in range(len(tokens) - 16)])
     assert len(start) == 1, "each row is one window of the file"
+    with pytest.raises(ValueError, match="needs nanoGPT's val.bin"):
+        task.rows(0, range(1), "val")
+    np.full(100, 39, np.uint16).tofile(tmp_path / "val.bin")
+    assert np.all(task.rows(0, range(2), "val")[0] == 39)
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 40, "itos": {0: "a"}}))
     assert data.make_task(f"bin:{tmp_path}").vocab_size == 40
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 40, "bad": np.int64(1)}))
