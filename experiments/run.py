@@ -111,12 +111,23 @@ def add_device_flags(p: argparse.ArgumentParser):
         help=f"simulated CPU devices when no accelerator is present (default {DEFAULT_DEVICES})",
     )
     where.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="start N local processes over the simulated CPU devices, coordinated by jax.distributed on "
+        "localhost: the stand-in for N hosts (each holds --devices/N devices)",
+    )
+    where.add_argument(
         "--coordinator",
         default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        help="multi-host: coordinator host:port (or JAX_COORDINATOR_ADDRESS)",
+        help="multi-host: coordinator host:port (or JAX_COORDINATOR_ADDRESS); SLURM and Open MPI need none",
     )
-    where.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
-    where.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
+    where.add_argument(
+        "--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), help="(or JAX_NUM_PROCESSES)"
+    )
+    where.add_argument(
+        "--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), help="(or JAX_PROCESS_ID)"
+    )
 
 
 def _env_int(name: str) -> int | None:
@@ -147,6 +158,40 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         parser.error(f"--devices must be >= 1, got {args.devices}")
     args.overrides, args.optim = tuple(overrides["model"]), tuple(overrides["optim"])
     return args
+
+
+def launch_if_asked(
+    script: str, parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]
+) -> int | None:
+    """With --processes N: run `script` as N local workers and return the status; else None."""
+    if args.processes is None:
+        return None
+    from shardgpt import distributed
+
+    if args.coordinator or args.num_processes is not None or args.process_id is not None:
+        parser.error(
+            "--processes starts local processes itself: drop --coordinator, --num-processes, --process-id"
+        )
+    try:
+        workers_argv = _without(argv, "--processes", "--devices")
+        return distributed.launch(
+            script, workers_argv, args.processes, args.devices or DEFAULT_DEVICES, parser.prog
+        )
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """argv less `flags` and their values (as "--flag V" or "--flag=V")."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f"{flag}=" for flag in flags)):
+            kept.append(arg)
+    return kept
 
 
 def _check_writable(flag: str, path: str):
@@ -214,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(parser, argv)
+    launched = launch_if_asked(__file__, parser, args, argv)
+    if launched is not None:
+        return launched
     _set_xla_flags(args.devices, args.plan)
     try:  # only validation is caught: an error during a run is a bug, and keeps its traceback
         work = validate_plan(args) if args.plan else validate(args)
@@ -226,22 +274,17 @@ def validate(args: argparse.Namespace) -> list:
     """Initialise jax (multi-host first), then check every spec and output path: nothing compiles."""
     import jax
 
-    if args.coordinator or args.num_processes:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from shardgpt import lab
+    from shardgpt import distributed, lab
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     platform = jax.devices()[0].platform
     if args.devices and platform != "cpu":
         _say(f"note: --devices ignored: {jax.device_count()} {platform} devices are present")
     elif args.devices and jax.device_count() != args.devices * jax.process_count():
         raise ValueError(f"--devices {args.devices}: jax was initialised with {jax.device_count()} devices")
-    if args.generate is None:  # the default benchmark, where it can run
-        # shardgpt.generate feeds host arrays to a dp-sharded jit, which jax refuses across processes.
-        args.generate = DEFAULT_GENERATE if jax.process_count() == 1 else 0
-        if jax.process_count() > 1:
-            _say("note: generation benchmark skipped: it runs on one process only for now")
-    elif args.generate and jax.process_count() > 1:
-        raise ValueError("--generate runs on one process only for now: drop it for multi-host runs")
+    if args.generate is None:
+        args.generate = DEFAULT_GENERATE
     specs = make_specs(args, jax.device_count(), platform)
     for spec in specs:  # every spec validated before the first compile
         lab.prepare(spec)
@@ -315,8 +358,9 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
     kind, platform = jax.devices()[0].device_kind, jax.devices()[0].platform
     peak = metrics.peak_flops(kind)
     first = specs[0]
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     _say(
-        f"{jax.device_count()} x {kind} ({platform}), jax {jax.__version__}; {len(specs)} run(s) of "
+        f"{jax.device_count()} x {kind} ({platform}{processes}), jax {jax.__version__}; {len(specs)} run(s) of "
         f"{lab.model_label(first)} on {first.task}, batch {first.batch}, {first.steps} steps, {first.dtype}"
     )
     peak_text = f"{peak:.3g} FLOP/s per device" if peak else "unknown for this device (MFU n/a)"

@@ -81,9 +81,9 @@ def validate(args: argparse.Namespace) -> Job:
     """Initialise jax, resolve the run, open and check the checkpoint directory: nothing compiles."""
     import jax
 
-    if args.coordinator or args.num_processes:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from shardgpt import checkpoint, lab
+    from shardgpt import checkpoint, distributed, lab
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from shardgpt.mesh import describe
 
     if args.save_every < 1 or args.keep < 1 or args.eval_batches < 1:
@@ -257,9 +257,9 @@ class Evaluate:
             s = self.job.setup
             prompt = s.task.decode(s.task.splits["val"][:8])
             room = s.config.block_size + 1 - len(prompt)
-            text = generate.generate_text(
+            text = generate.generate_text(  # a fixed key per step: a resumed run prints the same sample
                 s.model, state.params, s.task, prompt, min(SAMPLE_CHARS, room),
-                sampling=generate.Sampling(**SAMPLING), key=jax.random.key(step),  # chargpt's sampling; a fixed key per step
+                sampling=generate.Sampling(**SAMPLING), key=jax.random.key(step),
             )  # fmt: skip
             _say(f"sample:\n{text}\n")
 
@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = run_cli.parse_args(parser, argv)
+    launched = run_cli.launch_if_asked(__file__, parser, args, argv)
+    if launched is not None:
+        return launched
     run_cli._set_xla_flags(args.devices, plan=False)  # before jax is first imported
     from shardgpt.checkpoint import CheckpointError
 

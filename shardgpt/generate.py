@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import data, sharding, train
+from shardgpt import data, distributed, sharding, train
 from shardgpt.model import CACHE_AXES, GPT, init_cache, unstack_layers
 
 # Top-p first looks for the nucleus among this many most likely tokens (without top_k): a top-k window is
@@ -151,8 +151,12 @@ class Generator:
             in_shardings=(self.param_shardings, buffer, vector, replicated, replicated),
             out_shardings=(buffer, vector),
         )
+        self._input_shardings = (buffer, vector, replicated)
+        self._spans_processes = len({d.process_index for d in mesh.devices.flat}) > 1
         self._cache_sharding, self._activations = cache_sharding, activations
-        self._default_key = jax.device_put(jax.random.key(0), replicated)  # made once: ~0.1 ms a call
+        # Made once (~0.1 ms a call otherwise), by a jit: device_put cannot place host values on devices
+        # of other processes.
+        self._default_key = jax.jit(lambda: jax.random.key(0), out_shardings=replicated)()
         self._placed: list[weakref.ref] = []  # weak references to the params last placed (see reshard)
 
     def _generate(self, params, tokens_BxT, lengths_B, max_new_tokens, key):
@@ -250,11 +254,15 @@ class Generator:
         self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, key=None
     ) -> list[np.ndarray]:
         """Each prompt followed by up to `max_new_tokens` generated tokens (fewer after a stop token)."""
-        tokens_BxS, lengths_B = self.pad(prompts, max_new_tokens)
+        inputs = (*self.pad(prompts, max_new_tokens), np.int32(max_new_tokens))
         key = self._default_key if key is None else key
         params = self.reshard(params)
+        if self._spans_processes:  # jit takes host arrays only for devices this process holds
+            inputs = tuple(_global(x, s) for x, s in zip(inputs, self._input_shardings, strict=True))
         with jax.set_mesh(self.mesh):
-            tokens_BxS, lengths_B = self._jitted(params, tokens_BxS, lengths_B, np.int32(max_new_tokens), key)
+            tokens_BxS, lengths_B = self._jitted(params, *inputs, key)
+        if self._spans_processes:  # every process gets every row (a few KiB of token ids)
+            tokens_BxS, lengths_B = distributed.to_host((tokens_BxS, lengths_B))
         tokens_BxS, lengths_B = np.asarray(tokens_BxS), np.asarray(lengths_B)  # cheaper than device_get
         return [row[:n] for row, n in zip(tokens_BxS, lengths_B, strict=True)]
 
@@ -305,6 +313,11 @@ class Generator:
             data.check_ids(prompt, cfg.vocab_size, f"prompt {row}")
             buffer[row, : prompt.size], lengths[row] = prompt, prompt.size
         return buffer, lengths
+
+
+def _global(host: np.ndarray, where: NamedSharding) -> jax.Array:
+    """A global array from a host value every process holds whole; each places its own devices' slices."""
+    return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
 
 
 _GENERATORS: dict[tuple, Generator] = {}

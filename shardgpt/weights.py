@@ -329,7 +329,7 @@ def state_from_params(
     shardings = train.state_shardings(model, tx, mesh, strategy)
     params = jax.device_put(params, shardings.state.params)  # a no-op when already placed for `strategy`
     opt_state = jax.jit(tx.init, out_shardings=shardings.state.opt_state)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.state.step)
+    step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.state.step)()
     return train.TrainState(step=step, params=params, opt_state=opt_state), shardings
 
 

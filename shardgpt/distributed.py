@@ -1,0 +1,179 @@
+"""More than one process: jax.distributed from flags, JAX_* variables or a cluster, a local launcher, and
+host copies of arrays that span processes.
+
+`launch` starts N local worker processes over simulated CPU devices, the stand-in for N hosts: each runs
+the same script with its own --process-id, coordinated on a free localhost port. The parent streams
+worker 0's output, and if any worker fails it stops the others (none is left behind) and names it.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+# Environment variables that say a cluster launched this process, with the process count they give; jax's
+# own detection (jax.distributed.initialize() without arguments) reads the rest from the same places.
+CLUSTERS = {
+    "SLURM": ("SLURM_JOB_ID", "SLURM_NTASKS"),
+    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"),
+}
+_GLOO_NOISE = b"[Gloo] "  # gloo's C++ prints one connection line per collective group: not ours to show
+STOP_GRACE_S = 3.0  # a stopped worker gets this long to exit on SIGTERM before SIGKILL
+
+
+def detected_cluster(environ: dict[str, str] | None = None) -> str | None:
+    """The name of the cluster that launched more than one process here, from its variables, or None."""
+    environ = os.environ if environ is None else environ
+    for name, (marker, count) in CLUSTERS.items():
+        if marker in environ and environ.get(count, "1").isdigit() and int(environ[count]) > 1:
+            return name
+    return None
+
+
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> str | None:
+    """Start jax.distributed when this is one of several processes; returns how, or None (one process).
+
+    Explicit settings (flags, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID behind them)
+    win; else a cluster's own variables (SLURM, Open MPI), which jax reads itself.
+    """
+    import jax
+
+    if coordinator or num_processes:
+        missing = [flag for flag, v in (("--coordinator", coordinator), ("--num-processes", num_processes),
+                                         ("--process-id", process_id)) if v is None]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"multi-process settings incomplete: give {', '.join(missing)} too (or the JAX_* variables), "
+                "or --processes N to start N local processes"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id} must be in [0, {num_processes})")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+        return f"process {process_id} of {num_processes} (coordinator {coordinator})"
+    cluster = detected_cluster()
+    if cluster:
+        jax.distributed.initialize()
+        return f"process {jax.process_index()} of {jax.process_count()} ({cluster})"
+    return None
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of a tree of global arrays, on every process, also where they span processes."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """In a worker, before exec: ask Linux to SIGKILL it when the parent dies, even by kill -9."""
+    with contextlib.suppress(Exception):  # best effort: other systems rely on the parent's cleanup
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _forward(pipe, out):
+    """Copy worker 0's stream line by line, without gloo's connection chatter."""
+    for line in iter(pipe.readline, b""):
+        if not line.startswith(_GLOO_NOISE):
+            out.buffer.write(line)
+            out.flush()
+    pipe.close()
+
+
+def launch(script: str, argv: Sequence[str], processes: int, devices: int, prog: str) -> int:
+    """Run `script argv` as `processes` local workers over `devices` simulated CPU devices in all.
+
+    Returns worker 0's exit status, or a failed worker's: then the others are stopped first.
+    """
+    if processes < 2:
+        raise ValueError(f"--processes must be >= 2 (1 is the ordinary run), got {processes}")
+    if devices % processes:
+        raise ValueError(
+            f"--processes {processes} must divide the {devices} simulated devices: each process holds "
+            "the same number (change --devices or --processes)"
+        )
+    port, local = free_port(), devices // processes
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # simulated CPU devices only; a GPU is not shared this way
+    env.pop("XLA_FLAGS", None)  # each worker sets its own device count from --devices
+    workers, threads = [], []
+    with contextlib.ExitStack() as files:
+        # Worker 0 speaks for the run (its output is streamed); the others' stderr is kept to explain a
+        # failure.
+        logs = [subprocess.PIPE] + [
+            files.enter_context(tempfile.TemporaryFile()) for _ in range(processes - 1)
+        ]
+        try:
+            for i, log in enumerate(logs):
+                where = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes)]
+                where += ["--process-id", str(i), "--devices", str(local)]
+                command = [sys.executable, script, *argv, *where]
+                out = subprocess.PIPE if i == 0 else subprocess.DEVNULL
+                workers.append(
+                    subprocess.Popen(command, env=env, stdout=out, stderr=log, preexec_fn=_die_with_parent)
+                )
+            for pipe, stream in ((workers[0].stdout, sys.stdout), (workers[0].stderr, sys.stderr)):
+                threads.append(threading.Thread(target=_forward, args=(pipe, stream), daemon=True))
+                threads[-1].start()
+            failed = _wait(workers)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            _stop(workers)  # no worker outlives the launcher
+            for thread in threads:
+                thread.join(timeout=5)
+        if failed is None:
+            return 0
+        status = workers[failed].returncode
+        if failed != 0:  # worker 0's own output already said what went wrong
+            logs[failed].seek(0)
+            lines = logs[failed].read().decode(errors="replace").strip().splitlines()
+            tail = "".join(f"\n  {line}" for line in lines[-5:] if not line.startswith("[Gloo]"))
+            print(f"{prog}: error: worker {failed} of {processes} exited with status {status}{tail}",
+                  file=sys.stderr)  # fmt: skip
+    print(f"{prog}: stopped the other workers (worker {failed} exited with status {status})", file=sys.stderr)
+    return status if status > 0 else 1
+
+
+def _wait(workers: list[subprocess.Popen]) -> int | None:
+    """Wait for every worker; the index of the first that exits non-zero (the rest still run), or None."""
+    while True:
+        codes = [w.poll() for w in workers]
+        for i, code in enumerate(codes):
+            if code not in (None, 0):
+                return i
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(0.05)
+
+
+def _stop(workers: list[subprocess.Popen]):
+    """SIGTERM every worker still running, SIGKILL those that outlive the grace, and reap them all."""
+    for w in workers:
+        if w.poll() is None:
+            w.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for w in workers:
+        try:
+            w.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
