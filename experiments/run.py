@@ -287,7 +287,7 @@ def validate(args: argparse.Namespace) -> list:
         args.generate = DEFAULT_GENERATE
     specs = make_specs(args, jax.device_count(), platform)
     for spec in specs:  # every spec validated before the first compile
-        lab.prepare(spec)
+        note_tp_across_hosts(lab.prepare(spec).mesh)
     if jax.process_index() == 0:
         check_outputs(args)
     return specs
@@ -341,6 +341,22 @@ def plan(planners: list, budget: int | None, args: argparse.Namespace, argv: lis
     return 0
 
 
+_NOTED_MESHES: set = set()
+
+
+def note_tp_across_hosts(mesh):
+    """Say once per mesh when a tp group spans processes: its per-layer all-reduces then cross hosts."""
+    from shardgpt.mesh import describe, processes_per_group
+
+    spans = processes_per_group(mesh, "tp")
+    if spans > 1 and describe(mesh) not in _NOTED_MESHES:
+        _NOTED_MESHES.add(describe(mesh))
+        _say(
+            f"note: on {describe(mesh)} each tp group spans {spans} processes, so Megatron's per-layer "
+            "all-reduces cross hosts: keep tp within one host's devices (tp <= devices per process)"
+        )
+
+
 def _say(*args, **kwargs):
     """print, on process 0 only: the other processes neither print nor write."""
     import jax
@@ -360,8 +376,9 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
     first = specs[0]
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     _say(
-        f"{jax.device_count()} x {kind} ({platform}{processes}), jax {jax.__version__}; {len(specs)} run(s) of "
-        f"{lab.model_label(first)} on {first.task}, batch {first.batch}, {first.steps} steps, {first.dtype}"
+        f"{jax.device_count()} x {kind} ({platform}{processes}), jax {jax.__version__}; {len(specs)} "
+        f"run(s) of {lab.model_label(first)} on {first.task}, batch {first.batch}, {first.steps} steps, "
+        f"{first.dtype}"
     )
     peak_text = f"{peak:.3g} FLOP/s per device" if peak else "unknown for this device (MFU n/a)"
     _say(f"MFU from FLOPs/token = {lab.FLOPS_SOURCE}; peak: {peak_text}")

@@ -96,8 +96,6 @@ def validate(args: argparse.Namespace) -> Job:
     if args.export:
         if Path(args.export).suffix not in (".safetensors", ".npz"):
             raise ValueError(f"--export {args.export}: give a .safetensors or .npz path")
-        if jax.process_count() > 1:
-            raise ValueError("--export runs on one process only for now: drop it for multi-host runs")
         run_cli._check_writable("--export", str(Path(args.export).resolve().parent))
     if args.resume and not args.ckpt_dir:
         raise ValueError("--resume needs --ckpt-dir DIR: the directory to continue from")
@@ -110,6 +108,7 @@ def validate(args: argparse.Namespace) -> Job:
         scan=args.scan, remat=args.remat, lr=args.lr, seed=args.seed, init_from=args.init_from,
     )  # fmt: skip
     setup = lab.prepare(spec)
+    run_cli.note_tp_across_hosts(setup.mesh)
     if args.eval_every:
         setup.task.rows(0, range(1), "val")  # a missing held-out split (bin:DIR without val.bin) fails now
     description = {
@@ -221,7 +220,6 @@ class Evaluate:
     """
 
     def __init__(self, job: Job, args: argparse.Namespace, shardings):
-        import jax
 
         from shardgpt import data, sharding
         from shardgpt import train as training
@@ -234,8 +232,7 @@ class Evaluate:
             data.global_batch(s.task, i, job.spec.batch, batch_sharding, s.config.vocab_size, split="val")
             for i in range(args.eval_batches)
         ]
-        # A text sample needs every param on one process; multi-process runs print the loss alone.
-        self.sample = isinstance(s.task, data.CharTask) and jax.process_count() == 1
+        self.sample = isinstance(s.task, data.CharTask)
 
     def on_train_begin(self, trainer): ...
 
@@ -253,15 +250,16 @@ class Evaluate:
             return  # not an evaluation step, or a NaN step that StopOnNonFinite ends
         metrics["val_loss"] = self.loss(state.params, self.batches)
         _say(f"step {step + 1}: held-out loss {metrics['val_loss']:.4f} (train {metrics['loss']:.4f})")
-        if self.sample:
+        if self.sample:  # generated on the training mesh (every process takes part): one row per dp shard
             s = self.job.setup
-            prompt = s.task.decode(s.task.splits["val"][:8])
+            prompt = s.task.splits["val"][:8]
             room = s.config.block_size + 1 - len(prompt)
-            text = generate.generate_text(  # a fixed key per step: a resumed run prints the same sample
-                s.model, state.params, s.task, prompt, min(SAMPLE_CHARS, room),
-                sampling=generate.Sampling(**SAMPLING), key=jax.random.key(step),
+            (tokens, *_) = generate.generate(  # a fixed key per step: a resumed run prints the same sample
+                s.model, state.params, [prompt] * s.mesh.shape["dp"], min(SAMPLE_CHARS, room),
+                mesh=s.mesh, strategy=s.strategy, sampling=generate.Sampling(**SAMPLING),
+                key=jax.random.key(step),
             )  # fmt: skip
-            _say(f"sample:\n{text}\n")
+            _say(f"sample:\n{s.task.decode(tokens)}\n")
 
     def on_train_end(self, trainer): ...
 

@@ -97,9 +97,9 @@ class CharTask:
         val = int(len(text) * VAL_FRACTION)
         if min(len(text) - val, val) < self.seq_len + 1:
             raise ValueError(
-                f"{self.path} has {len(text)} characters; its held-out last {VAL_FRACTION:.0%} needs more "
-                f"than seq_len={self.seq_len}: use a file of at least {(self.seq_len + 1) * 10} characters or "
-                "a smaller --seq"
+                f"{self.path} has {len(text)} characters; its held-out last {VAL_FRACTION:.0%} needs "
+                f"more than seq_len={self.seq_len}: use a file of at least {(self.seq_len + 1) * 10} "
+                "characters or a smaller --seq"
             )
         chars = sorted(set(text))
         object.__setattr__(self, "chars", "".join(chars))

@@ -45,6 +45,7 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     """
     import jax
 
+    _die_with_launcher()
     if coordinator or num_processes:
         missing = [flag for flag, v in (("--coordinator", coordinator), ("--num-processes", num_processes),
                                          ("--process-id", process_id)) if v is None]  # fmt: skip
@@ -75,6 +76,22 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Host values that every process holds whole, as global arrays with `shardings` (a tree like `tree`,
+    or one sharding for every leaf): each process puts only its own devices' slices (jax.device_put
+    cannot reach other processes' devices)."""
+    import jax
+    import numpy as np
+
+    def one(value, where):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda value: one(value, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def free_port() -> int:
     """A localhost TCP port nobody listens on now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -82,9 +99,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent():
-    """In a worker, before exec: ask Linux to SIGKILL it when the parent dies, even by kill -9."""
-    with contextlib.suppress(Exception):  # best effort: other systems rely on the parent's cleanup
+_LAUNCHER = "SHARDGPT_LAUNCHER_PID"  # set by launch() in its workers' environment
+
+
+def _die_with_launcher():
+    """In a worker that launch() started: have Linux SIGKILL it when the launcher dies, even by kill -9,
+    so no worker outlives it (set here, not in a fork hook: jax's threads make forking unsafe)."""
+    launcher = os.environ.get(_LAUNCHER)
+    if launcher is None:
+        return
+    if int(launcher) != os.getppid():
+        sys.exit(f"the launcher (pid {launcher}) is gone; exiting")
+    with contextlib.suppress(Exception):  # best effort: elsewhere the launcher's own cleanup must do
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -112,8 +138,9 @@ def launch(script: str, argv: Sequence[str], processes: int, devices: int, prog:
             "the same number (change --devices or --processes)"
         )
     port, local = free_port(), devices // processes
-    env = dict(os.environ, JAX_PLATFORMS="cpu")  # simulated CPU devices only; a GPU is not shared this way
-    env.pop("XLA_FLAGS", None)  # each worker sets its own device count from --devices
+    # Simulated CPU devices only (a GPU is not shared this way).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_LAUNCHER: str(os.getpid())})
+    # XLA_FLAGS pass through (the suite's -O0 included); each worker replaces the device count (--devices).
     workers, threads = [], []
     with contextlib.ExitStack() as files:
         # Worker 0 speaks for the run (its output is streamed); the others' stderr is kept to explain a
@@ -127,9 +154,7 @@ def launch(script: str, argv: Sequence[str], processes: int, devices: int, prog:
                 where += ["--process-id", str(i), "--devices", str(local)]
                 command = [sys.executable, script, *argv, *where]
                 out = subprocess.PIPE if i == 0 else subprocess.DEVNULL
-                workers.append(
-                    subprocess.Popen(command, env=env, stdout=out, stderr=log, preexec_fn=_die_with_parent)
-                )
+                workers.append(subprocess.Popen(command, env=env, stdout=out, stderr=log))
             for pipe, stream in ((workers[0].stdout, sys.stdout), (workers[0].stderr, sys.stderr)):
                 threads.append(threading.Thread(target=_forward, args=(pipe, stream), daemon=True))
                 threads[-1].start()

@@ -258,7 +258,7 @@ class Generator:
         key = self._default_key if key is None else key
         params = self.reshard(params)
         if self._spans_processes:  # jit takes host arrays only for devices this process holds
-            inputs = tuple(_global(x, s) for x, s in zip(inputs, self._input_shardings, strict=True))
+            inputs = distributed.place(inputs, self._input_shardings)
         with jax.set_mesh(self.mesh):
             tokens_BxS, lengths_B = self._jitted(params, *inputs, key)
         if self._spans_processes:  # every process gets every row (a few KiB of token ids)
@@ -277,7 +277,8 @@ class Generator:
             isinstance(x, jax.Array) and (x.sharding == s or x.sharding.is_equivalent_to(s, x.ndim))
             for x, s in zip(leaves, targets, strict=True)
         ):  # device_put costs ~1 ms a call on CPU even where nothing moves: only where something must
-            params = jax.device_put(params, self.param_shardings)
+            on_host = not all(isinstance(x, jax.Array) for x in leaves)  # placed slice by slice
+            params = (distributed.place if on_host else jax.device_put)(params, self.param_shardings)
         self._placed = [weakref.ref(x) for x in jax.tree.leaves(params)]
         return params
 
@@ -313,11 +314,6 @@ class Generator:
             data.check_ids(prompt, cfg.vocab_size, f"prompt {row}")
             buffer[row, : prompt.size], lengths[row] = prompt, prompt.size
         return buffer, lengths
-
-
-def _global(host: np.ndarray, where: NamedSharding) -> jax.Array:
-    """A global array from a host value every process holds whole; each places its own devices' slices."""
-    return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
 
 
 _GENERATORS: dict[tuple, Generator] = {}

@@ -4,6 +4,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 # Mesh axes, outermost first: data parallel (and ZeRO), then Megatron tensor parallel.
@@ -61,9 +62,20 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
     shape = parse_mesh_spec(spec, len(devices)) if isinstance(spec, str) else spec
     spec_text = ",".join(f"{k}={v}" for k, v in shape.items())
     shape = parse_mesh_spec(spec_text, len(devices))  # validates dicts too
-    return jax.make_mesh(
-        tuple(shape[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices
-    )
+    sizes, types = tuple(shape[a] for a in AXES), (AxisType.Auto,) * len(AXES)
+    if len({d.process_index for d in devices}) == 1:
+        return jax.make_mesh(sizes, AXES, axis_types=types, devices=devices)
+    # Across processes (hosts), each process's devices in a row, so the inner axis (tp, the chattiest)
+    # stays on one host's fast links wherever its size divides a host's devices, and dp spans hosts.
+    by_host = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(by_host, dtype=object).reshape(sizes), AXES, axis_types=types)
+
+
+def processes_per_group(mesh: Mesh, axis: str) -> int:
+    """How many processes the largest group along `axis` spans (1: every group is on one host)."""
+    by_process = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    groups = np.moveaxis(by_process, mesh.axis_names.index(axis), -1).reshape(-1, mesh.shape[axis])
+    return max(len(set(group.tolist())) for group in groups)
 
 
 def describe(mesh: Mesh) -> str:

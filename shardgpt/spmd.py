@@ -51,32 +51,55 @@ def _dim_on(spec: P, axis: str | None) -> int | None:
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _gather(shard_, dtype, axis: str, dim: int):
+# jax issue 40830: across processes on CPU, gloo's reduce-scatter returns wrong values for large chunks
+# (seen at 4 MiB a chunk on jax 0.10.2, right at 256 KiB). Above this, those meshes all-reduce and slice.
+GLOO_SAFE_CHUNK_BYTES = 256 * 1024
+
+
+def scatter_limit(mesh: Mesh) -> int | None:
+    """The largest reduce-scatter chunk (bytes) to trust on `mesh`: GLOO_SAFE_CHUNK_BYTES on a CPU mesh
+    that spans processes (gloo), else None (no limit)."""
+    devices = list(mesh.devices.flat)
+    spans = len({d.process_index for d in devices}) > 1
+    return GLOO_SAFE_CHUNK_BYTES if spans and devices[0].platform == "cpu" else None
+
+
+def _reduce_scatter(x_, axis: str, dim: int, limit: int | None):
+    """psum_scatter over `axis` along `dim`; where a chunk would exceed `limit`, a psum then this device's
+    slice, the same values at twice the traffic."""
+    n = jax.lax.axis_size(axis)
+    if limit is None or x_.size * x_.dtype.itemsize // n <= limit:
+        return jax.lax.psum_scatter(x_, axis, scatter_dimension=dim, tiled=True)
+    size = x_.shape[dim] // n
+    return jax.lax.dynamic_slice_in_dim(jax.lax.psum(x_, axis), jax.lax.axis_index(axis) * size, size, dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather(shard_, dtype, axis: str, dim: int, limit: int | None):
     """ZeRO-3's read: all-gather the shard cast to `dtype` (half the bytes in bf16); the backward pass
     reduce-scatters the gradient in fp32, as GSPMD does."""
     with jax.named_scope("zero3_gather"):
         return jax.lax.all_gather(shard_.astype(dtype), axis, axis=dim, tiled=True)
 
 
-def _gather_bwd(dtype, axis, dim, _, ct_):
+def _gather_bwd(dtype, axis, dim, limit, _, ct_):
     with jax.named_scope("zero3_gather"):
-        return (jax.lax.psum_scatter(ct_.astype(jnp.float32), axis, scatter_dimension=dim, tiled=True),)
+        return (_reduce_scatter(ct_.astype(jnp.float32), axis, dim, limit),)
 
 
 _gather.defvjp(lambda *args: (_gather(*args), None), _gather_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _scatter_grad(value_, grad_shard_, axis: str, dim: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _scatter_grad(value_, grad_shard_, axis: str, dim: int, limit: int | None):
     """ZeRO-2's read: `value_` itself; the backward pass reduce-scatters its gradient into `grad_shard_`'s
     place, so each layer's gradient is split as soon as it exists and no whole one is ever live."""
     return value_
 
 
-def _scatter_grad_bwd(axis, dim, _, ct_):
+def _scatter_grad_bwd(axis, dim, limit, _, ct_):
     with jax.named_scope("grad_reduce_scatter"):
-        return None, jax.lax.psum_scatter(ct_, axis, scatter_dimension=dim, tiled=True)
+        return None, _reduce_scatter(ct_, axis, dim, limit)
 
 
 _scatter_grad.defvjp(lambda value_, *_: (value_, None), _scatter_grad_bwd)
@@ -116,6 +139,7 @@ class ShardHooks(Hooks):
         self.scattered = {n: a for n, a in grads.items() if a == batch_axis and n not in self.gathered}
         self.split_axes = tuple(sorted(set(self.split.values())))
         self.remat_policy = _save_all_but_gathers if self.gathered else None
+        self.limit = scatter_limit(mesh)
 
     def _divide(self, shape, names, table):
         return tuple(
@@ -130,12 +154,12 @@ class ShardHooks(Hooks):
         value_ = module.param(name, init, self._divide(shape, names, self.gathered), jnp.float32)
         for dim, logical in enumerate(names):  # the rules put at most one dim on dp
             if logical in self.gathered:
-                return _gather(value_, dtype or jnp.float32, self.gathered[logical], dim)
+                return _gather(value_, dtype or jnp.float32, self.gathered[logical], dim, self.limit)
             if logical in self.scattered:
                 shard_shape = self._divide(shape, names, self.scattered)
                 zeros = nn.initializers.zeros_init()  # never run: the step passes the shard in
                 grad_shard_ = module.param(GRAD_SHARD.format(name), zeros, shard_shape, jnp.float32)
-                value_ = _scatter_grad(value_, grad_shard_, self.scattered[logical], dim)
+                value_ = _scatter_grad(value_, grad_shard_, self.scattered[logical], dim, self.limit)
         return value_ if dtype is None else value_.astype(dtype)
 
     def copy_to_shards(self, x_):

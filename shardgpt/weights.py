@@ -16,7 +16,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from shardgpt import train
+from shardgpt import distributed, train
 from shardgpt.config import ModelConfig
 from shardgpt.model import GPT
 from shardgpt.weight_files import read_weight_file
@@ -248,11 +248,7 @@ def import_params(
     got = {k: v.shape for k, v in traverse_util.flatten_dict(host).items()}
     if got != expected:  # a bug here, not in the file: the file already matched the config
         raise ValueError(f"internal: converted params {got} do not match the model's {expected}")
-
-    def place(array: np.ndarray, where):
-        return jax.make_array_from_callback(array.shape, where, lambda index: array[index])
-
-    return jax.tree.map(place, host, shardings)
+    return distributed.place(host, shardings)
 
 
 def to_state_dict(
@@ -266,7 +262,7 @@ def to_state_dict(
     layout, masks = _flavoured(layout, flavour)
     # minGPT's registered causal mask, one per layer: tril of ones, float32 like its torch.ones.
     mask_1x1xTxT = np.tril(np.ones((1, 1, config.block_size, config.block_size), np.float32))
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(distributed.to_host(params)).items()}
     v = config.vocab_size
     wte = flat[("wte",)][:v]
     sd = {"transformer.wte.weight": wte, "transformer.wpe.weight": flat[("wpe",)]}
@@ -295,16 +291,18 @@ def export_params(
 ) -> Path:
     """Write to_state_dict(params, config, layout, flavour) as .safetensors or .npz; import reads it back."""
     path = Path(path)
-    sd = to_state_dict(params, config, layout, flavour)
+    if path.suffix not in (".safetensors", ".npz"):
+        raise ValueError(f"{path}: export writes .safetensors or .npz, not {path.suffix!r}")
+    sd = to_state_dict(params, config, layout, flavour)  # every process takes part in the gather
+    if jax.process_index() != 0:
+        return path  # one writer
     if path.suffix == ".safetensors":
         import safetensors.numpy
 
         # Hugging Face's loader refuses safetensors files without a framework tag.
         safetensors.numpy.save_file(sd, path, metadata={"format": "pt"})
-    elif path.suffix == ".npz":
-        np.savez(path, **sd)
     else:
-        raise ValueError(f"{path}: export writes .safetensors or .npz, not {path.suffix!r}")
+        np.savez(path, **sd)
     return path
 
 

@@ -1,4 +1,5 @@
-"""Short training runs shared by test_equivalence and test_spmd, each compiled and run once per session.
+"""Short training runs shared by test_equivalence, test_spmd and test_multiprocess's workers, each compiled
+and run once per session (per process).
 
 Every run starts from the same host state and sees the same batches: the sort task, with row r also
 ignoring its first r % 4 sorted targets, so dp shards hold unequal token counts and a per-shard mean loss
@@ -11,7 +12,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from shardgpt import config, data, optim, sharding, spmd, train
+from shardgpt import config, data, distributed, optim, sharding, spmd, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -31,7 +32,7 @@ class Run(NamedTuple):
 
 
 def mesh_for(spec: str):
-    return make_mesh("dp=1", jax.devices()[:1]) if spec == SINGLE else make_mesh(spec)
+    return make_mesh("dp=1", jax.local_devices()[:1]) if spec == SINGLE else make_mesh(spec)
 
 
 def batch(step: int, mesh) -> dict:
@@ -39,10 +40,7 @@ def batch(step: int, mesh) -> dict:
     for r in range(BATCH):
         targets[r, TASK.length - 1 : TASK.length - 1 + r % 4] = data.IGNORE_INDEX
     batch_sharding = sharding.batch_sharding(mesh, "dp")
-    return {
-        "inputs": jax.device_put(inputs, batch_sharding),
-        "targets": jax.device_put(targets, batch_sharding),
-    }
+    return distributed.place({"inputs": inputs, "targets": targets}, batch_sharding)
 
 
 @functools.cache
@@ -56,7 +54,7 @@ def run(impl: str, spec: str, strategy: str) -> Run:
     """STEPS steps of `impl` ("gspmd" or "shard_map") on mesh `spec` with `strategy`; one compile."""
     mesh = mesh_for(spec)
     shardings = train.state_shardings(MODEL, TX, mesh, strategy)
-    state = jax.device_put(initial_state(), shardings.state)
+    state = distributed.place(initial_state(), shardings.state)  # also across processes
     make = train.make_train_step if impl == "gspmd" else spmd.make_train_step
     # .jitted carries its mesh: lowering it here compiles the very program that run.py trains with.
     lowered = make(MODEL, TX, mesh, strategy, shardings).jitted.lower(state, batch(0, mesh))
@@ -67,5 +65,5 @@ def run(impl: str, spec: str, strategy: str) -> Run:
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
     return Run(
-        np.array(losses), np.array(norms), jax.device_get(state), compiled.as_text(), lowered.as_text()
+        np.array(losses), np.array(norms), distributed.to_host(state), compiled.as_text(), lowered.as_text()
     )
