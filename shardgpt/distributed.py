@@ -18,11 +18,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-# Environment variables that say a cluster launched this process, with the process count they give; jax's
-# own detection (jax.distributed.initialize() without arguments) reads the rest from the same places.
+# Environment variables that say a cluster launched this process, and the one giving the process count
+# (None: the cluster's API knows it); jax's own detection (jax.distributed.initialize() without arguments)
+# reads the rest from the same places. Kubernetes: an indexed Job (jax asks the API, through the
+# `kubernetes` package, for its peers).
 CLUSTERS = {
-    "SLURM": ("SLURM_JOB_ID", "SLURM_NTASKS"),
-    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"),
+    "SLURM": (("SLURM_JOB_ID",), "SLURM_NTASKS"),
+    "Open MPI": (("OMPI_MCA_orte_hnp_uri",), "OMPI_COMM_WORLD_SIZE"),
+    "Kubernetes": (("KUBERNETES_SERVICE_HOST", "JOB_COMPLETION_INDEX"), None),
 }
 _GLOO_NOISE = b"[Gloo] "  # gloo's C++ prints one connection line per collective group: not ours to show
 STOP_GRACE_S = 3.0  # a stopped worker gets this long to exit on SIGTERM before SIGKILL
@@ -31,8 +34,9 @@ STOP_GRACE_S = 3.0  # a stopped worker gets this long to exit on SIGTERM before 
 def detected_cluster(environ: dict[str, str] | None = None) -> str | None:
     """The name of the cluster that launched more than one process here, from its variables, or None."""
     environ = os.environ if environ is None else environ
-    for name, (marker, count) in CLUSTERS.items():
-        if marker in environ and environ.get(count, "1").isdigit() and int(environ[count]) > 1:
+    for name, (markers, count) in CLUSTERS.items():
+        several = count is None or (environ.get(count, "1").isdigit() and int(environ.get(count, "1")) > 1)
+        if all(m in environ for m in markers) and several:
             return name
     return None
 
@@ -41,7 +45,7 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     """Start jax.distributed when this is one of several processes; returns how, or None (one process).
 
     Explicit settings (flags, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID behind them)
-    win; else a cluster's own variables (SLURM, Open MPI), which jax reads itself.
+    win; else a cluster's own variables (SLURM, Open MPI, a Kubernetes indexed Job), which jax reads itself.
     """
     import jax
 

@@ -93,6 +93,21 @@ def test_a_failed_worker_stops_the_others_within_seconds(tmp_path, capfd):
         os.kill(survivor, 0)
 
 
+def test_clusters_are_detected_and_partial_settings_refused():
+    assert distributed.detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}) == "SLURM"
+    assert distributed.detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task
+    assert (
+        distributed.detected_cluster({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "4"})
+        == "Open MPI"
+    )
+    assert distributed.detected_cluster({"KUBERNETES_SERVICE_HOST": "h"}) is None  # a pod, not an indexed Job
+    assert distributed.detected_cluster({}) is None
+    with pytest.raises(ValueError, match="give --process-id too"):
+        distributed.initialize("localhost:1", 2, None)
+    with pytest.raises(ValueError, match=r"--process-id 2 must be in \[0, 2\)"):
+        distributed.initialize("localhost:1", 2, 2)
+
+
 def test_launch_refuses_a_split_that_does_not_divide():
     with pytest.raises(ValueError, match="--processes 3 must divide the 8"):
         distributed.launch("x.py", [], processes=3, devices=8, prog="test")
