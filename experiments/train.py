@@ -246,8 +246,8 @@ class Evaluate:
 
         from shardgpt import generate
 
-        if state is None or not math.isfinite(metrics["loss"]):
-            return  # not an evaluation step, or a NaN step that StopOnNonFinite ends
+        if state is None or not self.wants_state(step) or not math.isfinite(metrics["loss"]):
+            return  # not an evaluation step (another callback's), or a NaN step that StopOnNonFinite ends
         metrics["val_loss"] = self.loss(state.params, self.batches)
         _say(f"step {step + 1}: held-out loss {metrics['val_loss']:.4f} (train {metrics['loss']:.4f})")
         if self.sample:  # generated on the training mesh (every process takes part): one row per dp shard

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardgpt import data, distributed, sharding, train
+from shardgpt.mesh import spans_processes
 from shardgpt.model import CACHE_AXES, GPT, init_cache, unstack_layers
 
 # Top-p first looks for the nucleus among this many most likely tokens (without top_k): a top-k window is
@@ -152,7 +153,7 @@ class Generator:
             out_shardings=(buffer, vector),
         )
         self._input_shardings = (buffer, vector, replicated)
-        self._spans_processes = len({d.process_index for d in mesh.devices.flat}) > 1
+        self._spans_processes = spans_processes(mesh)
         self._cache_sharding, self._activations = cache_sharding, activations
         # Made once (~0.1 ms a call otherwise), by a jit: device_put cannot place host values on devices
         # of other processes.

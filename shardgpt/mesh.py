@@ -63,12 +63,17 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
     spec_text = ",".join(f"{k}={v}" for k, v in shape.items())
     shape = parse_mesh_spec(spec_text, len(devices))  # validates dicts too
     sizes, types = tuple(shape[a] for a in AXES), (AxisType.Auto,) * len(AXES)
-    if len({d.process_index for d in devices}) == 1:
+    if len({d.process_index for d in devices}) == 1:  # (spans_processes, before there is a mesh)
         return jax.make_mesh(sizes, AXES, axis_types=types, devices=devices)
     # Across processes (hosts), each process's devices in a row, so the inner axis (tp, the chattiest)
     # stays on one host's fast links wherever its size divides a host's devices, and dp spans hosts.
     by_host = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(by_host, dtype=object).reshape(sizes), AXES, axis_types=types)
+
+
+def spans_processes(mesh: Mesh) -> bool:
+    """True when the mesh's devices belong to more than one process (host)."""
+    return len({d.process_index for d in mesh.devices.flat}) > 1
 
 
 def processes_per_group(mesh: Mesh, axis: str) -> int:

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardgpt import sharding, train
 from shardgpt.data import IGNORE_INDEX
+from shardgpt.mesh import spans_processes
 from shardgpt.model import GPT, Hooks, use_hooks
 
 
@@ -59,9 +60,8 @@ GLOO_SAFE_CHUNK_BYTES = 256 * 1024
 def scatter_limit(mesh: Mesh) -> int | None:
     """The largest reduce-scatter chunk (bytes) to trust on `mesh`: GLOO_SAFE_CHUNK_BYTES on a CPU mesh
     that spans processes (gloo), else None (no limit)."""
-    devices = list(mesh.devices.flat)
-    spans = len({d.process_index for d in devices}) > 1
-    return GLOO_SAFE_CHUNK_BYTES if spans and devices[0].platform == "cpu" else None
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    return GLOO_SAFE_CHUNK_BYTES if cpu and spans_processes(mesh) else None
 
 
 def _reduce_scatter(x_, axis: str, dim: int, limit: int | None):

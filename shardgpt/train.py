@@ -353,8 +353,8 @@ class Trainer:
         done = step - self._first + 1
         if self.progress and not self._live and (done % self._every == 0 or done == self._steps):
             print(
-                f"{self.description}: step {done}/{self._steps}, loss {values['loss']:.4f}, "
-                f"{values['tokens_per_s']:,.0f} tokens/s",
+                f"{self.description}: step {step + 1}/{self._first + self._steps}, "
+                f"loss {values['loss']:.4f}, {values['tokens_per_s']:,.0f} tokens/s",
                 file=sys.stderr,
                 flush=True,
             )

@@ -130,10 +130,8 @@ def test_zero_stages_shrink_state_by_exactly_the_expected_bytes(spec):
     axes = jax.tree.leaves(
         train.param_axes(model), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
     )
-    sizes = [
-        int(np.prod(leaf.shape)) * 4
-        for leaf in jax.tree.leaves(jax.eval_shape(lambda: train._init(model, tx, jax.random.key(0)).params))
-    ]
+    shapes = jax.eval_shape(lambda: train._init(model, tx, jax.random.key(0)))
+    sizes = [int(np.prod(leaf.shape)) * 4 for leaf in jax.tree.leaves(shapes.params)]
 
     def expected(embed_on_dp: bool) -> int:
         """Bytes per device of one param-shaped fp32 tree, from the names alone."""
@@ -146,8 +144,10 @@ def test_zero_stages_shrink_state_by_exactly_the_expected_bytes(spec):
             total += size // divisor
         return total
 
+    host = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     for strategy, stage in sharding.STRATEGIES.items():
-        state, _ = train.init_state(model, tx, mesh, strategy)
+        # Placed in init_state's layout (its out_shardings) without compiling an init per strategy.
+        state = jax.device_put(host, train.state_shardings(model, tx, mesh, strategy).state)
         adam = state.opt_state[1][0]
         assert metrics.bytes_per_device(state.params) == expected(stage >= 3), strategy
         assert metrics.bytes_per_device((adam.mu, adam.nu)) == 2 * expected(stage >= 1), strategy
@@ -232,3 +232,5 @@ def test_progress_without_a_terminal_prints_a_few_lines_not_frames(capsys):
     lines = err.strip().splitlines()
     assert "\r" not in err and len(lines) == train.PROGRESS_LINES + 1, err  # every 9th step, and the last
     assert lines[-1].startswith("t: step 95/95, loss 1.0000")
+    trainer.run(5)  # a resumed run counts on from its first step, as checkpoints and logs do
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("t: step 100/100")
