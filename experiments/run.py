@@ -164,8 +164,10 @@ def launch_if_asked(
     script: str, parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]
 ) -> int | None:
     """With --processes N: run `script` as N local workers and return the status; else None."""
-    if args.processes is None:
+    if args.processes is None or args.processes == 1:  # one process: the ordinary run
         return None
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
     from shardgpt import distributed
 
     if args.coordinator or args.num_processes is not None or args.process_id is not None:

@@ -8,6 +8,7 @@ worker 0's output, and if any worker fails it stops the others (none is left beh
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,8 +28,13 @@ CLUSTERS = {
     "Open MPI": (("OMPI_MCA_orte_hnp_uri",), "OMPI_COMM_WORLD_SIZE"),
     "Kubernetes": (("KUBERNETES_SERVICE_HOST", "JOB_COMPLETION_INDEX"), None),
 }
-_GLOO_NOISE = b"[Gloo] "  # gloo's C++ prints one connection line per collective group: not ours to show
+# gloo's C++ prints a connection line per collective group, not ours to show; its pieces may arrive apart
+# (a dangling "[Gloo] Rank " glued to another line, the rest on a line of its own).
+_GLOO_NOISE = re.compile(
+    rb"\[Gloo\] Rank |\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+"
+)
 STOP_GRACE_S = 3.0  # a stopped worker gets this long to exit on SIGTERM before SIGKILL
+FINISH_GRACE_S = 60.0  # once one worker is done, the others must be within this long (else: hung)
 
 
 def detected_cluster(environ: dict[str, str] | None = None) -> str | None:
@@ -123,7 +129,8 @@ def _die_with_launcher():
 def _forward(pipe, out):
     """Copy worker 0's stream line by line, without gloo's connection chatter."""
     for line in iter(pipe.readline, b""):
-        if not line.startswith(_GLOO_NOISE):
+        line = _GLOO_NOISE.sub(b"", line)
+        if line.strip():
             out.buffer.write(line)
             out.flush()
     pipe.close()
@@ -132,7 +139,7 @@ def _forward(pipe, out):
 def launch(script: str, argv: Sequence[str], processes: int, devices: int, prog: str) -> int:
     """Run `script argv` as `processes` local workers over `devices` simulated CPU devices in all.
 
-    Returns worker 0's exit status, or a failed worker's: then the others are stopped first.
+    Returns worker 0's exit status, or a failed worker's (1 for a hung one): the others are stopped first.
     """
     if processes < 2:
         raise ValueError(f"--processes must be >= 2 (1 is the ordinary run), got {processes}")
@@ -162,7 +169,7 @@ def launch(script: str, argv: Sequence[str], processes: int, devices: int, prog:
             for pipe, stream in ((workers[0].stdout, sys.stdout), (workers[0].stderr, sys.stderr)):
                 threads.append(threading.Thread(target=_forward, args=(pipe, stream), daemon=True))
                 threads[-1].start()
-            failed = _wait(workers)
+            failed = _wait(workers, FINISH_GRACE_S)
         except KeyboardInterrupt:
             return 130
         finally:
@@ -171,26 +178,33 @@ def launch(script: str, argv: Sequence[str], processes: int, devices: int, prog:
                 thread.join(timeout=5)
         if failed is None:
             return 0
-        status = workers[failed].returncode
-        if failed != 0:  # worker 0's own output already said what went wrong
-            logs[failed].seek(0)
-            lines = logs[failed].read().decode(errors="replace").strip().splitlines()
-            tail = "".join(f"\n  {line}" for line in lines[-5:] if not line.startswith("[Gloo]"))
-            print(f"{prog}: error: worker {failed} of {processes} exited with status {status}{tail}",
-                  file=sys.stderr)  # fmt: skip
-    print(f"{prog}: stopped the other workers (worker {failed} exited with status {status})", file=sys.stderr)
+        index, what = failed
+        if index != 0:  # worker 0's own output was streamed already
+            logs[index].seek(0)
+            lines = logs[index].read().decode(errors="replace").strip().splitlines()
+            tail = "".join(f"\n  {line}" for line in lines[-5:] if not _GLOO_NOISE.search(line.encode()))
+            print(f"{prog}: error: worker {index} of {processes} {what}{tail}", file=sys.stderr)
+    print(f"{prog}: stopped the other workers (worker {index} {what})", file=sys.stderr)
+    status = workers[index].returncode
     return status if status > 0 else 1
 
 
-def _wait(workers: list[subprocess.Popen]) -> int | None:
-    """Wait for every worker; the index of the first that exits non-zero (the rest still run), or None."""
+def _wait(workers: list[subprocess.Popen], grace_s: float) -> tuple[int, str] | None:
+    """Wait for every worker: None when all exit 0, else (index, what happened) of the first that failed,
+    or of one still running `grace_s` after another finished (a hung worker); the rest still run."""
+    finished_at = None
     while True:
         codes = [w.poll() for w in workers]
         for i, code in enumerate(codes):
             if code not in (None, 0):
-                return i
+                return i, f"exited with status {code}"
         if all(code == 0 for code in codes):
             return None
+        if finished_at is None and 0 in codes:
+            finished_at = time.monotonic()
+        if finished_at is not None and time.monotonic() - finished_at > grace_s:
+            i = codes.index(None)
+            return i, f"was still running {grace_s:.0f} s after worker {codes.index(0)} finished"
         time.sleep(0.05)
 
 

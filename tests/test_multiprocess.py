@@ -108,6 +108,18 @@ def test_clusters_are_detected_and_partial_settings_refused():
         distributed.initialize("localhost:1", 2, 2)
 
 
+def test_a_hung_worker_is_stopped_once_the_others_are_done(tmp_path, capfd, monkeypatch):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, time\nif sys.argv[sys.argv.index('--process-id') + 1] == '1':\n    time.sleep(120)\n"
+    )
+    monkeypatch.setattr(distributed, "FINISH_GRACE_S", 1.0)
+    started = time.monotonic()
+    assert distributed.launch(str(script), [], processes=2, devices=2, prog="test") == 1
+    assert time.monotonic() - started < 10
+    assert "worker 1 of 2 was still running 1 s after worker 0 finished" in capfd.readouterr().err
+
+
 def test_launch_refuses_a_split_that_does_not_divide():
     with pytest.raises(ValueError, match="--processes 3 must divide the 8"):
         distributed.launch("x.py", [], processes=3, devices=8, prog="test")
