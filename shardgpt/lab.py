@@ -265,6 +265,8 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     profile_dir = None
     if spec.profile:
         profile_dir = str(Path(spec.profile) / re.sub(r"[^\w.-]+", "_", name))
+        if jax.process_count() > 1:  # each process traces its own devices: one folder each
+            profile_dir = str(Path(profile_dir) / f"process_{jax.process_index()}")
         jax.profiler.start_trace(profile_dir)
         for i in range(PROFILE_STEPS):  # extra steps on the trained state; losses above are unaffected
             state, _ = compiled(state, batch_for(spec.steps + i))
