@@ -220,7 +220,6 @@ class Evaluate:
     """
 
     def __init__(self, job: Job, args: argparse.Namespace, shardings):
-
         from shardgpt import data, sharding
         from shardgpt import train as training
 
