@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--save-every", type=int, default=100, metavar="K", help="save every K steps")
     ckpt.add_argument("--keep", type=int, default=3, metavar="N", help="keep the last N checkpoints")
     ckpt.add_argument(
-        "--resume", action="store_true", help="continue from DIR's latest checkpoint (resharded if needed)"
+        "--resume",
+        action="store_true",
+        help="continue from DIR's latest checkpoint (resharded if needed), or start if it holds none yet",
     )
     p.add_argument(
         "--export", metavar="PATH", help="write GPT-2-named weights at the end (.safetensors or .npz)"
@@ -133,8 +135,9 @@ def validate(args: argparse.Namespace) -> Job:
             )
     if args.resume:
         job.resume_step = job.checkpointer.latest_step()
-        if job.resume_step is None:
-            raise ValueError(f"--resume: no checkpoint in {args.ckpt_dir}: train without --resume first")
+        if job.resume_step is None:  # so one command serves a job's first start and every restart
+            _say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
+            return job
         saved = job.checkpointer.description(job.resume_step)
         for note in checkpoint.check_compatible(saved, description):
             resharded = note.startswith(("mesh", "strategy", "impl"))
