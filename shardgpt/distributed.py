@@ -115,7 +115,7 @@ _LAUNCHER = "SHARDGPT_LAUNCHER_PID"  # set by launch() in its workers' environme
 def _die_with_launcher():
     """In a worker that launch() started: have Linux SIGKILL it when the launcher dies, even by kill -9,
     so no worker outlives it (set here, not in a fork hook: jax's threads make forking unsafe)."""
-    launcher = os.environ.get(_LAUNCHER)
+    launcher = os.environ.pop(_LAUNCHER, None)  # not inherited by this worker's own children
     if launcher is None:
         return
     if int(launcher) != os.getppid():
@@ -131,7 +131,10 @@ def _forward(pipe, out):
     for line in iter(pipe.readline, b""):
         line = _GLOO_NOISE.sub(b"", line)
         if line.strip():
-            out.buffer.write(line)
+            if hasattr(out, "buffer"):
+                out.buffer.write(line)
+            else:  # a text stream without bytes underneath (e.g. io.StringIO under redirect_stdout)
+                out.write(line.decode(errors="replace"))
             out.flush()
     pipe.close()
 
