@@ -247,9 +247,6 @@ class GPT(nn.Module):
         wte_VxD = _param(self, "wte", _normal(0.02), wte_shape, vocab_embed)
         wpe_shape = hooks.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
         wpe_LxD = _param(self, "wpe", _normal(0.02), wpe_shape, length_embed)
-        # The tables in their compute layout (embed unsharded: ZeRO-3 gathers them over dp here), so GSPMD
-        # does not partition the lookups over the tables' dp-sharded embed dim instead.
-        wte_VxD, wpe_LxD = constrain(wte_VxD, vocab_embed), constrain(wpe_LxD, length_embed)
         x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + wpe_LxD[positions_BxL]).astype(cfg.dtype)
         x_BxLxD = constrain(x_BxLxD, BxLxD)
 
