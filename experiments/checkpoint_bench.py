@@ -22,7 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py's XLA flag helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, no pip install
+
+import run as run_cli  # noqa: E402  (after the path is set)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,9 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if min(args.steps, args.every, args.rounds, args.repeats) < 1:
         parser.error("--steps, --every, --rounds and --repeats must be >= 1")
-    # Before jax initialises its backend: the mesh's device count as simulated CPU devices.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    run_cli._set_xla_flags(devices, plan=False)  # before jax initialises: the mesh's simulated devices
     import jax
 
     from shardgpt import lab

@@ -364,7 +364,7 @@ def _say(*args, **kwargs):
     import jax
 
     if jax.process_index() == 0:
-        print(*args, **kwargs)
+        print(*args, **kwargs, flush=True)
 
 
 def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:

@@ -136,32 +136,31 @@ def validate(args: argparse.Namespace) -> Job:
     if args.resume:
         job.resume_step = job.checkpointer.latest_step()
         if job.resume_step is None:  # so one command serves a job's first start and every restart
-            _say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
+            run_cli._say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
             return job
         saved = job.checkpointer.description(job.resume_step)
         for note in checkpoint.check_compatible(saved, description):
             resharded = note.startswith(("mesh", "strategy", "impl"))
-            _say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
+            run_cli._say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
     return job
 
 
 def train(job: Job, args: argparse.Namespace) -> int:
     """Restore or initialise the state, train to --steps, then save, export and sample; returns the status."""
-    from shardgpt import lab, weights
+    from shardgpt import lab
     from shardgpt import train as training
 
     s, spec, ckpt = job.setup, job.spec, job.checkpointer
     if job.resume_step is not None:
         target, shardings = training.abstract_state(s.model, s.tx, s.mesh, s.strategy)
         state = ckpt.restore(target, job.resume_step)  # placed straight into the current mesh's layout
-        _say(f"resumed from {ckpt.directory}/{job.resume_step} onto {job.description['mesh']} {s.strategy}")
-    elif spec.init_from:
-        params = weights.import_params(lab._state_dict(spec.init_from), s.config, s.mesh, s.strategy)
-        state, shardings = weights.state_from_params(params, s.model, s.tx, s.mesh, s.strategy)
+        run_cli._say(
+            f"resumed from {ckpt.directory}/{job.resume_step} onto {job.description['mesh']} {s.strategy}"
+        )
     else:
-        state, shardings = training.init_state(s.model, s.tx, s.mesh, s.strategy, seed=spec.seed)
+        state, shardings = lab.initial_state(spec, s)
     if int(state.step) >= spec.steps:
-        _say(f"already at step {int(state.step)} of --steps {spec.steps}: nothing to train")
+        run_cli._say(f"already at step {int(state.step)} of --steps {spec.steps}: nothing to train")
     else:
         try:
             state = _train_to_the_end(job, args, state, shardings)
@@ -201,7 +200,7 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
     )  # fmt: skip
     state = trainer.run(spec.steps - first)
     losses = [h["loss"] for h in trainer.history]
-    _say(f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f})")
+    run_cli._say(f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f})")
     return state
 
 
@@ -212,7 +211,7 @@ def _conclude(job: Job, args: argparse.Namespace, state):
     if job.checkpointer is not None:
         job.checkpointer.save(state, job.description)
     if args.export:
-        _say(f"wrote {weights.export_params(state.params, job.setup.config, args.export)}")
+        run_cli._say(f"wrote {weights.export_params(state.params, job.setup.config, args.export)}")
 
 
 class Evaluate:
@@ -251,7 +250,9 @@ class Evaluate:
         if state is None or not self.wants_state(step) or not math.isfinite(metrics["loss"]):
             return  # not an evaluation step (another callback's), or a NaN step that StopOnNonFinite ends
         metrics["val_loss"] = self.loss(state.params, self.batches)
-        _say(f"step {step + 1}: held-out loss {metrics['val_loss']:.4f} (train {metrics['loss']:.4f})")
+        run_cli._say(
+            f"step {step + 1}: held-out loss {metrics['val_loss']:.4f} (train {metrics['loss']:.4f})"
+        )
         if self.sample:  # generated on the training mesh (every process takes part): one row per dp shard
             s = self.job.setup
             prompt = s.task.splits["val"][:8]
@@ -261,7 +262,7 @@ class Evaluate:
                 mesh=s.mesh, strategy=s.strategy, sampling=generate.Sampling(**SAMPLING),
                 key=jax.random.key(step),
             )  # fmt: skip
-            _say(f"sample:\n{s.task.decode(tokens)}\n")
+            run_cli._say(f"sample:\n{s.task.decode(tokens)}\n")
 
     def on_train_end(self, trainer): ...
 
@@ -303,14 +304,6 @@ def _finish(ckpt, status: int) -> int:
     if ckpt is not None:
         ckpt.close()  # wait for saves in flight: a checkpoint is only latest once complete
     return status
-
-
-def _say(*args, **kwargs):
-    """print, on process 0 only."""
-    import jax
-
-    if jax.process_index() == 0:
-        print(*args, **kwargs, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

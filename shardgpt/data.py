@@ -22,16 +22,22 @@ SPLITS = ("train", "val")
 VAL_FRACTION = 0.1  # of a text file, held out at its end
 
 
-def _rng(seed: int, step: int, row: int, split: str) -> np.random.Generator:
-    """The generator of one row; the val split draws from its own streams."""
+def _checked(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    return np.random.default_rng([seed, step, row] + ([1] if split == "val" else []))
+    return split
 
 
-def _windows(tokens: np.ndarray, seq_len: int, rng_of, rows: range) -> tuple[np.ndarray, np.ndarray]:
+def _rng(seed: int, step: int, row: int, split: str) -> np.random.Generator:
+    """The generator of one row; the val split draws from its own streams."""
+    return np.random.default_rng([seed, step, row] + ([1] if _checked(split) == "val" else []))
+
+
+def _windows(
+    tokens: np.ndarray, seq_len: int, seed: int, step: int, rows: range, split: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets (int32) of one seq_len + 1 window per row, at the row generator's random offset."""
-    starts = [rng_of(r).integers(0, len(tokens) - seq_len) for r in rows]
+    starts = [_rng(seed, step, r, split).integers(0, len(tokens) - seq_len) for r in rows]
     windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)
     return windows[:, :-1], windows[:, 1:]
 
@@ -125,8 +131,7 @@ class CharTask:
         return "".join(self.chars[i] for i in np.asarray(ids).tolist())
 
     def rows(self, step: int, rows: range, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-        rng_of = lambda r: _rng(self.seed, step, r, split)
-        return _windows(self.splits[split], self.seq_len, rng_of, rows)
+        return _windows(self.splits[_checked(split)], self.seq_len, self.seed, step, rows, split)
 
 
 GPT2_VOCAB = 50257  # nanoGPT's prepare.py scripts write GPT-2 BPE ids unless meta.pkl says otherwise
@@ -159,8 +164,8 @@ class BinTask:
         object.__setattr__(self, "vocab_size", _meta_vocab(pathlib.Path(self.path) / "meta.pkl"))
 
     def rows(self, step: int, rows: range, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-        rng_of = lambda r: _rng(self.seed, step, r, split)
-        return _windows(self.tokens if split == "train" else self._val_tokens(), self.seq_len, rng_of, rows)
+        tokens = self._val_tokens() if split == "val" else self.tokens
+        return _windows(tokens, self.seq_len, self.seed, step, rows, split)
 
     def _val_tokens(self) -> np.ndarray:
         val = pathlib.Path(self.path) / "val.bin"

@@ -47,8 +47,8 @@ def detected_cluster(environ: dict[str, str] | None = None) -> str | None:
     return None
 
 
-def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> str | None:
-    """Start jax.distributed when this is one of several processes; returns how, or None (one process).
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None):
+    """Start jax.distributed when this is one of several processes (else do nothing).
 
     Explicit settings (flags, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID behind them)
     win; else a cluster's own variables (SLURM, Open MPI, a Kubernetes indexed Job), which jax reads itself.
@@ -67,12 +67,8 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         if not 0 <= process_id < num_processes:
             raise ValueError(f"--process-id {process_id} must be in [0, {num_processes})")
         jax.distributed.initialize(coordinator, num_processes, process_id)
-        return f"process {process_id} of {num_processes} (coordinator {coordinator})"
-    cluster = detected_cluster()
-    if cluster:
+    elif detected_cluster():
         jax.distributed.initialize()
-        return f"process {jax.process_index()} of {jax.process_count()} ({cluster})"
-    return None
 
 
 def to_host(tree: Any) -> Any:

@@ -176,6 +176,14 @@ def prepare(spec: RunSpec) -> Setup:
     )
 
 
+def initial_state(spec: RunSpec, s: Setup) -> tuple[train.TrainState, train.StateShardings]:
+    """(state, shardings) at step 0, born in the strategy's layout: from --init-from's weights, or seeded."""
+    if spec.init_from:
+        params = weights.import_params(_weight_file(spec.init_from).state_dict, s.config, s.mesh, s.strategy)
+        return weights.state_from_params(params, s.model, s.tx, s.mesh, s.strategy)
+    return train.init_state(s.model, s.tx, s.mesh, s.strategy, seed=spec.seed)
+
+
 def run_name(spec: RunSpec) -> str:
     """A run's label in tables and plots: "dp=2,tp=4 zero1" (+ " shard_map" for that impl)."""
     mesh = describe(make_mesh(spec.mesh))
@@ -232,11 +240,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     s = prepare(spec)
     name, seq, mesh = run_name(spec), s.task.seq_len, s.mesh
-    if spec.init_from:
-        params = weights.import_params(_weight_file(spec.init_from).state_dict, s.config, mesh, s.strategy)
-        state, shardings = weights.state_from_params(params, s.model, s.tx, mesh, s.strategy)
-    else:
-        state, shardings = train.init_state(s.model, s.tx, mesh, s.strategy, seed=spec.seed)
+    state, shardings = initial_state(spec, s)
     totals = _nbytes(state.params), _nbytes(state.opt_state)
 
     step_fn = s.make_step(s.model, s.tx, mesh, s.strategy, shardings)

@@ -63,7 +63,7 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
     spec_text = ",".join(f"{k}={v}" for k, v in shape.items())
     shape = parse_mesh_spec(spec_text, len(devices))  # validates dicts too
     sizes, types = tuple(shape[a] for a in AXES), (AxisType.Auto,) * len(AXES)
-    if len({d.process_index for d in devices}) == 1:  # (spans_processes, before there is a mesh)
+    if not _spans_processes(devices):
         return jax.make_mesh(sizes, AXES, axis_types=types, devices=devices)
     # Across processes (hosts), each process's devices in a row, so the inner axis (tp, the chattiest)
     # stays on one host's fast links wherever its size divides a host's devices, and dp spans hosts.
@@ -71,9 +71,13 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
     return Mesh(np.array(by_host, dtype=object).reshape(sizes), AXES, axis_types=types)
 
 
+def _spans_processes(devices) -> bool:
+    return len({d.process_index for d in devices}) > 1
+
+
 def spans_processes(mesh: Mesh) -> bool:
     """True when the mesh's devices belong to more than one process (host)."""
-    return len({d.process_index for d in mesh.devices.flat}) > 1
+    return _spans_processes(mesh.devices.flat)
 
 
 def processes_per_group(mesh: Mesh, axis: str) -> int:

@@ -217,6 +217,14 @@ def test_bad_input_exits_2_before_compiling(killed, tmp_path, capsys):
     assert "give a .safetensors or .npz path" in _exits_2([*BASE, "--export", "w.pt"], capsys)
 
 
+def test_init_from_exported_weights_trains(killed, tmp_path):
+    """train.py --init-from the weights the resumed run exported (a bare .npz: n_head given)."""
+    export = killed[0].parent / "final.npz"
+    argv = [*BASE, "--init-from", str(export), "--model.n_head=8", "--steps", "1", "--eval-every", "0"]
+    assert cli.main([*argv, "--ckpt-dir", str(tmp_path / "ckpt")]) == 0
+    assert json.loads((tmp_path / "ckpt" / "metrics.jsonl").read_text())["step"] == 1
+
+
 def test_foreign_or_corrupt_directory_is_a_clear_error_and_nothing_is_lost(killed, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     (foreign / "7").mkdir(parents=True)  # orbax would take a numbered folder for a step, and prune it

@@ -142,7 +142,7 @@ def test_the_gloo_guard_reduce_scatters_the_same_values():
     assert spmd.scatter_limit(mesh) is None, "one process: no guard"
 
 
-def test_the_cli_launches_processes_and_refuses_mixed_flags(capsys):
+def test_the_cli_refuses_mixed_flags_and_a_split_that_does_not_divide(capsys):
     from _cli import cli
 
     with pytest.raises(SystemExit):
