@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from shardgpt.config import ModelConfig
-from shardgpt.sharding import EMBED_ON_DP_FROM_STAGE, STRATEGIES, canonical
+from shardgpt.sharding import EMBED_ON_DP_FROM_STAGE, zero_stage
 
 # Collectives in post-partitioning HLO (`jitted.lower(*args).compile().as_text()`).
 
@@ -298,7 +298,7 @@ def expected_collectives(
     (local batch x seq x n_embd x dtype bytes). Ring traffic per device is about 2(n-1)/n x the buffer for
     an all-reduce and (n-1)/n x the larger side for a gather or scatter.
     """
-    stage = STRATEGIES[canonical(strategy)]
+    stage = zero_stage(strategy)
     dp, tp = mesh_shape.get("dp", 1), mesh_shape.get("tp", 1)
     local = param_bytes / tp  # each device holds 1/tp of every tensor-parallel weight
     parts = [_TEXTBOOK[stage].format(whole=_mb(local), shard=_mb(local / dp))] if dp > 1 else []
@@ -322,7 +322,7 @@ def zero_expected_bytes(
     Idealised: our rule tables shard only heads/mlp/vocab over tp (LayerNorms and the embed-only biases are
     replicated) and only the `embed` dim over dp, so measured figures sit somewhat above these.
     """
-    stage = STRATEGIES[canonical(strategy)]
+    stage = zero_stage(strategy)
     totals = {"params": params_bytes_total, "grads": grads_bytes_total, "opt_state": opt_state_bytes_total}
     return {
         f"{name}_bytes_per_device": total // (tp * (dp if stage >= EMBED_ON_DP_FROM_STAGE[name] else 1))

@@ -1,8 +1,9 @@
 """Strategies as logical-axis rule tables, and their strict translation into NamedShardings.
 
-A strategy is a ZeRO stage on the `dp` axis composed with Megatron tensor parallelism on `tp`. Each
-maps logical axis names to mesh axes separately for four targets: the state at rest (params, grads,
-optimizer state) and the activations. `print(strategy_table())` is the documentation.
+A strategy is a ZeRO stage on the `dp` axis composed with Megatron tensor parallelism on `tp`, optionally
+with Megatron sequence parallelism (the "+sp" suffix, e.g. "zero1+sp"). Each maps logical axis names to
+mesh axes separately for four targets: the state at rest (params, grads, optimizer state) and the
+activations. `print(strategy_table())` is the documentation.
 """
 
 from collections.abc import Sequence
@@ -27,21 +28,50 @@ _MEGATRON = (("heads", "tp"), ("mlp", "tp"), ("vocab", "tp"))
 # ZeRO-1 the Adam moments, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the params.
 EMBED_ON_DP_FROM_STAGE = {"opt_state": 1, "grads": 2, "params": 3}
 
+# Megatron sequence parallelism (Korthikanti et al. 2022): between the tensor-parallel regions (the residual
+# stream, LayerNorms, the embedding output) activations are split along `length` over tp, so entering a
+# region all-gathers and leaving it reduce-scatters where Megatron alone all-reduces. It is one activation
+# rule, listed after Megatron's: rules apply in order, as in flax, and a rule whose mesh axis an earlier rule
+# gave to another dim of the same array does not apply, so inside a region heads/mlp/vocab keep tp.
+SEQUENCE_PARALLEL = "+sp"
+_SEQUENCE_ON_TP = (("length", "tp"),)
+
 Rules = tuple[tuple[str, str | None], ...]
 
 
 def canonical(strategy: str) -> str:
-    """The strategy's canonical name ("fsdp" -> "zero3"); raises on unknown names."""
-    name = ALIASES.get(strategy, strategy)
+    """The strategy's canonical name ("fsdp" -> "zero3", "fsdp+sp" -> "zero3+sp"); raises on unknown names."""
+    sp = strategy.endswith(SEQUENCE_PARALLEL)
+    base = strategy.removesuffix(SEQUENCE_PARALLEL)
+    name = ALIASES.get(base, base)
     if name not in STRATEGIES:
         known = ", ".join([*STRATEGIES, *ALIASES])
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {known}")
-    return name
+        raise ValueError(
+            f"unknown strategy {strategy!r}; choose one of {known}, each optionally with "
+            f"{SEQUENCE_PARALLEL} (sequence parallelism)"
+        )
+    return name + (SEQUENCE_PARALLEL if sp else "")
+
+
+def base_strategy(strategy: str) -> str:
+    """The ZeRO/Megatron strategy without sequence parallelism ("zero1+sp" -> "zero1")."""
+    return canonical(strategy).removesuffix(SEQUENCE_PARALLEL)
+
+
+def zero_stage(strategy: str) -> int:
+    """The strategy's ZeRO stage on dp (0 for plain data parallelism)."""
+    return STRATEGIES[base_strategy(strategy)]
+
+
+def is_sequence_parallel(strategy: str) -> bool:
+    """True for the "+sp" strategies (Megatron sequence parallelism on tp)."""
+    return canonical(strategy).endswith(SEQUENCE_PARALLEL)
 
 
 def rules(strategy: str, target: str) -> Rules:
-    """Logical-axis rules (logical name -> mesh axis or None) for one target of one strategy."""
-    stage = STRATEGIES[canonical(strategy)]
+    """Logical-axis rules (logical name -> mesh axis or None) for one target of one strategy, in the order
+    they apply (see SEQUENCE_PARALLEL)."""
+    stage = zero_stage(strategy)
     if target not in TARGETS:
         raise ValueError(f"unknown sharding target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "activations":
@@ -49,18 +79,44 @@ def rules(strategy: str, target: str) -> Rules:
     else:
         on_dp = stage >= EMBED_ON_DP_FROM_STAGE[target]
         data = (("batch", None), ("embed", "dp" if on_dp else None))
-    unsharded = tuple((name, None) for name in ("length", "kv", "layers"))
-    return data + _MEGATRON + unsharded
+    sequence = _SEQUENCE_ON_TP if target == "activations" and is_sequence_parallel(strategy) else ()
+    unsharded = tuple((name, None) for name in ("length", "kv", "layers") if name not in dict(sequence))
+    return data + _MEGATRON + sequence + unsharded
+
+
+def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int):
+    """Raise before compiling when "+sp" cannot run: no tp axis to split over, or a sequence it does not
+    divide."""
+    if not is_sequence_parallel(strategy):
+        return
+    tp = mesh.shape.get("tp", 1)
+    if tp == 1:
+        raise ValueError(
+            f"{canonical(strategy)}: sequence parallelism splits the sequence over tp, and this mesh has "
+            "tp=1: use a mesh with tp > 1 (e.g. dp=2,tp=4) or drop +sp"
+        )
+    if seq_len % tp:
+        raise ValueError(
+            f"{canonical(strategy)}: sequence length {seq_len} is not divisible by tp={tp}: choose --seq "
+            f"a multiple of {tp} (a chars:PATH task; sort's length is odd), or a tp dividing {seq_len}"
+        )
 
 
 def strategy_table() -> str:
-    """Every strategy's rules as a text table: target rows, logical-axis columns."""
+    """Every strategy's rules as a text table: target rows, logical-axis columns; then what +sp changes."""
     names = list(LOGICAL_AXES)
+    row = lambda strategy, target, table: f"{strategy:<8} {target:<12} " + " ".join(
+        f"{table[n] or '-':>7}" for n in names
+    )
     lines = [f"{'strategy':<8} {'target':<12} " + " ".join(f"{n:>7}" for n in names)]
     for strategy in STRATEGIES:
-        for target in TARGETS:
-            table = dict(rules(strategy, target))
-            lines.append(f"{strategy:<8} {target:<12} " + " ".join(f"{table[n] or '-':>7}" for n in names))
+        lines += [row(strategy, target, dict(rules(strategy, target))) for target in TARGETS]
+    sp = dict(rules(f"dp{SEQUENCE_PARALLEL}", "activations"))
+    lines.append(row(f"any{SEQUENCE_PARALLEL}", "activations", sp | {"length": "tp*"}))
+    lines.append(
+        f"* {SEQUENCE_PARALLEL}: length -> tp between the tensor-parallel regions (residual stream, LayerNorms, "
+        "embedding output); inside them heads, mlp and vocab keep tp. State rules as without +sp."
+    )
     return "\n".join(lines)
 
 
@@ -144,6 +200,8 @@ def param_subtree_axes(tree: Any, params_axes: Any) -> Any:
 
 
 def batch_sharding(mesh: Mesh, strategy: str, rank: int = 2) -> NamedSharding:
-    """Sharding of a (batch, length, ...) input: batch over the activations' rule for `batch`."""
-    spec = logical_to_spec(("batch", "length") + (None,) * (rank - 2), rules(strategy, "activations"))
+    """Sharding of a (batch, length, ...) input: batch over the activations' rule for `batch`; token ids
+    arrive whole along `length` (with +sp too: the embedding output is what is split)."""
+    activations = rules(base_strategy(strategy), "activations")
+    spec = logical_to_spec(("batch", "length") + (None,) * (rank - 2), activations)
     return NamedSharding(mesh, spec)

@@ -23,7 +23,7 @@ from jax.extend.core.primitives import custom_vjp_call_p
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import sharding, train
+from shardgpt import microbatch, sharding, train
 from shardgpt.data import IGNORE_INDEX
 from shardgpt.mesh import spans_processes
 from shardgpt.model import GPT, Hooks, use_hooks
@@ -241,11 +241,15 @@ def make_train_step(
     mesh: Mesh,
     strategy: str,
     shardings: train.StateShardings,
+    microbatches: int = 1,
 ) -> Callable[[train.TrainState, dict], tuple[train.TrainState, dict]]:
     """train.make_train_step's twin: same signature, state and shardings, written with jax.shard_map.
 
     `tx` must take the global norm as `tx.update(..., grad_norm=)` (optim.make_optimizer's does): a device
-    holds only shards of the gradients, so clipping by their local norm would be wrong.
+    holds only shards of the gradients, so clipping by their local norm would be wrong. With M
+    `microbatches` each device scans its rows as M microbatches and adds up its partial gradients; the dp
+    reduction after the loop is the step's one (ZeRO-2/3 reduce-scatter each microbatch's: see
+    shardgpt.microbatch).
     """
     strategy = sharding.canonical(strategy)
     active = _active_axes(mesh)
@@ -300,14 +304,16 @@ def make_train_step(
         return traverse_util.unflatten_dict(flat)
 
     def train_step_(state_: train.TrainState, batch_: dict) -> tuple[train.TrainState, dict]:
-        def loss_fn(wrt_):
+        count_ = (batch_["targets"] != IGNORE_INDEX).sum()  # of the whole batch, before any split
+        if dp:
+            with jax.named_scope("token_count"):
+                count_ = jax.lax.psum(count_, dp)
+
+        def loss_fn(wrt_, batch_):
             params_ = with_grad_shards(whole_, wrt_)
             with nn.logical_axis_rules(()), use_hooks(hooks):  # no rules: activation constraints no-op
                 logits_BxLxV_ = model.apply({"params": params_}, batch_["inputs"])
-            loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
-            if dp:
-                with jax.named_scope("token_count"):
-                    count_ = jax.lax.psum(count_, dp)
+            loss_sum_, _ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
             # This device's share of the global mean: summed over dp it is exactly train.cross_entropy.
             return loss_sum_ / jnp.maximum(count_, 1)
 
@@ -320,7 +326,13 @@ def make_train_step(
         # of them is ever made: autodiff differentiates their grad shards instead.
         whole_ = jax.tree.map(vary, state_.params, param_specs)
         wrt_ = jax.tree.map(grad_shard_or_param, whole_, param_specs, grad_specs)
-        loss_, grads_ = jax.value_and_grad(loss_fn)(wrt_)
+        if microbatches == 1:
+            loss_, grads_ = jax.value_and_grad(loss_fn)(wrt_, batch_)
+        else:
+            # The loss varies like this device's batch (over dp); the grads like what they differentiate.
+            init = microbatch.zeros_like((batch_["targets"][0, 0], wrt_))
+            split_ = microbatch.split(batch_, microbatches)
+            loss_, grads_ = microbatch.accumulate(jax.value_and_grad(loss_fn), wrt_, split_, init)
         if dp:
             with jax.named_scope("loss_sum"):
                 loss_ = jax.lax.psum(loss_, dp)
@@ -368,4 +380,4 @@ def make_train_step(
         out_shardings=(shardings.state, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
-    return train.bind_step(jitted, model, mesh, strategy)
+    return train.bind_step(jitted, model, mesh, strategy, microbatches)

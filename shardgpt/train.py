@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from shardgpt import data, sharding
+from shardgpt import data, microbatch, sharding
 from shardgpt.data import IGNORE_INDEX
 from shardgpt.model import GPT
 
@@ -119,8 +119,11 @@ def abstract_state(
     return jax.tree.map(place, shapes, shardings.state), shardings
 
 
-def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len: int):
-    """Raise before compiling when the batch cannot run: too long for the context, or not divisible by dp."""
+def check_batch(
+    model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len: int, microbatches: int = 1
+):
+    """Raise before compiling when the batch cannot run: too long for the context, not divisible by dp (or
+    its dp shards by `microbatches`), or a sequence that +sp cannot split over tp."""
     if seq_len > model.config.block_size:
         raise ValueError(
             f"sequence length {seq_len} exceeds the model's block_size {model.config.block_size}: "
@@ -128,6 +131,9 @@ def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len:
         )
     spec = sharding.batch_sharding(mesh, strategy).spec
     sharding.check_divisible("batch", (batch_size, seq_len), ("batch", "length"), spec, mesh)
+    sharding.check_sequence_parallel(mesh, strategy, seq_len)
+    data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
+    microbatch.check(batch_size, microbatches, mesh.shape[data_axis] if data_axis else 1)
 
 
 def check_host_batch(model: GPT, batch: dict):
@@ -173,19 +179,34 @@ class MeshBound:
 
 
 def make_train_step(
-    model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str, shardings: StateShardings
+    model: GPT,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    strategy: str,
+    shardings: StateShardings,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The pure train step, jitted once with the strategy's in/out shardings and the state donated."""
+    """The pure train step, jitted once with the strategy's in/out shardings and the state donated.
+
+    With `microbatches` M > 1 the batch runs as M microbatches inside the step (shardgpt.microbatch).
+    """
     activation_rules = sharding.rules(strategy, "activations")
     batch_sharding = sharding.batch_sharding(mesh, strategy)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        def loss_fn(params):
-            with nn.logical_axis_rules(activation_rules):
-                logits_BxLxV = model.apply({"params": params}, batch["inputs"])
-            return cross_entropy(logits_BxLxV, batch["targets"])
+        count = microbatch.token_count(batch)  # of the whole batch: the mean is over all its tokens
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        def loss_fn(params, batch, rules):
+            with nn.logical_axis_rules(rules):
+                logits_BxLxV = model.apply({"params": params}, batch["inputs"])
+            return cross_entropy_sum(logits_BxLxV, batch["targets"])[0] / count
+
+        if microbatches == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, activation_rules)
+        else:
+            loss, grads = microbatch.gspmd_value_and_grad(
+                loss_fn, state.params, batch, microbatches, mesh, activation_rules, shardings.grads
+            )
         # The grad rules decide the reduction: all-reduce (dp, zero1) or reduce-scatter (zero2, zero3).
         grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -199,7 +220,7 @@ def make_train_step(
         out_shardings=(shardings.state, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
-    return bind_step(jitted, model, mesh, strategy)
+    return bind_step(jitted, model, mesh, strategy, microbatches)
 
 
 def make_eval_loss(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings) -> Callable:
@@ -236,7 +257,7 @@ def make_eval_loss(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardi
     return eval_loss
 
 
-def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str) -> Callable:
+def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str, microbatches: int = 1) -> Callable:
     """`step(state, batch)`: the batch checked on the host, then `jitted` run under its mesh.
 
     The step's `.jitted` (a MeshBound) lowers the same program for tests and benchmarks.
@@ -244,7 +265,7 @@ def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str) -> Callab
     jitted = MeshBound(jitted, mesh, quiet_donation=mesh.devices.flat[0].platform == "cpu")
 
     def step(state, batch):
-        check_batch(model, mesh, strategy, *batch["inputs"].shape)  # host-side, before any compile
+        check_batch(model, mesh, strategy, *batch["inputs"].shape, microbatches)  # before any compile
         check_host_batch(model, batch)
         return jitted(state, batch)
 
