@@ -119,7 +119,8 @@ class Generator:
         stop_token: int | None = None,
         prefill_chunk: int | None = None,
     ):
-        self.model, self.mesh, self.strategy = model, mesh, sharding.canonical(strategy)
+        # Decoding has no sequence to split: a "+sp" strategy generates as its base strategy (same state).
+        self.model, self.mesh, self.strategy = model, mesh, sharding.base_strategy(strategy)
         self.batch_size, self.sampling, self.stop_token = batch_size, sampling, stop_token
         cfg = model.config
         if batch_size < 1:
@@ -341,7 +342,7 @@ def generate(
         from shardgpt.mesh import make_mesh
 
         mesh = make_mesh("dp=1", jax.devices()[:1])
-    cache_key = (model.config, mesh, sharding.canonical(strategy), len(prompts), sampling, stop_token)
+    cache_key = (model.config, mesh, sharding.base_strategy(strategy), len(prompts), sampling, stop_token)
     if cache_key not in _GENERATORS:
         _GENERATORS[cache_key] = Generator(model, mesh, strategy, len(prompts), sampling, stop_token)
     return _GENERATORS[cache_key](params, prompts, max_new_tokens, key)

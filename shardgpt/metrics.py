@@ -5,7 +5,6 @@ computed beside it so a table can show both.
 """
 
 import math
-import re
 from collections import defaultdict
 from typing import Any
 
@@ -13,132 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from shardgpt.config import ModelConfig
+from shardgpt.hlo import KINDS, CollectiveOp, collective_ops, collectives  # noqa: F401  (re-exported)
 from shardgpt.sharding import EMBED_ON_DP_FROM_STAGE, zero_stage
-
-# Collectives in post-partitioning HLO (`jitted.lower(*args).compile().as_text()`).
-
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-_DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
-}  # fmt: skip
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([^\]]*)\]")  # f32[16,4], bf16[], f8e4m3fn[8]
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\)\s*->.*)?\{$")  # computation header line
-_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
-_CALLS = re.compile(
-    r"\b(calls|body|condition|to_apply|true_computation|false_computation|branch_computations|"
-    r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)"
-)
-_METADATA = re.compile(r"metadata=\{[^}]*\}")  # op names like "while/body/..." are not calls
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def _shape_bytes(shape: str) -> int:
-    """Bytes of an HLO shape string; tuples sum their elements, tokens and opaque shapes count 0."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
-        size = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
-        for dim in filter(None, dims.replace("<=", "").split(",")):
-            size *= int(dim)
-        total += size
-    return int(total)
-
-
-def _split_shape(rest: str) -> tuple[str, str]:
-    """Split an instruction's right-hand side into (result shape, text after it)."""
-    rest = re.sub(r"/\*.*?\*/", "", rest)  # tuple index comments: /*index=5*/
-    if not rest.startswith("("):
-        shape, _, tail = rest.partition(" ")
-        return shape, tail
-    depth = 0
-    for i, ch in enumerate(rest):
-        depth += ch in "({"
-        depth -= ch in ")}"
-        if depth == 0:
-            return rest[: i + 1], rest[i + 1 :].lstrip()
-    return rest, ""
-
-
-def _tuple_elements(shape: str) -> list[str]:
-    """Top-level elements of a tuple shape "(a, (b, c), d)" -> ["a", "(b, c)", "d"]."""
-    parts, depth, start = [], 0, 1
-    for i, ch in enumerate(shape[1:-1], start=1):
-        depth += ch in "({"
-        depth -= ch in ")}"
-        if ch == "," and depth == 0:
-            parts.append(shape[start:i].strip())
-            start = i + 1
-    return parts + [shape[start:-1].strip()]
-
-
-def _result_bytes(kind: str, shape: str, is_start: bool) -> int:
-    """Bytes of the collective's result buffer.
-
-    Async starts other than all-reduce-start return (operands, result, context...) tuples, e.g.
-    `(f32[2], f32[16]) all-gather-start`, `((f32[8]), f32[1]) reduce-scatter-start`,
-    `(f32[4], f32[4], u32[], u32[]) collective-permute-start`: the result is element 1.
-    """
-    if is_start and kind != "all-reduce" and shape.startswith("("):
-        return _shape_bytes(_tuple_elements(shape)[1])
-    return _shape_bytes(shape)
-
-
-def _parse(hlo_text: str) -> tuple[str | None, dict[str, list[str]]]:
-    """(entry name, {computation name: its instruction right-hand sides})."""
-    entry, comps, current = None, {}, None
-    for line in hlo_text.splitlines():
-        if (header := _HEADER.match(line)) and not line[0].isspace():
-            current = comps.setdefault(header.group(2), [])
-            entry = header.group(2) if header.group(1) else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None and (instr := _INSTR.match(line)):
-            current.append(instr.group(1))
-    return entry, comps
-
-
-def collectives(hlo_text: str, per_execution: bool = True) -> dict[str, dict[str, int]]:
-    """{kind: {"count", "bytes"}} for every collective kind, zeros included, in one compiled program.
-
-    Bytes are each op's result buffer per device (all-reduce: the reduced buffer; all-gather: the gathered
-    size; reduce-scatter: the scattered shard). An async start/done pair counts once (at the start).
-    Ops are found by following calls from ENTRY. A while body appears once in the text however often it
-    runs: `per_execution=True` multiplies it by XLA's `known_trip_count` (present on CPU/GPU since at least
-    jax 0.10; a loop without one counts once), so an nn.scan over 12 layers counts its collectives 12x:
-    per device per call of the program. `per_execution=False` gives the static count, one per op.
-    Both branches of a conditional are counted.
-    """
-    entry, comps = _parse(hlo_text)
-    memo: dict[str, dict[str, list[int]]] = {}
-
-    def visit(name: str) -> dict[str, list[int]]:
-        if name in memo:
-            return memo[name]
-        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for rhs in comps.get(name, ()):
-            shape, tail = _split_shape(rhs)
-            opcode = tail.partition("(")[0].strip()
-            base = opcode.removesuffix("-start")
-            if base in KINDS:  # the start carries the result; its wrapped computation is not followed
-                totals[base][0] += 1
-                totals[base][1] += _result_bytes(base, shape, opcode.endswith("-start"))
-                continue
-            if opcode in ("async-update", "async-done"):  # the async-start already followed the callee
-                continue
-            trips = _TRIP_COUNT.search(tail) if opcode == "while" and per_execution else None
-            for attr, callees in _CALLS.findall(_METADATA.sub("", tail)):
-                times = int(trips.group(1)) if trips and attr == "body" else 1
-                for callee in re.findall(r"[\w.\-]+", callees.replace("%", "")):
-                    for kind, (count, nbytes) in visit(callee).items():
-                        totals[kind][0] += times * count
-                        totals[kind][1] += times * nbytes
-        memo[name] = totals
-        return totals
-
-    found = visit(entry) if entry else {}
-    return {kind: dict(zip(("count", "bytes"), found.get(kind, (0, 0)), strict=True)) for kind in KINDS}
-
 
 # FLOPs and MFU: analytic, since XLA's cost_analysis() FLOPs are unreliable across backends.
 

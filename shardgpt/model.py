@@ -61,6 +61,10 @@ class Hooks:
         """
         return jnp.take(table_VxD, ids, axis=0, mode="fill", fill_value=0)
 
+    def split_length(self, x_BxLxD):
+        """This device's part of the sequence where sequence parallelism splits it (the whole x here)."""
+        return x_BxLxD
+
     def vocab_ids(self, n: int):
         """Global vocab ids of this device's n logits (they differ from arange where vocab is split)."""
         return jnp.arange(n)
@@ -247,7 +251,8 @@ class GPT(nn.Module):
         wte_VxD = _param(self, "wte", _normal(0.02), wte_shape, vocab_embed)
         wpe_shape = hooks.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
         wpe_LxD = _param(self, "wpe", _normal(0.02), wpe_shape, length_embed)
-        x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + wpe_LxD[positions_BxL]).astype(cfg.dtype)
+        pos_BxLxD = hooks.split_length(wpe_LxD[positions_BxL])
+        x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
         x_BxLxD = constrain(x_BxLxD, BxLxD)
 
         block = Block

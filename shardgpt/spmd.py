@@ -140,6 +140,9 @@ class ShardHooks(Hooks):
         self.split_axes = tuple(sorted(set(self.split.values())))
         self.remat_policy = _save_all_but_gathers if self.gathered else None
         self.limit = scatter_limit(mesh)
+        # Megatron-SP: the axis the activation rules split `length` over between tp regions, or None.
+        sequence = dict(sharding.rules(strategy, "activations"))["length"]
+        self.sequence = sequence if sequence in self.sizes else None
 
     def _divide(self, shape, names, table):
         return tuple(
@@ -163,6 +166,9 @@ class ShardHooks(Hooks):
         return value_ if dtype is None else value_.astype(dtype)
 
     def copy_to_shards(self, x_):
+        if self.sequence:  # Megatron-SP's f: gather the sequence (its transpose reduce-scatters it back)
+            with jax.named_scope("sp_all_gather"):
+                return jax.lax.all_gather(x_, self.sequence, axis=1, tiled=True)
         if not self.split_axes:
             return x_
         with jax.named_scope("megatron_f"):  # its transpose, the backward all-reduce, keeps this name
@@ -172,18 +178,31 @@ class ShardHooks(Hooks):
         axes = tuple(sorted({self.split[x] for x in contracted if x in self.split}))
         if not axes:
             return y_
+        if axes == (self.sequence,):  # Megatron-SP's g: sum the partial products, keep a sequence slice
+            with jax.named_scope("sp_reduce_scatter"):
+                return jax.lax.psum_scatter(y_, self.sequence, scatter_dimension=1, tiled=True)
         with jax.named_scope("megatron_g"):
             return jax.lax.psum(y_, axes)
 
     def embed(self, table_VxD_, ids):
         if "vocab" not in self.split:
-            return table_VxD_[ids]
+            return self.split_length(table_VxD_[ids])
         axis, rows = self.split["vocab"], table_VxD_.shape[0]
         local = ids - jax.lax.axis_index(axis) * rows  # ids outside this shard's rows contribute zeros
         hit = (local >= 0) & (local < rows)
         rows_ = jnp.where(hit[..., None], table_VxD_[jnp.clip(local, 0, rows - 1)], 0)
+        if axis == self.sequence:
+            with jax.named_scope("sp_vocab_embed"):
+                return jax.lax.psum_scatter(rows_, axis, scatter_dimension=1, tiled=True)
         with jax.named_scope("vocab_embed"):
             return jax.lax.psum(rows_, axis)
+
+    def split_length(self, x_BxLxD):
+        if not self.sequence:
+            return x_BxLxD
+        size = x_BxLxD.shape[1] // self.sizes[self.sequence]
+        start = jax.lax.axis_index(self.sequence) * size
+        return jax.lax.dynamic_slice_in_dim(x_BxLxD, start, size, axis=1)
 
     def vocab_ids(self, n):
         if "vocab" not in self.split:

@@ -1,0 +1,249 @@
+"""Collectives read from a compiled program's HLO text (`jitted.lower(*args).compile().as_text()`).
+
+Each collective op is found by following calls from ENTRY, with how often it runs (the trip counts of the
+while loops around it), its result bytes, the size of its device groups and the jax op_name XLA keeps
+(named scopes and the jaxpr path). An all-reduce whose every use takes a dynamic slice of it is how
+XLA:CPU compiles a reduce-scatter; it is reported as what it is, kind "all-reduce+slice", with the bytes of
+the all-reduce that runs.
+"""
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "all-reduce+slice")
+SLICED_ALL_REDUCE = "all-reduce+slice"
+_COMPILED_KINDS = KINDS[:-1]  # opcodes; the last kind is a pattern of two of them
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([^\]]*)\]")  # f32[16,4], bf16[], f8e4m3fn[8]
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\)\s*->.*)?\{$")  # computation header line
+_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALLS = re.compile(
+    r"\b(calls|body|condition|to_apply|true_computation|false_computation|branch_computations|"
+    r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)"
+)
+_METADATA = re.compile(r"metadata=\{[^}]*\}")  # op names like "while/body/..." are not calls
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_PARAMETER = re.compile(r"parameter\((\d+)\)")
+# Device groups, in the three forms XLA prints: explicit lists, iota tiles, and named mesh axes.
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:\s*device_ids=\([^)]*\))?\s*\{([^}]*)\}")
+# Ops a sliced all-reduce's value may pass through on the way to its dynamic slices.
+_PASS_THROUGH = ("bitcast", "copy", "reshape", "get-tuple-element")
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    """One collective op of a compiled program."""
+
+    kind: str  # one of KINDS
+    name: str  # the HLO instruction's name
+    bytes: int  # its result buffer per device, per execution
+    executions: int  # per execution of the program: the product of the enclosing loops' trip counts
+    loops: tuple[int, ...]  # trip counts of the while loops around it, outermost first
+    group_size: int | None  # devices per group (None: not stated, e.g. collective-permute)
+    op_name: str  # jax's op_name metadata: named scopes and the jaxpr path ("transpose(" in backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instr:
+    name: str
+    shape: str
+    opcode: str
+    tail: str  # the text after the opcode: operands, attributes, metadata
+    operands: tuple[str, ...]
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string; tuples sum their elements, tokens and opaque shapes count 0."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
+        for dim in filter(None, dims.replace("<=", "").split(",")):
+            size *= int(dim)
+        total += size
+    return int(total)
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+    """Split an instruction's right-hand side into (result shape, text after it)."""
+    rest = re.sub(r"/\*.*?\*/", "", rest)  # tuple index comments: /*index=5*/
+    if not rest.startswith("("):
+        shape, _, tail = rest.partition(" ")
+        return shape, tail
+    depth = 0
+    for i, ch in enumerate(rest):
+        depth += ch in "({"
+        depth -= ch in ")}"
+        if depth == 0:
+            return rest[: i + 1], rest[i + 1 :].lstrip()
+    return rest, ""
+
+
+def _tuple_elements(shape: str) -> list[str]:
+    """Top-level elements of a tuple shape "(a, (b, c), d)" -> ["a", "(b, c)", "d"]."""
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(shape[1:-1], start=1):
+        depth += ch in "({"
+        depth -= ch in ")}"
+        if ch == "," and depth == 0:
+            parts.append(shape[start:i].strip())
+            start = i + 1
+    return parts + [shape[start:-1].strip()]
+
+
+def _result_bytes(kind: str, shape: str, is_start: bool) -> int:
+    """Bytes of the collective's result buffer.
+
+    Async starts other than all-reduce-start return (operands, result, context...) tuples, e.g.
+    `(f32[2], f32[16]) all-gather-start`, `((f32[8]), f32[1]) reduce-scatter-start`,
+    `(f32[4], f32[4], u32[], u32[]) collective-permute-start`: the result is element 1.
+    """
+    if is_start and kind != "all-reduce" and shape.startswith("("):
+        return _shape_bytes(_tuple_elements(shape)[1])
+    return _shape_bytes(shape)
+
+
+def _instr(name: str, rhs: str) -> _Instr:
+    shape, tail = _split_shape(rhs)
+    opcode, _, args = tail.partition("(")
+    operands = _OPERAND.findall(args.partition(")")[0])
+    return _Instr(name, shape, opcode.strip(), tail, tuple(operands))
+
+
+def _parse(hlo_text: str) -> tuple[str | None, dict[str, list[_Instr]]]:
+    """(entry name, {computation name: its instructions})."""
+    entry, comps, current = None, {}, None
+    for line in hlo_text.splitlines():
+        if (header := _HEADER.match(line)) and not line[0].isspace():
+            current = comps.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and (instr := _INSTR.match(line)):
+            current.append(_instr(*instr.groups()))
+    return entry, comps
+
+
+def _group_size(tail: str) -> int | None:
+    if m := _GROUPS_LIST.search(tail):
+        return len(m.group(1).split(",")) if m.group(1) else None
+    if m := _GROUPS_IOTA.search(tail):
+        return int(m.group(2))
+    if m := _GROUPS_MESH.search(tail):
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+    return None
+
+
+class _Uses:
+    """Who reads each instruction's value, within a computation and into the fusions it calls."""
+
+    def __init__(self, comps: dict[str, list[_Instr]]):
+        self.comps = comps
+        self.users: dict[str, dict[str, list[tuple[_Instr, int]]]] = {}
+
+    def of(self, comp: str, name: str) -> list[tuple[_Instr, int]]:
+        if comp not in self.users:
+            table = defaultdict(list)
+            for instr in self.comps.get(comp, ()):
+                for i, operand in enumerate(instr.operands):
+                    table[operand].append((instr, i))
+            self.users[comp] = table
+        return self.users[comp].get(name, [])
+
+    def parameter(self, comp: str, index: int) -> str | None:
+        """The name of `comp`'s parameter number `index`."""
+        for instr in self.comps.get(comp, ()):
+            if instr.opcode == "parameter" and (m := _PARAMETER.match(instr.tail)) and int(m.group(1)) == index:
+                return instr.name
+        return None
+
+    def only_sliced(self, comp: str, name: str, depth: int = 0) -> bool:
+        """True when every use of `name` in `comp` ends in a dynamic-slice (through bitcasts, copies,
+        tuple elements, or the parameter of a fusion that slices it)."""
+        users = self.of(comp, name)
+        if not users or depth > 8:
+            return False
+        for user, index in users:
+            if user.opcode == "dynamic-slice" and index == 0:
+                continue
+            if user.opcode in _PASS_THROUGH and self.only_sliced(comp, user.name, depth + 1):
+                continue
+            if user.opcode == "fusion" and (called := re.search(r"calls=%?([\w.\-]+)", user.tail)):
+                param = self.parameter(called.group(1), index)
+                if param and self.only_sliced(called.group(1), param, depth + 1):
+                    continue
+            return False
+        return True
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+    """Every collective op of one compiled program, with how often it runs per execution.
+
+    An async start/done pair is one op (its start carries the result). A while body's ops run its
+    `known_trip_count` times (present on CPU/GPU since at least jax 0.10; a loop without one counts once).
+    Both branches of a conditional are listed.
+    """
+    entry, comps = _parse(hlo_text)
+    uses = _Uses(comps)
+    memo: dict[str, list[CollectiveOp]] = {}
+
+    def visit(comp: str) -> list[CollectiveOp]:
+        if comp in memo:
+            return memo[comp]
+        found = []
+        for instr in comps.get(comp, ()):
+            base = instr.opcode.removesuffix("-start")
+            if base in _COMPILED_KINDS:  # the start carries the result; its wrapped computation is not followed
+                kind = base
+                if base == "all-reduce" and uses.only_sliced(comp, instr.name):
+                    kind = SLICED_ALL_REDUCE
+                op_name = m.group(1) if (m := _OP_NAME.search(instr.tail)) else ""
+                nbytes = _result_bytes(base, instr.shape, instr.opcode.endswith("-start"))
+                found.append(CollectiveOp(kind, instr.name, nbytes, 1, (), _group_size(instr.tail), op_name))
+                continue
+            if instr.opcode in ("async-update", "async-done"):  # the async-start already followed the callee
+                continue
+            trips = _TRIP_COUNT.search(instr.tail) if instr.opcode == "while" else None
+            for attr, callees in _CALLS.findall(_METADATA.sub("", instr.tail)):
+                times = int(trips.group(1)) if trips and attr == "body" else 1
+                loop = (times,) if instr.opcode == "while" and attr == "body" else ()
+                for callee in re.findall(r"[\w.\-]+", callees.replace("%", "")):
+                    found += [
+                        dataclasses.replace(op, executions=times * op.executions, loops=loop + op.loops)
+                        for op in visit(callee)
+                    ]
+        memo[comp] = found
+        return found
+
+    return visit(entry) if entry else []
+
+
+def totals(ops: list[CollectiveOp], per_execution: bool = True) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes"}} for every kind, zeros included: per execution of the program, or with
+    `per_execution=False` one per op as written (a loop body counted once)."""
+    sums = {kind: {"count": 0, "bytes": 0} for kind in KINDS}
+    for op in ops:
+        times = op.executions if per_execution else 1
+        sums[op.kind]["count"] += times
+        sums[op.kind]["bytes"] += times * op.bytes
+    return sums
+
+
+def collectives(hlo_text: str, per_execution: bool = True) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes"}} for every collective kind, zeros included, in one compiled program.
+
+    Bytes are each op's result buffer per device (all-reduce: the reduced buffer; all-gather: the gathered
+    size; reduce-scatter: the scattered shard). `per_execution=True` counts a while body's ops once per
+    trip, so an nn.scan over 12 layers counts its collectives 12x: per device per call of the program.
+    """
+    return totals(collective_ops(hlo_text), per_execution)
