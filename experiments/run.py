@@ -37,7 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pick = what.add_mutually_exclusive_group()
     pick.add_argument("--strategy", help=f"comma list of {', '.join(STRATEGIES)}, fsdp (default: all)")
-    pick.add_argument("--compare", action="store_true", help="every strategy on every mesh (the default)")
+    pick.add_argument(
+        "--compare",
+        action="store_true",
+        help="every strategy on every mesh, and each one +sp where tp > 1 and the sequence splits over tp "
+        "(without --strategy or --compare: the four strategies)",
+    )
+    what.add_argument(
+        "--sp",
+        action="store_true",
+        help="Megatron sequence parallelism: every strategy as its +sp variant (needs tp > 1, seq % tp == 0)",
+    )
     what.add_argument("--impl", choices=("gspmd", "shard_map", "both"), default="gspmd")
     what.add_argument(
         "--plan",
@@ -54,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     loop = p.add_argument_group("training and measurement")
     loop.add_argument("--steps", type=int, default=100)
     loop.add_argument("--batch", type=int, default=64, help="global batch size")
+    loop.add_argument(
+        "--microbatches",
+        default="1",
+        metavar="M",
+        help="gradient accumulation: the batch as M microbatches inside each step, or a comma list of M "
+        "to compare (M must divide the per-dp batch; default 1)",
+    )
     loop.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (= --optim.learning_rate)")
     loop.add_argument("--seed", type=int, default=0)
     loop.add_argument(
@@ -237,12 +254,33 @@ def _set_xla_flags(devices: int | None, plan: bool):
     os.environ["XLA_FLAGS"] = flags.strip()
 
 
+def microbatch_counts(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """--microbatches "1,2,4" -> [1, 2, 4]; anything but positive integers exits 2."""
+    try:
+        counts = [int(m) for m in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error(f"--microbatches takes positive integers, e.g. 4 or 1,2,4 (got {text!r})")
+    return counts
+
+
 def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> list:
-    """One RunSpec per (model, mesh, strategy, impl), in that order."""
+    """One RunSpec per (model, mesh, strategy, microbatches, impl), in that order. --compare's +sp variants
+    are marked in `args.optional_specs`: validate() drops those a mesh or sequence cannot run."""
     from shardgpt.lab import RunSpec
+    from shardgpt.mesh import make_mesh
 
     meshes = args.mesh or ["dp=2,tp=4" if num_devices == 8 else "dp=-1"]
     strategies = STRATEGIES if args.compare or not args.strategy else args.strategy.split(",")
+    strategies = [
+        s.strip() + ("+sp" if args.sp and not s.strip().endswith("+sp") else "") for s in strategies
+    ]
+    per_mesh = {}
+    for mesh in meshes:
+        per_mesh[mesh] = list(strategies)
+        if args.compare and not args.sp and make_mesh(mesh).shape["tp"] > 1:
+            per_mesh[mesh] += [f"{s}+sp" for s in strategies]
     impls = ("gspmd", "shard_map") if args.impl == "both" else (args.impl,)
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
     common = dict(
@@ -252,8 +290,19 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
         profile=args.profile,
     )  # fmt: skip
     models = [m.strip() for m in args.model.split(",")]
-    grid = [(n, m, s.strip(), i) for n in models for m in meshes for s in strategies for i in impls]
-    return [RunSpec(model=n, mesh=m, strategy=s, impl=i, **common) for n, m, s, i in grid]
+    grid = [
+        (n, m, s, k, i)
+        for n in models
+        for m in meshes
+        for s in per_mesh[m]
+        for k in args.microbatch_counts
+        for i in impls
+    ]
+    specs = [RunSpec(model=n, mesh=m, strategy=s, microbatches=k, impl=i, **common) for n, m, s, k, i in grid]
+    args.optional_specs = {
+        spec for spec in specs if args.compare and not args.sp and spec.strategy.endswith("+sp")
+    }
+    return specs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(parser, argv)
+    args.microbatch_counts = microbatch_counts(parser, args.microbatches)
     launched = launch_if_asked(__file__, parser, args, argv)
     if launched is not None:
         return launched
@@ -270,6 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # the library's validation errors say what to change
         parser.error(str(e).splitlines()[0])
     return plan(*work, args, argv) if args.plan else compare(work, args, argv)
+
+
+def prepare_all(specs: list, args: argparse.Namespace, prepare) -> list:
+    """`prepare(spec)` for every spec (ValueError on bad input), less --compare's +sp variants that a mesh
+    or sequence cannot run: those leave `specs` with a note saying why."""
+    prepared, skipped = [], {}
+    for spec in list(specs):
+        try:
+            prepared.append(prepare(spec))
+        except ValueError as e:
+            if spec not in args.optional_specs:
+                raise
+            specs.remove(spec)
+            skipped.setdefault(spec.mesh, str(e).splitlines()[0].partition(": ")[2])
+    for mesh, reason in skipped.items():
+        _say(f"note: --compare's +sp variants skipped on {mesh}: {reason}")
+    return prepared
 
 
 def validate(args: argparse.Namespace) -> list:
@@ -288,8 +355,8 @@ def validate(args: argparse.Namespace) -> list:
     if args.generate is None:
         args.generate = DEFAULT_GENERATE
     specs = make_specs(args, jax.device_count(), platform)
-    for spec in specs:  # every spec validated before the first compile
-        note_tp_across_hosts(lab.prepare(spec).mesh)
+    for setup in prepare_all(specs, args, lab.prepare):  # every spec validated before the first compile
+        note_tp_across_hosts(setup.mesh)
     if jax.process_index() == 0:
         check_outputs(args)
     return specs
@@ -311,7 +378,8 @@ def validate_plan(args: argparse.Namespace) -> tuple[list, int | None]:
     if budget is None and jax.devices()[0].platform != "cpu":
         budget = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     devices = jax.devices("cpu")
-    planners = [plan.Planner.prepare(spec, devices) for spec in make_specs(args, len(devices), "accelerator")]
+    specs = make_specs(args, len(devices), "accelerator")
+    planners = prepare_all(specs, args, lambda spec: plan.Planner.prepare(spec, devices))
     check_outputs(args)
     return planners, budget
 

@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what = p.add_argument_group("layout")
     what.add_argument("--mesh", default=None, help="mesh spec (default: dp=2,tp=4 on 8 devices, else dp=-1)")
-    what.add_argument("--strategy", default="dp", help=f"one of {', '.join(run_cli.STRATEGIES)}, fsdp")
+    what.add_argument(
+        "--strategy",
+        default="dp",
+        help=f"one of {', '.join(run_cli.STRATEGIES)}, fsdp; +sp for sequence parallelism (e.g. zero1+sp)",
+    )
+    what.add_argument("--sp", action="store_true", help="Megatron sequence parallelism (= --strategy S+sp)")
     what.add_argument("--impl", choices=("gspmd", "shard_map"), default="gspmd")
     run_cli.add_model_flags(p)
     loop = p.add_argument_group("training")
@@ -43,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=100, help="total steps to reach (a resumed run stops there)"
     )
     loop.add_argument("--batch", type=int, default=64, help="global batch size")
+    loop.add_argument(
+        "--microbatches",
+        type=int,
+        default=1,
+        metavar="M",
+        help="gradient accumulation: each step's batch as M microbatches (M divides the per-dp batch)",
+    )
     loop.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (= --optim.learning_rate)")
     loop.add_argument("--seed", type=int, default=0)
     loop.add_argument(
@@ -104,8 +116,9 @@ def validate(args: argparse.Namespace) -> Job:
     platform = jax.devices()[0].platform
     spec = lab.RunSpec(
         mesh=args.mesh or ("dp=2,tp=4" if jax.device_count() == 8 else "dp=-1"),
-        strategy=args.strategy, impl=args.impl, model=args.model, overrides=args.overrides, optim=args.optim,
-        task=args.task, seq=args.seq, steps=args.steps, batch=args.batch,
+        strategy=args.strategy + ("+sp" if args.sp and not args.strategy.endswith("+sp") else ""),
+        impl=args.impl, model=args.model, overrides=args.overrides, optim=args.optim,
+        task=args.task, seq=args.seq, steps=args.steps, batch=args.batch, microbatches=args.microbatches,
         dtype=args.dtype or ("float32" if platform == "cpu" else "bfloat16"), attention=args.attention,
         scan=args.scan, remat=args.remat, lr=args.lr, seed=args.seed, init_from=args.init_from,
     )  # fmt: skip
@@ -123,6 +136,7 @@ def validate(args: argparse.Namespace) -> Job:
         "task": spec.task,
         "seq": setup.task.seq_len,
         "batch": spec.batch,
+        "microbatches": spec.microbatches,
     }
     job = Job(spec, setup, description)
     if args.ckpt_dir:
@@ -179,11 +193,11 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
     """The Trainer from the state's step to --steps, with the NaN guard, metrics log and checkpoints."""
     import jax
 
-    from shardgpt import checkpoint, data, optim, sharding
+    from shardgpt import checkpoint, data, lab, optim, sharding
     from shardgpt import train as training
 
     s, spec, ckpt, first = job.setup, job.spec, job.checkpointer, int(state.step)
-    step_fn = s.make_step(s.model, s.tx, s.mesh, s.strategy, shardings)
+    step_fn = s.make_step(s.model, s.tx, s.mesh, s.strategy, shardings, microbatches=spec.microbatches)
     batch_sharding = sharding.batch_sharding(s.mesh, s.strategy)
     batch_for = lambda i: data.global_batch(s.task, i, spec.batch, batch_sharding, s.config.vocab_size)
     # In this order: the evaluation adds val_loss to the metrics that the log then writes.
@@ -193,7 +207,7 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
     callbacks.append(training.StopOnNonFinite())
     if ckpt is not None:
         callbacks.append(checkpoint.SaveEvery(ckpt, args.save_every, job.description))
-    name = f"{job.description['mesh']} {s.strategy}" + ("" if spec.impl == "gspmd" else f" {spec.impl}")
+    name = lab.run_name(spec)
     trainer = training.Trainer(
         step_fn, state, batch_for, spec.batch * s.task.seq_len, callbacks,
         progress=jax.process_index() == 0, description=name,

@@ -194,8 +194,8 @@ def check_compatible(saved: dict, current: dict) -> list[str]:
         for k in COMPUTE_FIELDS
         if old.get(k) != new.get(k)
     ]
-    for key in ("mesh", "strategy", "impl", "task", "seed", "batch"):
-        if saved.get(key) != current.get(key):
+    for key in ("mesh", "strategy", "impl", "task", "seed", "batch", "microbatches"):
+        if saved.get(key, 1 if key == "microbatches" else None) != current.get(key):
             notes.append(f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}")
     old_optim, new_optim = saved.get("optim", {}), current.get("optim", {})
     for key in sorted(old_optim.keys() | new_optim.keys()):

@@ -35,7 +35,7 @@ _PARAMETER = re.compile(r"parameter\((\d+)\)")
 # Device groups, in the three forms XLA prints: explicit lists, iota tiles, and named mesh axes.
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
-_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:\s*device_ids=\([^)]*\))?\s*\{([^}]*)\}")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")  # [, device_ids=(...)] {axes}
 # Ops a sliced all-reduce's value may pass through on the way to its dynamic slices.
 _PASS_THROUGH = ("bitcast", "copy", "reshape", "get-tuple-element")
 
@@ -163,7 +163,11 @@ class _Uses:
     def parameter(self, comp: str, index: int) -> str | None:
         """The name of `comp`'s parameter number `index`."""
         for instr in self.comps.get(comp, ()):
-            if instr.opcode == "parameter" and (m := _PARAMETER.match(instr.tail)) and int(m.group(1)) == index:
+            if (
+                instr.opcode == "parameter"
+                and (m := _PARAMETER.match(instr.tail))
+                and int(m.group(1)) == index
+            ):
                 return instr.name
         return None
 
@@ -203,7 +207,9 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
         found = []
         for instr in comps.get(comp, ()):
             base = instr.opcode.removesuffix("-start")
-            if base in _COMPILED_KINDS:  # the start carries the result; its wrapped computation is not followed
+            if (
+                base in _COMPILED_KINDS
+            ):  # the start carries the result; its wrapped computation is not followed
                 kind = base
                 if base == "all-reduce" and uses.only_sliced(comp, instr.name):
                     kind = SLICED_ALL_REDUCE

@@ -53,6 +53,7 @@ class RunSpec:
     seq: int | None = None  # chars tasks only; sort's length is fixed
     steps: int = 100
     batch: int = 64
+    microbatches: int = 1  # gradient accumulation: the batch as M microbatches inside the one step
     dtype: str = "float32"
     attention: str = "xla"
     scan: bool = True
@@ -159,7 +160,7 @@ def prepare(spec: RunSpec) -> Setup:
     base = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=lr_warmup, total_steps=spec.steps)
     optim_config = base.replace(**dict(spec.optim))
     tx = optim.make_optimizer(optim_config)
-    train.check_batch(model, mesh, strategy, spec.batch, task.seq_len)
+    train.check_batch(model, mesh, strategy, spec.batch, task.seq_len, spec.microbatches)
     train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
     prompt_len = getattr(task, "length", min(32, task.seq_len // 2))  # sort: the unsorted digits
     # The last generated token is never read back, so prompt + new tokens may reach block_size + 1.
@@ -185,9 +186,11 @@ def initial_state(spec: RunSpec, s: Setup) -> tuple[train.TrainState, train.Stat
 
 
 def run_name(spec: RunSpec) -> str:
-    """A run's label in tables and plots: "dp=2,tp=4 zero1" (+ " shard_map" for that impl)."""
+    """A run's label in tables and plots: "dp=2,tp=4 zero1" (+ " M=4" with microbatches, + " shard_map")."""
     mesh = describe(make_mesh(spec.mesh))
-    return f"{mesh} {sharding.canonical(spec.strategy)}" + ("" if spec.impl == "gspmd" else f" {spec.impl}")
+    micro = f" M={spec.microbatches}" if spec.microbatches > 1 else ""
+    impl = "" if spec.impl == "gspmd" else f" {spec.impl}"
+    return f"{mesh} {sharding.canonical(spec.strategy)}{micro}{impl}"
 
 
 def model_label(spec: RunSpec) -> str:
@@ -243,7 +246,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     state, shardings = initial_state(spec, s)
     totals = _nbytes(state.params), _nbytes(state.opt_state)
 
-    step_fn = s.make_step(s.model, s.tx, mesh, s.strategy, shardings)
+    step_fn = s.make_step(s.model, s.tx, mesh, s.strategy, shardings, microbatches=spec.microbatches)
     batch_sharding = sharding.batch_sharding(mesh, s.strategy)
 
     def batch_for(step: int) -> dict:
@@ -298,6 +301,8 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         "n_params": cfg.n_params(),
         "task": spec.task,
         "batch": spec.batch,
+        "microbatches": spec.microbatches,
+        "sequence_parallel": sharding.is_sequence_parallel(s.strategy),
         "seq": seq,
         "steps": spec.steps,
         "dtype": cfg.dtype,
@@ -317,7 +322,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         "expected_memory": metrics.zero_expected_bytes(totals[0], totals[1], totals[0], s.strategy, dp, tp),
         "collectives": metrics.collectives(compiled.as_text()),
         "expected_collectives": metrics.expected_collectives(
-            s.strategy, dict(mesh.shape), totals[0], activation_bytes, cfg.n_layer
+            s.strategy, dict(mesh.shape), totals[0], activation_bytes, cfg.n_layer, spec.microbatches
         ),
         "losses": losses,
         "final_loss": losses[-1],

@@ -39,12 +39,12 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def lower_step(make_step, model, tx, mesh, strategy: str, batch: int, seq: int) -> Any:
+def lower_step(make_step, model, tx, mesh, strategy: str, batch: int, seq: int, microbatches: int = 1) -> Any:
     """The train step lowered for abstract state and batch: `.compile()` it, nothing is allocated."""
     state, shardings = train.abstract_state(model, tx, mesh, strategy)
     where: NamedSharding = sharding.batch_sharding(mesh, strategy)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=where)
-    step = make_step(model, tx, mesh, strategy, shardings)
+    step = make_step(model, tx, mesh, strategy, shardings, microbatches=microbatches)
     return step.jitted.lower(state, {"inputs": tokens, "targets": tokens})
 
 
@@ -72,7 +72,7 @@ class Planner:
         mesh, strategy, model = make_mesh(spec.mesh, devices), sharding.canonical(spec.strategy), GPT(cfg)
         base = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=1, total_steps=max(spec.steps, 1))
         tx = optim.make_optimizer(base.replace(**dict(spec.optim)))
-        train.check_batch(model, mesh, strategy, spec.batch, seq)
+        train.check_batch(model, mesh, strategy, spec.batch, seq, spec.microbatches)
         train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
         return cls(spec, cfg, mesh, strategy, seq, model, tx, lab.step_builder(spec.impl))
 
@@ -82,9 +82,10 @@ class Planner:
         Compiled once per batch: the search and the report share every compile.
         """
         if batch not in self.compiled:
-            train.check_batch(self.model, self.mesh, self.strategy, batch, self.seq)
+            microbatches = self.spec.microbatches
+            train.check_batch(self.model, self.mesh, self.strategy, batch, self.seq, microbatches)
             step = (self.make_step, self.model, self.tx, self.mesh, self.strategy)
-            memory = metrics.compiled_memory(lower_step(*step, batch, self.seq).compile())
+            memory = metrics.compiled_memory(lower_step(*step, batch, self.seq, microbatches).compile())
             if memory is None:
                 raise RuntimeError(
                     f"{self.mesh.devices.flat[0].platform} reports no memory_analysis to plan with"
@@ -93,7 +94,8 @@ class Planner:
         return self.compiled[batch]
 
     def largest_batch(self, budget: int) -> int:
-        """The largest global batch (a multiple of dp) whose compiled total fits `budget` bytes, or 0.
+        """The largest global batch (a multiple of dp x microbatches) whose compiled total fits `budget`
+        bytes, or 0.
 
         The total grows linearly with the batch (the temporaries do: measured on gpt2, CPU and H200), so
         each probe is where a line meets the budget, through the last two probes and then through the
@@ -101,7 +103,7 @@ class Planner:
         that fails to halve the bracket is followed by a bisection step, so a curve that bends costs about
         what a bisection would. On a line it takes 4 compiles; it ends when the bracket is one dp wide.
         """
-        dp = self.mesh.shape["dp"]
+        dp = self.mesh.shape["dp"] * self.spec.microbatches  # the unit: every batch must split this way
         ceiling = MAX_BATCH // dp * dp
         total = lambda batch: self.memory(batch)["total_bytes"]
         if total(dp) > budget:
@@ -136,6 +138,7 @@ def plan(planner: Planner, budget: int | None) -> dict[str, Any]:
     compiled = planner.memory(spec.batch)
     row = {
         "name": f"{lab.model_label(spec)} {describe(planner.mesh)} {planner.strategy}"
+        + (f" M={spec.microbatches}" if spec.microbatches > 1 else "")
         + ("" if spec.impl == "gspmd" else f" {spec.impl}"),
         "model": lab.model_label(spec),
         "n_params": planner.config.n_params(),
@@ -143,6 +146,7 @@ def plan(planner: Planner, budget: int | None) -> dict[str, Any]:
         "strategy": planner.strategy,
         "impl": spec.impl,
         "batch": spec.batch,
+        "microbatches": spec.microbatches,
         "seq": planner.seq,
         "dtype": planner.config.dtype,
         "state": metrics.state_bytes(state, shardings),  # exact: from the layout

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shardgpt.metrics import KINDS
+from shardgpt.hlo import KINDS, SLICED_ALL_REDUCE
 
 # Runs that differ only in mesh, strategy or impl compute the same function; only the order of
 # floating-point reductions differs (~1e-7 relative in fp32). bf16 rounds every partial sum to 8 mantissa
@@ -127,13 +127,15 @@ def table(results: dict[str, Any]) -> str:
         ]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         compiled = [_size(mem.get(f"{k}_bytes_per_device")) for k in ("temp", "peak")]
+        timing = [f"{r['compile_s']:.2f}", f"{1e3 * r['step_time_s']:.2f}", f"{r['tokens_per_s']:,.0f}"]
         rows.append(
-            [r["name"], f"{r['compile_s']:.2f}", f"{1e3 * r['step_time_s']:.2f}", f"{r['tokens_per_s']:,.0f}"]
+            [r["name"], str(r.get("microbatches", 1)), *timing]
             + [mfu, *cells, *compiled, f"{r['final_loss']:.6f}", verdict.get(r["name"], "-")]
         )
-    header = ["run", "compile s", "step ms", "tokens/s", "MFU", "params", "grads*", "opt state", "temps"]
+    header = ["run", "M", "compile s", "step ms", "tokens/s", "MFU", "params", "grads*", "opt state", "temps"]
     out = grid([*header, "peak", "final loss", "agrees"], rows)
     out += [
+        "M: microbatches per step (gradient accumulation inside the one jitted step)",
         "memory per device: params and opt state measured from the live arrays' shards; grads* derived from",
         "  the layout (they never persist); (in brackets) the ZeRO paper's ideal (theory); temps and peak",
         "  from the compiled program (XLA's memory_analysis; on CPU peak = args + outputs - aliased + temps)",
@@ -148,6 +150,11 @@ def table(results: dict[str, Any]) -> str:
     out += ["", "collectives per device per step, read from the compiled HLO: result bytes in N ops"]
     rows = [[r["name"], *(_collective(r["collectives"][k]) for k in KINDS)] for r in runs]
     out += grid(["run", *KINDS], rows)
+    if any(r["collectives"].get(SLICED_ALL_REDUCE, {}).get("count") for r in runs):
+        out.append(
+            f"  {SLICED_ALL_REDUCE}: a reduce-scatter as XLA:CPU compiles it (an all-reduce whose every use "
+            "is a dynamic slice); bytes of the all-reduce"
+        )
     theory = {r["expected_collectives"]: r["name"] for r in reversed(runs) if "expected_collectives" in r}
     out += [f"  theory, {name}: {text}" for text, name in reversed(theory.items())]
 

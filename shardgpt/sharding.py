@@ -105,8 +105,8 @@ def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int):
 def strategy_table() -> str:
     """Every strategy's rules as a text table: target rows, logical-axis columns; then what +sp changes."""
     names = list(LOGICAL_AXES)
-    row = lambda strategy, target, table: f"{strategy:<8} {target:<12} " + " ".join(
-        f"{table[n] or '-':>7}" for n in names
+    row = lambda strategy, target, table: (
+        f"{strategy:<8} {target:<12} " + " ".join(f"{table[n] or '-':>7}" for n in names)
     )
     lines = [f"{'strategy':<8} {'target':<12} " + " ".join(f"{n:>7}" for n in names)]
     for strategy in STRATEGIES:
@@ -114,8 +114,8 @@ def strategy_table() -> str:
     sp = dict(rules(f"dp{SEQUENCE_PARALLEL}", "activations"))
     lines.append(row(f"any{SEQUENCE_PARALLEL}", "activations", sp | {"length": "tp*"}))
     lines.append(
-        f"* {SEQUENCE_PARALLEL}: length -> tp between the tensor-parallel regions (residual stream, LayerNorms, "
-        "embedding output); inside them heads, mlp and vocab keep tp. State rules as without +sp."
+        f"* {SEQUENCE_PARALLEL}: length -> tp between the tensor-parallel regions (residual stream, "
+        "LayerNorms, embedding output); inside them heads, mlp and vocab keep tp. State rules as without +sp."
     )
     return "\n".join(lines)
 

@@ -119,9 +119,7 @@ def abstract_state(
     return jax.tree.map(place, shapes, shardings.state), shardings
 
 
-def check_batch(
-    model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len: int, microbatches: int = 1
-):
+def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len: int, microbatches: int = 1):
     """Raise before compiling when the batch cannot run: too long for the context, not divisible by dp (or
     its dp shards by `microbatches`), or a sequence that +sp cannot split over tp."""
     if seq_len > model.config.block_size:

@@ -18,6 +18,7 @@ META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command",
 RUN_KEYS = {
     "name", "mesh", "strategy", "impl", "model", "n_params", "batch", "seq", "steps", "dtype", "compile_s",
     "step_time_s", "tokens_per_s", "mfu", "memory", "collectives", "losses", "final_loss", "generate",
+    "microbatches", "sequence_parallel",
 }  # fmt: skip
 MEMORY_KEYS = {f"{k}_bytes_per_device" for k in ("params", "opt_state", "grads", "peak", "temp")}
 MEMORY_KEYS |= {f"{k}_bytes_per_device" for k in ("argument", "output", "alias")} | {"device_peak_bytes"}
@@ -66,6 +67,11 @@ def test_help_exits_0_and_mentions_mesh(capsys):
         (["--optim.warmup_steps=50"], "warmup_steps must be in [0, total_steps]"),
         (["--optim.learning_rate=-1"], "learning_rate must be > 0"),
         (["--optim.min_lr_ratio=2"], "min_lr_ratio must be in [0, 1]"),
+        (["--microbatches", "3"], "--microbatches 3 does not divide the per-dp batch 32"),
+        (["--microbatches", "2,x"], "--microbatches takes positive integers"),
+        (["--sp", "--mesh", "dp=8"], "this mesh has tp=1: use a mesh with tp > 1"),
+        (["--sp"], "sequence length 11 is not divisible by tp=4"),
+        (["--strategy", "zero9+sp"], "unknown strategy 'zero9+sp'"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_reason(argv, reason, capsys):

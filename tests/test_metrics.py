@@ -185,3 +185,53 @@ def test_expected_collectives_names_the_textbook_ops():
     zero3 = metrics.expected_collectives("zero3", {"dp": 4, "tp": 2}, 2**20, activation_bytes=1024, n_layer=3)
     assert "all-gather" in zero3 and "reduce-scatter" in zero3 and "(12 in all)" in zero3
     assert metrics.expected_collectives("dp", {"dp": 1, "tp": 1}, 2**20) == "no collectives (one device)"
+
+
+# XLA:CPU's form of a reduce-scatter: an all-reduce whose uses all slice it (here inside a fusion).
+SLICED_HLO = """HloModule m
+
+%add (p0: f32[], p1: f32[]) -> f32[] {
+  %p0 = f32[] parameter(0)
+  %p1 = f32[] parameter(1)
+  ROOT %add = f32[] add(%p0, %p1)
+}
+
+%fused_slice (param_0: f32[8,4], param_1: s32[]) -> f32[2,4] {
+  %param_0 = f32[8,4]{1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = f32[2,4]{1,0} dynamic-slice(%param_0, %param_1, %zero), dynamic_slice_sizes={2,4}
+}
+
+ENTRY %main (a: f32[8,4], i: s32[]) -> (f32[2,4], f32[8,4]) {
+  %a = f32[8,4]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %sliced = f32[8,4]{1,0} all-reduce(%a), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %bc = f32[8,4]{1,0} bitcast(%sliced)
+  %shard = f32[2,4]{1,0} fusion(%bc, %i), kind=kLoop, calls=%fused_slice
+  %whole = f32[8,4]{1,0} all-reduce(%a), channel_id=2, replica_groups={{0,4},{1,5},{2,6},{3,7}}, to_apply=%add
+  %used = f32[2,4]{1,0} fusion(%whole, %i), kind=kLoop, calls=%fused_slice
+  %both = f32[8,4]{1,0} add(%whole, %whole)
+  ROOT %out = (f32[2,4]{1,0}, f32[8,4]{1,0}) tuple(%shard, %both)
+}
+"""
+
+
+def test_an_all_reduce_only_sliced_reads_as_a_reduce_scatter():
+    ops = {op.name: op for op in metrics.collective_ops(SLICED_HLO)}
+    assert ops["sliced"].kind == "all-reduce+slice" and ops["sliced"].bytes == 8 * 4 * 4
+    assert ops["whole"].kind == "all-reduce"  # one of its uses reads the whole buffer
+    assert (ops["sliced"].group_size, ops["whole"].group_size) == (4, 2)
+    assert metrics.collectives(SLICED_HLO)["all-reduce+slice"] == {"count": 1, "bytes": 128}
+
+
+def test_group_sizes_in_every_form_xla_prints():
+    from shardgpt.hlo import _group_size
+
+    assert _group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%a") == 4
+    assert _group_size("replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%a") == 2
+    mesh = "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, use_global_device_ids=true"
+    assert _group_size(mesh) == 2
+    permuted = "replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}"
+    assert _group_size(permuted) == 4
+    assert _group_size("source_target_pairs={{0,1}}") is None
