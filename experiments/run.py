@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--sp",
         action="store_true",
-        help="Megatron sequence parallelism: every strategy as its +sp variant (needs tp > 1, seq % tp == 0)",
+        help="Megatron sequence parallelism: every strategy as its +sp variant (needs tp > 1 dividing the "
+        "sequence)",
     )
     what.add_argument("--impl", choices=("gspmd", "shard_map", "both"), default="gspmd")
     what.add_argument(
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--batch", type=int, default=64, help="global batch size")
     loop.add_argument(
         "--microbatches",
+        type=microbatch_counts,
         default="1",
         metavar="M",
         help="gradient accumulation: the batch as M microbatches inside each step, or a comma list of M "
@@ -254,14 +256,14 @@ def _set_xla_flags(devices: int | None, plan: bool):
     os.environ["XLA_FLAGS"] = flags.strip()
 
 
-def microbatch_counts(parser: argparse.ArgumentParser, text: str) -> list[int]:
-    """--microbatches "1,2,4" -> [1, 2, 4]; anything but positive integers exits 2."""
+def microbatch_counts(text: str) -> list[int]:
+    """--microbatches "1,2,4" -> [1, 2, 4]; anything but positive integers exits 2 (argparse)."""
     try:
         counts = [int(m) for m in text.split(",")]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        parser.error(f"--microbatches takes positive integers, e.g. 4 or 1,2,4 (got {text!r})")
+        raise argparse.ArgumentTypeError(f"takes positive integers, e.g. 4 or 1,2,4 (got {text!r})")
     return counts
 
 
@@ -295,7 +297,7 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
         for n in models
         for m in meshes
         for s in per_mesh[m]
-        for k in args.microbatch_counts
+        for k in args.microbatches
         for i in impls
     ]
     specs = [RunSpec(model=n, mesh=m, strategy=s, microbatches=k, impl=i, **common) for n, m, s, k, i in grid]
@@ -310,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(parser, argv)
-    args.microbatch_counts = microbatch_counts(parser, args.microbatches)
     launched = launch_if_asked(__file__, parser, args, argv)
     if launched is not None:
         return launched

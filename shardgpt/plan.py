@@ -60,6 +60,7 @@ class Planner:
     model: GPT
     tx: Any
     make_step: Any
+    microbatches: int = 1  # gradient accumulation: batches step by dp x microbatches
     compiled: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)  # by global batch
 
     @classmethod
@@ -74,7 +75,8 @@ class Planner:
         tx = optim.make_optimizer(base.replace(**dict(spec.optim)))
         train.check_batch(model, mesh, strategy, spec.batch, seq, spec.microbatches)
         train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
-        return cls(spec, cfg, mesh, strategy, seq, model, tx, lab.step_builder(spec.impl))
+        make_step = lab.step_builder(spec.impl)
+        return cls(spec, cfg, mesh, strategy, seq, model, tx, make_step, spec.microbatches)
 
     def memory(self, batch: int) -> dict[str, int]:
         """XLA's buffer assignment for one device at this global batch (metrics.compiled_memory's keys).
@@ -82,7 +84,7 @@ class Planner:
         Compiled once per batch: the search and the report share every compile.
         """
         if batch not in self.compiled:
-            microbatches = self.spec.microbatches
+            microbatches = self.microbatches
             train.check_batch(self.model, self.mesh, self.strategy, batch, self.seq, microbatches)
             step = (self.make_step, self.model, self.tx, self.mesh, self.strategy)
             memory = metrics.compiled_memory(lower_step(*step, batch, self.seq, microbatches).compile())
@@ -103,7 +105,7 @@ class Planner:
         that fails to halve the bracket is followed by a bisection step, so a curve that bends costs about
         what a bisection would. On a line it takes 4 compiles; it ends when the bracket is one dp wide.
         """
-        dp = self.mesh.shape["dp"] * self.spec.microbatches  # the unit: every batch must split this way
+        dp = self.mesh.shape["dp"] * self.microbatches  # the unit: every batch must split this way
         ceiling = MAX_BATCH // dp * dp
         total = lambda batch: self.memory(batch)["total_bytes"]
         if total(dp) > budget:

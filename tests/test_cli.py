@@ -68,7 +68,7 @@ def test_help_exits_0_and_mentions_mesh(capsys):
         (["--optim.learning_rate=-1"], "learning_rate must be > 0"),
         (["--optim.min_lr_ratio=2"], "min_lr_ratio must be in [0, 1]"),
         (["--microbatches", "3"], "--microbatches 3 does not divide the per-dp batch 32"),
-        (["--microbatches", "2,x"], "--microbatches takes positive integers"),
+        (["--microbatches", "2,x"], "argument --microbatches: takes positive integers"),
         (["--sp", "--mesh", "dp=8"], "this mesh has tp=1: use a mesh with tp > 1"),
         (["--sp"], "sequence length 11 is not divisible by tp=4"),
         (["--strategy", "zero9+sp"], "unknown strategy 'zero9+sp'"),
@@ -181,7 +181,7 @@ def _fake_run(name: str, losses: list[float], dtype: str = "float32", seed: int 
 
 def _verdicts(text: str) -> dict[str, str]:
     lines = text.split("\n\n")[0].splitlines()[2:]
-    rows = lines[: next(i for i, line in enumerate(lines) if line.startswith("memory per device"))]
+    rows = lines[: next(i for i, line in enumerate(lines) if line.startswith(("M: ", "memory per device")))]
     return {line.split()[0]: line.split()[-1] for line in rows}
 
 
