@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SIM_DEVICES := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 
-.PHONY: test run lint bench clean
+.PHONY: test run lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ run: $(STAMP)
 # The run BENCHMARKS.md records, into results/bench.
 bench: $(STAMP)
 	$(PY) experiments/run.py --out results/bench
+
+# Issue 13's one-GPU benchmark, with the machine's own python3 (the GPU image has no venv and no network):
+# gpt2 MFU, decode vs its bandwidth floor, the naive generator; results/gpu/results.json and table.txt.
+bench-gpu:
+	$(PYTHON) experiments/gpu_bench.py --out results/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
