@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(SIM_DEVICES) $(PY) -m pytest -q
+	$(SIM_DEVICES) $(PY) -m pytest -q -n 2 --dist loadfile
 
 # Every strategy on dp=2,tp=4 (8 simulated CPU devices without an accelerator): table, results/, plots.
 run: $(STAMP)

@@ -18,8 +18,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt.data import IGNORE_INDEX
-
 
 def check(batch_size: int, microbatches: int, dp: int):
     """Raise before compiling unless `microbatches` >= 1 divides each dp shard's rows of the batch."""
@@ -32,11 +30,6 @@ def check(batch_size: int, microbatches: int, dp: int):
             f"--microbatches {microbatches} does not divide the per-dp batch {per_shard} (batch "
             f"{batch_size} over dp={dp}): choose one of {', '.join(map(str, divisors))}, or another --batch"
         )
-
-
-def token_count(batch: dict) -> jax.Array:
-    """The number of targets that carry loss in `batch` (at least 1, so a mean never divides by 0)."""
-    return jnp.maximum((batch["targets"] != IGNORE_INDEX).sum(), 1)
 
 
 def split(batch: dict, microbatches: int, groups: int | None = None) -> dict:
@@ -60,15 +53,14 @@ def zeros_like(tree: Any, lead: tuple[int, ...] = ()) -> Any:
     return jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), tree)
 
 
-def accumulate(value_and_grad: Callable, params: Any, microbatches: dict, init: tuple) -> tuple:
-    """Scan `value_and_grad(params, microbatch) -> (loss, grads)` over the leading axis of `microbatches`,
-    summing both from `init`; the sums stay where value_and_grad leaves them (no reduction here)."""
+def accumulate(value_and_grad: Callable, params: Any, microbatches: dict, init: Any) -> Any:
+    """Scan `value_and_grad(params, microbatch) -> (values, grads)` over the leading axis of
+    `microbatches`, adding every leaf to `init`'s; the sums stay where value_and_grad leaves them (no
+    reduction here). Gradients add in fp32."""
 
     def body(carry, microbatch):
-        loss, grads = value_and_grad(params, microbatch)
-        total, acc = carry
-        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-        return (total + loss, acc), None
+        new = value_and_grad(params, microbatch)
+        return jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), carry, new), None
 
     with jax.named_scope("microbatches"):
         carry, _ = jax.lax.scan(body, init, microbatches)
@@ -77,9 +69,9 @@ def accumulate(value_and_grad: Callable, params: Any, microbatches: dict, init: 
 
 def gspmd_value_and_grad(
     loss_fn: Callable, params: Any, batch: dict, microbatches: int, mesh: Mesh, rules, grad_shardings: Any
-) -> tuple[jax.Array, Any]:
-    """(loss, grads) of `loss_fn(params, microbatch, rules)` summed over `microbatches` splits of `batch`,
-    under GSPMD; grads come out in `grad_shardings`' layout.
+) -> tuple[tuple[jax.Array, jax.Array], Any]:
+    """((loss sum, token count), grads of the loss sum) of `loss_fn(params, microbatch, rules) -> (loss
+    sum, count)` summed over `microbatches` splits of `batch`, under GSPMD; grads in `grad_shardings`.
 
     GSPMD reduces a gradient as soon as its sharding says it is whole, so a plain scan would all-reduce
     inside the loop. Instead each microbatch is split into one block per dp shard and the gradient is
@@ -90,9 +82,11 @@ def gspmd_value_and_grad(
     """
     data_axis = dict(rules)["batch"]
     groups = mesh.shape[data_axis] if data_axis else 1
+    values_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
+    zero = jnp.zeros((), jnp.float32)
     if groups == 1:  # nothing to keep apart: accumulate in the grads' own layout
-        init = (jnp.float32(0), jax.lax.with_sharding_constraint(zeros_like(params), grad_shardings))
-        value_and_grad = lambda p, m: jax.value_and_grad(loss_fn)(p, m, rules)
+        init = ((zero, zero), jax.lax.with_sharding_constraint(zeros_like(params), grad_shardings))
+        value_and_grad = lambda p, m: values_and_grads(p, m, rules)
         return accumulate(value_and_grad, params, split(batch, microbatches), init)
 
     inner = tuple((name, None if name == "batch" else axis) for name, axis in rules)  # blocks carry dp
@@ -102,22 +96,22 @@ def gspmd_value_and_grad(
     )
 
     def value_and_grad(p, microbatch):
-        block_grads = jax.value_and_grad(lambda p_, m_: loss_fn(p_, m_, inner))
-        blocks = jax.vmap(block_grads, in_axes=(None, 0), spmd_axis_name=data_axis)
-        loss_G, grads = blocks(p, microbatch)
+        block = lambda p_, m_: values_and_grads(p_, m_, inner)
+        values_G, grads = jax.vmap(block, in_axes=(None, 0), spmd_axis_name=data_axis)(p, microbatch)
         grads = jax.tree.map(lambda g, w: g if w else g.sum(0), grads, whole)  # ZeRO-2/3: reduced now
-        return loss_G, jax.lax.with_sharding_constraint(grads, per_block)
+        return values_G, jax.lax.with_sharding_constraint(grads, per_block)
 
     lead = lambda w: (groups,) if w else ()
     zeros = jax.tree.map(lambda p, w: zeros_like(p, lead(w)), params, whole)
-    init = (jnp.zeros((groups,), jnp.float32), jax.lax.with_sharding_constraint(zeros, per_block))
+    zeros_G = jnp.zeros((groups,), jnp.float32)
+    init = ((zeros_G, zeros_G), jax.lax.with_sharding_constraint(zeros, per_block))
     blocks = jax.lax.with_sharding_constraint(
         split(batch, microbatches, groups), NamedSharding(mesh, P(None, data_axis))
     )
-    loss_G, acc = accumulate(value_and_grad, params, blocks, init)
+    (total_G, count_G), acc = accumulate(value_and_grad, params, blocks, init)
     with jax.named_scope("grad_reduce"):  # the step's one reduction of the whole-over-dp gradients
         grads = jax.tree.map(lambda a, w: a.sum(0) if w else a, acc, whole)
-        return loss_G.sum(), jax.lax.with_sharding_constraint(grads, grad_shardings)
+        return (total_G.sum(), count_G.sum()), jax.lax.with_sharding_constraint(grads, grad_shardings)
 
 
 def _axes(spec: P) -> set[str]:

@@ -323,18 +323,12 @@ def make_train_step(
         return traverse_util.unflatten_dict(flat)
 
     def train_step_(state_: train.TrainState, batch_: dict) -> tuple[train.TrainState, dict]:
-        count_ = (batch_["targets"] != IGNORE_INDEX).sum()  # of the whole batch, before any split
-        if dp:
-            with jax.named_scope("token_count"):
-                count_ = jax.lax.psum(count_, dp)
-
-        def loss_fn(wrt_, batch_):
+        def loss_fn(wrt_, batch_):  # this device's (token-loss sum, token count)
             params_ = with_grad_shards(whole_, wrt_)
             with nn.logical_axis_rules(()), use_hooks(hooks):  # no rules: activation constraints no-op
                 logits_BxLxV_ = model.apply({"params": params_}, batch_["inputs"])
-            loss_sum_, _ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
-            # This device's share of the global mean: summed over dp it is exactly train.cross_entropy.
-            return loss_sum_ / jnp.maximum(count_, 1)
+            loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
+            return loss_sum_, count_.astype(jnp.float32)
 
         # Params that dp does not split are made dp-varying, so autodiff leaves their gradients per-device
         # (it would psum them silently otherwise) and the reduction below is the one explicit collective.
@@ -345,17 +339,23 @@ def make_train_step(
         # of them is ever made: autodiff differentiates their grad shards instead.
         whole_ = jax.tree.map(vary, state_.params, param_specs)
         wrt_ = jax.tree.map(grad_shard_or_param, whole_, param_specs, grad_specs)
+        values_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
         if microbatches == 1:
-            loss_, grads_ = jax.value_and_grad(loss_fn)(wrt_, batch_)
+            sums_, grads_ = values_and_grads(wrt_, batch_)
         else:
-            # The loss varies like this device's batch (over dp); the grads like what they differentiate.
-            init = microbatch.zeros_like((batch_["targets"][0, 0], wrt_))
+            # The sums vary like this device's batch (over dp); the grads like what they differentiate.
+            scalar_ = batch_["targets"][0, 0]
+            init = microbatch.zeros_like(((scalar_, scalar_), wrt_))
             split_ = microbatch.split(batch_, microbatches)
-            loss_, grads_ = microbatch.accumulate(jax.value_and_grad(loss_fn), wrt_, split_, init)
-        if dp:
+            sums_, grads_ = microbatch.accumulate(values_and_grads, wrt_, split_, init)
+        sums_2 = jnp.stack(sums_)
+        if dp:  # one psum for both, after the backward pass (never beside the forward's collectives)
             with jax.named_scope("loss_sum"):
-                loss_ = jax.lax.psum(loss_, dp)
-        grads_ = jax.tree.map(reduce_grad, grads_, grad_specs)
+                sums_2 = jax.lax.psum(sums_2, dp)
+        # The mean over every non-ignored token of the batch: exactly train.cross_entropy's.
+        scale = 1 / jnp.maximum(sums_2[1], 1)
+        loss_ = sums_2[0] * scale
+        grads_ = jax.tree.map(lambda g_, spec: reduce_grad(g_, spec) * scale, grads_, grad_specs)
         grads_ = jax.tree.map(to_update_layout, grads_, grad_specs, update_specs)
         params_ = jax.tree.map(to_update_layout, state_.params, param_specs, update_specs)
         grad_norm = _global_norm(grads_, update_specs)

@@ -39,7 +39,10 @@ def cross_entropy_sum(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDE
     losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxLxV.astype(jnp.float32), jnp.where(mask_BxL, targets_BxL, 0)
     )
-    return jnp.sum(losses_BxL * mask_BxL), mask_BxL.sum()
+    # One reduction for both sums, so the count's cross-device sum waits for the forward pass instead of
+    # running beside its first collectives: on XLA:CPU that race starved its thread pool (BENCHMARKS.md).
+    sums_2 = jnp.sum(jnp.stack([losses_BxL * mask_BxL, mask_BxL.astype(jnp.float32)]), axis=(1, 2))
+    return sums_2[0], sums_2[1]
 
 
 def cross_entropy(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDEX):
@@ -192,19 +195,22 @@ def make_train_step(
     batch_sharding = sharding.batch_sharding(mesh, strategy)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        count = microbatch.token_count(batch)  # of the whole batch: the mean is over all its tokens
-
-        def loss_fn(params, batch, rules):
+        def loss_fn(params, batch, rules):  # (token-loss sum, token count): summed over microbatches
             with nn.logical_axis_rules(rules):
                 logits_BxLxV = model.apply({"params": params}, batch["inputs"])
-            return cross_entropy_sum(logits_BxLxV, batch["targets"])[0] / count
+            return cross_entropy_sum(logits_BxLxV, batch["targets"])
 
         if microbatches == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, activation_rules)
+            (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch, activation_rules
+            )
         else:
-            loss, grads = microbatch.gspmd_value_and_grad(
+            (total, count), grads = microbatch.gspmd_value_and_grad(
                 loss_fn, state.params, batch, microbatches, mesh, activation_rules, shardings.grads
             )
+        # The mean over every non-ignored token of the batch (never a mean of microbatch means).
+        scale = 1 / jnp.maximum(count, 1)
+        loss, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
         # The grad rules decide the reduction: all-reduce (dp, zero1) or reduce-scatter (zero2, zero3).
         grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
