@@ -207,9 +207,8 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
         found = []
         for instr in comps.get(comp, ()):
             base = instr.opcode.removesuffix("-start")
-            if (
-                base in _COMPILED_KINDS
-            ):  # the start carries the result; its wrapped computation is not followed
+            # An async start carries the result; its wrapped computation is not followed.
+            if base in _COMPILED_KINDS:
                 kind = base
                 if base == "all-reduce" and uses.only_sliced(comp, instr.name):
                     kind = SLICED_ALL_REDUCE

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def check(batch_size: int, microbatches: int, dp: int):
+def check(batch_size: int, microbatches: int, dp: int) -> None:
     """Raise before compiling unless `microbatches` >= 1 divides each dp shard's rows of the batch."""
     if microbatches < 1:
         raise ValueError(f"--microbatches must be >= 1, got {microbatches}")
@@ -68,7 +68,13 @@ def accumulate(value_and_grad: Callable, params: Any, microbatches: dict, init: 
 
 
 def gspmd_value_and_grad(
-    loss_fn: Callable, params: Any, batch: dict, microbatches: int, mesh: Mesh, rules, grad_shardings: Any
+    loss_fn: Callable,
+    params: Any,
+    batch: dict,
+    microbatches: int,
+    mesh: Mesh,
+    rules: tuple[tuple[str, str | None], ...],
+    grad_shardings: Any,
 ) -> tuple[tuple[jax.Array, jax.Array], Any]:
     """((loss sum, token count), grads of the loss sum) of `loss_fn(params, microbatch, rules) -> (loss
     sum, count)` summed over `microbatches` splits of `batch`, under GSPMD; grads in `grad_shardings`.

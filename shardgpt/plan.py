@@ -103,32 +103,33 @@ class Planner:
         each probe is where a line meets the budget, through the last two probes and then through the
         bracket's ends, kept strictly inside the bracket of batches known to fit and not to fit. A probe
         that fails to halve the bracket is followed by a bisection step, so a curve that bends costs about
-        what a bisection would. On a line it takes 4 compiles; it ends when the bracket is one dp wide.
+        what a bisection would. On a line it takes 4 compiles; it ends when the bracket is one unit (dp x
+        microbatches) wide.
         """
-        dp = self.mesh.shape["dp"] * self.microbatches  # the unit: every batch must split this way
-        ceiling = MAX_BATCH // dp * dp
+        unit = self.mesh.shape["dp"] * self.microbatches  # every batch must split this way
+        ceiling = MAX_BATCH // unit * unit
         total = lambda batch: self.memory(batch)["total_bytes"]
-        if total(dp) > budget:
+        if total(unit) > budget:
             return 0
-        low, high, width = dp, None, math.inf  # low fits; high, once found, does not
-        last, probe = dp, 2 * dp
+        low, high, width = unit, None, math.inf  # low fits; high, once found, does not
+        last, probe = unit, 2 * unit
         while True:
             if total(probe) <= budget:
                 low = probe
             else:
                 high = probe
-            if (high is not None and high - low <= dp) or (high is None and low >= ceiling):
+            if (high is not None and high - low <= unit) or (high is None and low >= ceiling):
                 return low
             # The line through the bracket's ends (before a high is known, the last two probes).
             a, b = (last, probe) if high is None else (low, high)
             slope = max(total(b) - total(a), 1) / (b - a)  # bytes per example
-            step = int(a + (budget - total(a)) / slope) // dp * dp  # where the line meets the budget
+            step = int(a + (budget - total(a)) / slope) // unit * unit  # where the line meets the budget
             if high is not None:
                 if high - low > width / 2:  # the last probe did not halve the bracket: bisect
-                    step = (low + high) // 2 // dp * dp
+                    step = (low + high) // 2 // unit * unit
                 width = high - low
-            top = ceiling if high is None else high - dp
-            last, probe = probe, min(max(step, low + dp), top)
+            top = ceiling if high is None else high - unit
+            last, probe = probe, min(max(step, low + unit), top)
 
 
 def plan(planner: Planner, budget: int | None) -> dict[str, Any]:

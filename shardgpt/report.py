@@ -10,9 +10,9 @@ from typing import Any
 
 from shardgpt.hlo import KINDS, SLICED_ALL_REDUCE
 
-# Runs that differ only in mesh, strategy or impl compute the same function; only the order of
-# floating-point reductions differs (~1e-7 relative in fp32). bf16 rounds every partial sum to 8 mantissa
-# bits, so its bound is loose: a wrong gradient still misses it by far.
+# Runs that differ only in mesh, strategy (+sp too), impl or microbatches compute the same function; only
+# the order of floating-point reductions differs (~1e-7 relative in fp32). bf16 rounds every partial sum to
+# 8 mantissa bits, so its bound is loose: a wrong gradient still misses it by far.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # Judged window. Training amplifies rounding differences exponentially (measured here: gpt-pico on sort, fp32,
 # they pass 1e-4 near step 30 at lr 1e-3 and 3e-3), so later steps are reported, not judged; a real bug (a

@@ -84,7 +84,7 @@ def rules(strategy: str, target: str) -> Rules:
     return data + _MEGATRON + sequence + unsharded
 
 
-def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int):
+def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int) -> None:
     """Raise before compiling when "+sp" cannot run: no tp axis to split over, or a sequence it does not
     divide."""
     if not is_sequence_parallel(strategy):
