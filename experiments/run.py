@@ -147,6 +147,13 @@ def add_device_flags(p: argparse.ArgumentParser):
     where.add_argument(
         "--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), help="(or JAX_PROCESS_ID)"
     )
+    where.add_argument(
+        "--no-gpu-flags",
+        dest="gpu_flags",
+        action="store_false",
+        help="on a GPU, leave out XLA's performance flags (shardgpt.xla_flags.GPU_FLAGS) that are otherwise "
+        "added to XLA_FLAGS (flags already in XLA_FLAGS are always kept as given)",
+    )
 
 
 def _env_int(name: str) -> int | None:
@@ -240,11 +247,13 @@ def check_outputs(args: argparse.Namespace):
         _check_writable("--profile", args.profile)
 
 
-def _set_xla_flags(devices: int | None, plan: bool):
-    """Ask XLA for `devices` host devices (and, to plan, a fast backend); only effective before jax
-    initialises (later the present devices are used)."""
+def _set_xla_flags(devices: int | None, plan: bool, gpu_flags: bool = True):
+    """Ask XLA for `devices` host devices (to plan, a fast backend; on a GPU, with `gpu_flags`, its
+    performance flags); only effective before jax initialises (later the present devices are used)."""
     if "jax" in sys.modules:
         return
+    from shardgpt import xla_flags  # imports no jax
+
     flags = os.environ.get("XLA_FLAGS", "")
     if devices is not None or "xla_force_host_platform_device_count" not in flags:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
@@ -253,6 +262,8 @@ def _set_xla_flags(devices: int | None, plan: bool):
         # LLVM's optimisation level changes the code's speed, not XLA's buffer assignment: the same bytes,
         # compiled ~40% faster (gpt2 on 8 devices: 2.7 s instead of 4.4 s a compile, here).
         flags += " --xla_backend_optimization_level=0"
+    if gpu_flags and xla_flags.gpu_expected():
+        flags = xla_flags.with_gpu_flags(flags)
     os.environ["XLA_FLAGS"] = flags.strip()
 
 
@@ -315,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     launched = launch_if_asked(__file__, parser, args, argv)
     if launched is not None:
         return launched
-    _set_xla_flags(args.devices, args.plan)
+    _set_xla_flags(args.devices, args.plan, args.gpu_flags)
     try:  # only validation is caught: an error during a run is a bug, and keeps its traceback
         work = validate_plan(args) if args.plan else validate(args)
     except (ValueError, FileNotFoundError) as e:  # the library's validation errors say what to change

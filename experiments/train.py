@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     launched = run_cli.launch_if_asked(__file__, parser, args, argv)
     if launched is not None:
         return launched
-    run_cli._set_xla_flags(args.devices, plan=False)  # before jax is first imported
+    run_cli._set_xla_flags(args.devices, plan=False, gpu_flags=args.gpu_flags)  # before jax is imported
     from shardgpt.checkpoint import CheckpointError
 
     try:  # only validation is caught: an error while training keeps its traceback

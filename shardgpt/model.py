@@ -236,13 +236,15 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """tokens_BxL -> logits_BxLxV. With a KV cache (see `init_cache`) it also returns the updated cache.
 
-    `logits_at_BxM` (indices into L) applies the head only at those positions: logits_BxMxV.
+    `logits_at_BxM` (indices into L) applies the head only at those positions: logits_BxMxV. With
+    `head=False` it returns the final LayerNorm's output x_BxLxD instead, for a loss that applies the head
+    itself (`head_DxV` reads its weight; shardgpt.loss).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL=None, cache=None, logits_at_BxM=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, cache=None, logits_at_BxM=None, head: bool = True):
         cfg, hooks = self.config, _hooks()
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
@@ -281,6 +283,8 @@ class GPT(nn.Module):
         if logits_at_BxM is not None:  # e.g. a prefill needs only each prompt's last position
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxM[:, :, None], axis=1)
         x_BxLxD = hooks.copy_to_shards(LayerNorm(cfg, name="ln_f")(x_BxLxD))
+        if not head:
+            return x_BxLxD if cache is None else (x_BxLxD, cache)
         if cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, wte_VxD.astype(cfg.dtype))
         else:
@@ -292,6 +296,13 @@ class GPT(nn.Module):
             real_V = hooks.vocab_ids(logits_BxLxV.shape[-1]) < cfg.vocab_size
             logits_BxLxV = jnp.where(real_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
         return logits_BxLxV if cache is None else (logits_BxLxV, cache)
+
+
+def head_DxV(params, config: ModelConfig):
+    """The LM head's weight in the compute dtype, as GPT applies it: lm_head's kernel, or wte transposed
+    when the embeddings are tied."""
+    weight_DxV = params["wte"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+    return weight_DxV.astype(config.dtype)
 
 
 def cache_shape(config: ModelConfig, batch: int) -> tuple[int, ...]:

@@ -325,9 +325,10 @@ def make_train_step(
     def train_step_(state_: train.TrainState, batch_: dict) -> tuple[train.TrainState, dict]:
         def loss_fn(wrt_, batch_):  # this device's (token-loss sum, token count)
             params_ = with_grad_shards(whole_, wrt_)
-            with nn.logical_axis_rules(()), use_hooks(hooks):  # no rules: activation constraints no-op
-                logits_BxLxV_ = model.apply({"params": params_}, batch_["inputs"])
-            loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
+            with jax.named_scope("forward"):  # as in train.loss_sum: backward ops are transpose(jvp(forward))
+                with nn.logical_axis_rules(()), use_hooks(hooks):  # no rules: activation constraints no-op
+                    logits_BxLxV_ = model.apply({"params": params_}, batch_["inputs"])
+                loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
             return loss_sum_, count_.astype(jnp.float32)
 
         # Params that dp does not split are made dp-varying, so autodiff leaves their gradients per-device
@@ -352,17 +353,18 @@ def make_train_step(
         if dp:  # one psum for both, after the backward pass (never beside the forward's collectives)
             with jax.named_scope("loss_sum"):
                 sums_2 = jax.lax.psum(sums_2, dp)
-        # The mean over every non-ignored token of the batch: exactly train.cross_entropy's.
+        # The mean over every non-ignored token of the batch: exactly loss.cross_entropy's.
         scale = 1 / jnp.maximum(sums_2[1], 1)
         loss_ = sums_2[0] * scale
         grads_ = jax.tree.map(lambda g_, spec: reduce_grad(g_, spec) * scale, grads_, grad_specs)
         grads_ = jax.tree.map(to_update_layout, grads_, grad_specs, update_specs)
         params_ = jax.tree.map(to_update_layout, state_.params, param_specs, update_specs)
-        grad_norm = _global_norm(grads_, update_specs)
-        updates_, opt_state_ = tx.update(grads_, state_.opt_state, params_, grad_norm=grad_norm)
-        params_ = jax.tree.map(
-            to_param_layout, optax.apply_updates(params_, updates_), update_specs, param_specs
-        )
+        with jax.named_scope("optimizer"):
+            grad_norm = _global_norm(grads_, update_specs)
+            updates_, opt_state_ = tx.update(grads_, state_.opt_state, params_, grad_norm=grad_norm)
+            params_ = jax.tree.map(
+                to_param_layout, optax.apply_updates(params_, updates_), update_specs, param_specs
+            )
         state_ = train.TrainState(step=state_.step + 1, params=params_, opt_state=opt_state_)
         return state_, {"loss": loss_, "grad_norm": grad_norm}
 

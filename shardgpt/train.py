@@ -17,9 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from shardgpt import data, microbatch, sharding
-from shardgpt.data import IGNORE_INDEX
-from shardgpt.model import GPT
+from shardgpt import data, loss, microbatch, sharding
+from shardgpt.model import GPT, head_DxV
 
 PROGRESS_LINES = 10  # without a terminal the Trainer prints this many progress lines, not a live bar
 
@@ -33,22 +32,13 @@ class TrainState:
     opt_state: Any
 
 
-def cross_entropy_sum(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDEX):
-    """Summed next-token cross-entropy over targets != ignore_index (fp32), and how many there are."""
-    mask_BxL = targets_BxL != ignore_index
-    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxLxV.astype(jnp.float32), jnp.where(mask_BxL, targets_BxL, 0)
-    )
-    # One reduction for both sums, so the count's cross-device sum waits for the forward pass instead of
-    # running beside its first collectives: on XLA:CPU that race starved its thread pool (BENCHMARKS.md).
-    sums_2 = jnp.sum(jnp.stack([losses_BxL * mask_BxL, mask_BxL.astype(jnp.float32)]), axis=(1, 2))
-    return sums_2[0], sums_2[1]
-
-
-def cross_entropy(logits_BxLxV, targets_BxL, ignore_index: int = IGNORE_INDEX):
-    """Mean next-token cross-entropy over targets != ignore_index, computed in fp32."""
-    total, count = cross_entropy_sum(logits_BxLxV, targets_BxL, ignore_index)
-    return total / jnp.maximum(count, 1)
+def loss_sum(model: GPT, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(token-loss sum, token count) of `batch`: the forward pass, then the head fused with the chunked
+    cross-entropy (shardgpt.loss), so the whole batch's logits never exist. Trace under the logical rules."""
+    cfg = model.config
+    with jax.named_scope("forward"):  # the backward pass's ops are named transpose(jvp(forward))
+        x_BxLxD = model.apply({"params": params}, batch["inputs"], head=False)
+        return loss.head_cross_entropy_sum(x_BxLxD, head_DxV(params, cfg), batch["targets"], cfg.vocab_size)
 
 
 @flax.struct.dataclass
@@ -197,8 +187,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params, batch, rules):  # (token-loss sum, token count): summed over microbatches
             with nn.logical_axis_rules(rules):
-                logits_BxLxV = model.apply({"params": params}, batch["inputs"])
-            return cross_entropy_sum(logits_BxLxV, batch["targets"])
+                return loss_sum(model, params, batch)
 
         if microbatches == 1:
             (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -208,14 +197,16 @@ def make_train_step(
             (total, count), grads = microbatch.gspmd_value_and_grad(
                 loss_fn, state.params, batch, microbatches, mesh, activation_rules, shardings.grads
             )
-        # The mean over every non-ignored token of the batch (never a mean of microbatch means).
-        scale = 1 / jnp.maximum(count, 1)
-        loss, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
-        # The grad rules decide the reduction: all-reduce (dp, zero1) or reduce-scatter (zero2, zero3).
-        grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        with jax.named_scope("grad_reduce"):
+            # The mean over every non-ignored token of the batch (never a mean of microbatch means).
+            scale = 1 / jnp.maximum(count, 1)
+            mean, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
+            # The grad rules decide the reduction: all-reduce (dp, zero1) or reduce-scatter (zero2, zero3).
+            grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {"loss": mean, "grad_norm": optax.tree.norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     jitted = jax.jit(
@@ -236,14 +227,13 @@ def make_eval_loss(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardi
     activation_rules = sharding.rules(strategy, "activations")
     batch_sharding = sharding.batch_sharding(mesh, strategy)
 
-    def loss_sum(params, batch):
+    def batch_loss_sum(params, batch):
         with nn.logical_axis_rules(activation_rules):
-            logits_BxLxV = model.apply({"params": params}, batch["inputs"])
-        return cross_entropy_sum(logits_BxLxV, batch["targets"])
+            return loss_sum(model, params, batch)
 
     jitted = MeshBound(
         jax.jit(
-            loss_sum,
+            batch_loss_sum,
             in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
             out_shardings=NamedSharding(mesh, P()),
         ),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import checkpoint, config, data, optim, train
+from shardgpt import checkpoint, config, data, loss, optim, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -172,7 +172,7 @@ def test_held_out_loss_is_the_token_mean_and_equals_one_device(pico, host_state)
     got = train.make_eval_loss(model, mesh, "zero3", shardings)(state.params, batches)
     inputs, targets = (np.concatenate([b[k] for b in batches]) for k in ("inputs", "targets"))
     logits = model.apply({"params": host_state.params}, inputs)
-    assert got == pytest.approx(float(train.cross_entropy(logits, targets)), rel=1e-6)
+    assert got == pytest.approx(float(loss.cross_entropy(logits, targets)), rel=1e-6)
 
 
 def test_a_non_finite_state_is_never_saved(pico, host_state, tmp_path):

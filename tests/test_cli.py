@@ -220,7 +220,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights_and_generates(tmp_path):
     import jax
     import numpy as np
 
-    from shardgpt import config, data, train, weights
+    from shardgpt import config, data, loss, train, weights
     from shardgpt.model import GPT
 
     task = data.SortTask()
@@ -228,7 +228,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights_and_generates(tmp_path):
     params = jax.jit(lambda rng: train.init_params(GPT(cfg), rng))(jax.random.key(7))
     path = weights.export_params(params, cfg, tmp_path / "ckpt.safetensors")
     inputs, targets = task.rows(0, range(8))
-    expected = float(train.cross_entropy(GPT(cfg).apply({"params": params}, inputs), targets))
+    expected = float(loss.cross_entropy(GPT(cfg).apply({"params": params}, inputs), targets))
 
     out = tmp_path / "out"
     argv = ["--init-from", str(path), "--model.n_head=8", "--strategy", "zero3", "--mesh", "dp=2,tp=4"]

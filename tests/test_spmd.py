@@ -18,7 +18,7 @@ import pytest
 from _runs import MODEL, TASK, TX, initial_state, run
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import data, metrics, optim, sharding, spmd, train
+from shardgpt import data, loss, metrics, optim, sharding, spmd, train
 from shardgpt.mesh import make_mesh
 
 N_LAYER = MODEL.config.n_layer
@@ -96,6 +96,22 @@ def _scoped(hlo: str, scope: str, backward: bool, per_execution: bool = True) ->
     return metrics.collectives("\n".join(lines), per_execution)
 
 
+@pytest.mark.parametrize("impl", ["gspmd", "shard_map"])
+def test_the_compiled_step_names_its_phases(impl):
+    """Profiles and HLO op names show the step's phases: forward, backward (jax names it the forward's
+    transpose), the gradient reduction (GSPMD's scaling and constraint; shard_map's psum) and the update."""
+    op_names = re.findall(r'op_name="([^"]*)"', run(impl, "dp=2,tp=4", "dp").hlo)
+    reduction = "grad_reduce/" if impl == "gspmd" else "grad_all_reduce/"
+    phases = {
+        "forward": lambda n: "jvp(forward)/" in n and "transpose(" not in n,
+        "backward": lambda n: "transpose(jvp(forward))/" in n,
+        "gradient reduction": lambda n: reduction in n,
+        "optimizer": lambda n: "/optimizer/" in n,
+    }
+    missing = [phase for phase, named in phases.items() if not any(map(named, op_names))]
+    assert not missing, f"{impl}: no op carries the named scope of {missing}: see train.make_train_step"
+
+
 @pytest.mark.parametrize("spec, strategy", CASES)
 def test_collectives_are_exactly_the_promised_ones(spec, strategy):
     assert _counts(run("shard_map", spec, strategy)[3]) == EXPECTED[spec, strategy]
@@ -166,7 +182,7 @@ def test_vocab_parallel_cross_entropy_matches_the_full_one():
     sharded = jax.jit(
         jax.shard_map(loss_, mesh=mesh, in_specs=(P(None, None, "tp"), P()), out_specs=P(), check_vma=True)
     )
-    expected = train.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    expected = loss.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
     np.testing.assert_allclose(sharded(logits, targets), expected, rtol=1e-6)
 
 

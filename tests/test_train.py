@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import config, data, metrics, optim, sharding, train
+from shardgpt import config, data, loss, metrics, optim, sharding, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -14,8 +14,8 @@ def test_cross_entropy_ignores_masked_targets():
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
     targets = jnp.array([[0, 1, data.IGNORE_INDEX]])
     expected = -(np.log(0.5) + np.log(0.8)) / 2
-    np.testing.assert_allclose(train.cross_entropy(logits, targets), expected, rtol=1e-6)
-    assert train.cross_entropy(logits, jnp.full((1, 3), data.IGNORE_INDEX)) == 0
+    np.testing.assert_allclose(loss.cross_entropy(logits, targets), expected, rtol=1e-6)
+    assert loss.cross_entropy(logits, jnp.full((1, 3), data.IGNORE_INDEX)) == 0
 
 
 def test_weight_decay_only_on_kernels():

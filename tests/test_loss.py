@@ -1,0 +1,80 @@
+"""The fused, chunked head loss equals the loss on whole logits, in value and gradient, and on a mesh.
+
+fp32 throughout; a vocabulary that is padded (50 -> 64) and a sequence (11) that chunks of 4 do not divide,
+so the padded vocab ids and the padded last chunk are both exercised. Tolerances: values 1e-6 relative,
+gradients 1e-6 of the largest gradient entry (only the order of the sums differs).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shardgpt import config, data, hlo, loss, sharding, train
+from shardgpt.mesh import make_mesh
+from shardgpt.model import GPT, head_DxV
+
+CHUNK = 4
+RNG = np.random.default_rng(0)
+INPUTS = RNG.integers(0, 50, (8, 11)).astype(np.int32)
+TARGETS = RNG.integers(0, 50, (8, 11)).astype(np.int32)
+TARGETS[0, :3] = TARGETS[2, 7:] = TARGETS[5] = data.IGNORE_INDEX  # unequal counts, a row with none
+
+
+def _value_and_grad(f):
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+
+@functools.cache
+def _reference(tie: bool):
+    """(model, params, ((loss sum, count), grads) of the loss on whole logits)."""
+    model = GPT(config.preset("gpt-pico", n_layer=1, vocab_size=50, block_size=16, tie_embeddings=tie))
+    params = jax.jit(lambda rng: train.init_params(model, rng))(jax.random.key(0))
+    whole = lambda p: loss.cross_entropy_sum(model.apply({"params": p}, INPUTS), TARGETS)
+    return model, params, _value_and_grad(whole)(params)
+
+
+def _chunked(model, params):
+    x_BxLxD = model.apply({"params": params}, INPUTS, head=False)
+    return loss.head_cross_entropy_sum(x_BxLxD, head_DxV(params, model.config), TARGETS, 50, CHUNK)
+
+
+def _assert_same(got, expected, what: str):
+    (total, count), grads = got
+    (expected_total, expected_count), expected_grads = expected
+    assert float(count) == float(expected_count) == (TARGETS != data.IGNORE_INDEX).sum(), what
+    np.testing.assert_allclose(total, expected_total, rtol=1e-6, err_msg=f"{what}: loss sum")
+    flat = dict(jax.tree_util.tree_leaves_with_path(grads))
+    # Against the largest gradient entry: the key biases' true gradient is 0, theirs is rounding noise.
+    atol = 1e-6 * max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected_grads))
+    for path, g in jax.tree_util.tree_leaves_with_path(expected_grads):
+        np.testing.assert_allclose(flat[path], g, rtol=0, atol=atol, err_msg=f"{what} {path}")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_head_loss_equals_the_whole_logits_loss(tie):
+    model, params, expected = _reference(tie)
+    _assert_same(_value_and_grad(lambda p: _chunked(model, p))(params), expected, f"tie={tie}")
+    total, _ = jax.jit(lambda p: _chunked(model, p))(params)  # the forward alone (evaluation)
+    np.testing.assert_allclose(total, expected[0][0], rtol=1e-6)
+
+
+def test_chunked_head_loss_on_a_mesh_reduces_the_head_gradient_once():
+    """dp=2,tp=4 under zero3's rules: the same values and gradients as one device; inside the chunk loop
+    only tp's vocab-parallel all-reduces run, the head gradient's dp reduction waits for the loop's end."""
+    model, params, expected = _reference(tie=False)
+    mesh = make_mesh("dp=2,tp=4")
+
+    def chunked(p):
+        with nn.logical_axis_rules(sharding.rules("zero3", "activations")):
+            return _chunked(model, p)
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.value_and_grad(chunked, has_aux=True)).lower(params).compile()
+        _assert_same(compiled(params), expected, "dp=2,tp=4")
+    ops = hlo.collective_ops(compiled.as_text())
+    in_loop = [op for op in ops if op.loops and "head_cross_entropy" in op.op_name]
+    assert in_loop and {op.group_size for op in in_loop} == {mesh.shape["tp"]}, in_loop
