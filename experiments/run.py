@@ -282,7 +282,7 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
     """One RunSpec per (model, mesh, strategy, microbatches, impl), in that order. --compare's +sp variants
     are marked in `args.optional_specs`: validate() drops those a mesh or sequence cannot run."""
     from shardgpt.lab import RunSpec
-    from shardgpt.mesh import make_mesh
+    from shardgpt.mesh import parse_mesh_spec
 
     meshes = args.mesh or ["dp=2,tp=4" if num_devices == 8 else "dp=-1"]
     strategies = STRATEGIES if args.compare or not args.strategy else args.strategy.split(",")
@@ -292,7 +292,8 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
     per_mesh = {}
     for mesh in meshes:
         per_mesh[mesh] = list(strategies)
-        if args.compare and not args.sp and make_mesh(mesh).shape["tp"] > 1:
+        # Sizes from the spec alone: --plan lays meshes over simulated CPU devices, not the default backend's.
+        if args.compare and not args.sp and parse_mesh_spec(mesh, num_devices).get("tp", 1) > 1:
             per_mesh[mesh] += [f"{s}+sp" for s in strategies]
     impls = ("gspmd", "shard_map") if args.impl == "both" else (args.impl,)
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")

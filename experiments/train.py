@@ -95,7 +95,7 @@ def validate(args: argparse.Namespace) -> Job:
     """Initialise jax, resolve the run, open and check the checkpoint directory: nothing compiles."""
     import jax
 
-    from shardgpt import checkpoint, distributed, lab
+    from shardgpt import checkpoint, distributed, lab, sharding
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from shardgpt.mesh import describe
@@ -153,8 +153,12 @@ def validate(args: argparse.Namespace) -> Job:
             run_cli._say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
             return job
         saved = job.checkpointer.description(job.resume_step)
+        # +sp changes activations only: a strategy note moves state only when the base strategy differs.
+        same_layout = sharding.base_strategy(saved.get("strategy", "dp")) == sharding.base_strategy(
+            setup.strategy
+        )
         for note in checkpoint.check_compatible(saved, description):
-            resharded = note.startswith(("mesh", "strategy", "impl"))
+            resharded = note.startswith(("mesh", "impl")) or (note.startswith("strategy") and not same_layout)
             run_cli._say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
     return job
 

@@ -180,7 +180,7 @@ class ShardHooks(Hooks):
             return y_
         if axes == (self.sequence,):  # Megatron-SP's g: sum the partial products, keep a sequence slice
             with jax.named_scope("sp_reduce_scatter"):
-                return jax.lax.psum_scatter(y_, self.sequence, scatter_dimension=1, tiled=True)
+                return _reduce_scatter(y_, self.sequence, 1, self.limit)
         with jax.named_scope("megatron_g"):
             return jax.lax.psum(y_, axes)
 
@@ -193,7 +193,7 @@ class ShardHooks(Hooks):
         rows_ = jnp.where(hit[..., None], table_VxD_[jnp.clip(local, 0, rows - 1)], 0)
         if axis == self.sequence:
             with jax.named_scope("sp_vocab_embed"):
-                return jax.lax.psum_scatter(rows_, axis, scatter_dimension=1, tiled=True)
+                return _reduce_scatter(rows_, axis, 1, self.limit)
         with jax.named_scope("vocab_embed"):
             return jax.lax.psum(rows_, axis)
 
