@@ -15,6 +15,7 @@ Writes OUT/results.json (rewritten after every part) and OUT/table.txt. Needs on
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,7 +28,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the checkout: runs without a pip install
 sys.path.append(str(HERE))  # for the sibling script gpu_generation; appended, so it shadows nothing
 
-import jax  # noqa: E402  (after the checkout is on the path)
+from shardgpt import xla_flags  # noqa: E402  (imports no jax)
+
+# XLA's GPU performance flags (shardgpt.xla_flags), as run.py sets them: only before jax starts, only where
+# it will start on a GPU, never over the user's own; --no-gpu-flags leaves them out.
+if "jax" not in sys.modules and "--no-gpu-flags" not in sys.argv[1:] and xla_flags.gpu_expected():
+    os.environ["XLA_FLAGS"] = xla_flags.with_gpu_flags(os.environ.get("XLA_FLAGS", ""))
+
+import jax  # noqa: E402  (after the checkout is on the path and XLA's flags are set)
 import jax.numpy as jnp  # noqa: E402
 from gpu_generation import median_s  # noqa: E402
 
@@ -279,6 +287,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/gpu", help="folder for results.json and table.txt")
     p.add_argument("--tiny", action="store_true", help="gpt-pico, seq 32, a few steps: a CPU smoke run")
+    p.add_argument(
+        "--no-gpu-flags", action="store_true", help="leave out XLA's GPU flags (shardgpt.xla_flags.GPU_FLAGS)"
+    )
     p.add_argument("--layers", default="unrolled,scan", help="comma list of unrolled, scan")
     p.add_argument("--attention", default=None, help="comma list of cudnn, xla (default: both on GPU, xla)")
     p.add_argument("--batches", default=None, help="comma list of train batches (default 16,32,8; --tiny 2)")
@@ -381,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = " ".join(["experiments/gpu_bench.py", *(sys.argv[1:] if argv is None else argv)])
     meta = lab.meta(command) | dict(model=s.model, n_params=cfg.n_params(), seq=s.seq, dtype=cfg.dtype)
     meta |= dict(device=str(device), budget_s=args.budget, tiny=args.tiny, sizes=dataclasses.asdict(s))
+    meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")  # what this run's XLA was started with
     results = dict(meta=meta, sources=SOURCES, copy_bandwidth_bytes_per_s=None, copy={}, train=[], decode=[])
     results["naive"] = _row(NAIVE_KEYS, batch=1, prompt_len=s.prompt_len)
     run = Budget(results, out, args.budget)

@@ -102,6 +102,23 @@ def decode_windows(block_size: int) -> list[int]:
     return sorted({w for w in halvings if w >= MIN_WINDOW} | {block_size})
 
 
+def matmul_weights_in(params: Any, dtype: str) -> Any:
+    """`params` with every Dense kernel and bias (not LayerNorm's, not the embedding tables) in `dtype`.
+
+    The model reads exactly those in the compute dtype (model.Dense), so casting them here is bit-identical;
+    inside the decode loop their casts would otherwise run, and read 4 bytes a weight, on every token.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+
+    def cast(path, leaf):
+        names = [getattr(key, "key", str(key)) for key in path]
+        dense = names[-1] == "kernel" or (names[-1] == "bias" and not names[-2].startswith("ln_"))
+        return leaf.astype(dtype) if dense else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 class Generator:
     """Jitted prefill + decode for one (model, mesh, strategy, batch size, sampling): compiled once.
 
@@ -167,6 +184,7 @@ class Generator:
         rows_B = jnp.arange(B)
         if cfg.scan_layers:
             params = unstack_layers(params, cfg.n_layer)
+        params = matmul_weights_in(params, cfg.dtype)  # cast once per call, not once per decoded token
         apply = lambda tokens, positions, cache, logits_at=None: self.decode_model.apply(
             {"params": params}, tokens, positions, cache, logits_at
         )

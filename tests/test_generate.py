@@ -229,3 +229,19 @@ def test_unrolled_model_generates_the_same_tokens(params):
     expected = generate(MODEL, params, [[3, 1, 4, 1, 5]], 12)[0]
     got = generate(unrolled, unstack_layers(params, CFG.n_layer), [[3, 1, 4, 1, 5]], 12)[0]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_matmul_weights_are_cast_once_per_call_and_nothing_else():
+    """Dense kernels and biases go to the compute dtype before the decode loop; LayerNorm params and the
+    embedding tables stay fp32, as the model reads them (so the cast changes no value it computes)."""
+    from shardgpt.generate import matmul_weights_in
+
+    params = train.init_params(GPT(config.preset("gpt-pico", scan_layers=False)), jax.random.key(0))
+    cast = jax.tree_util.tree_leaves_with_path(matmul_weights_in(params, "bfloat16"))
+    dtypes = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in cast}
+    assert dtypes["['block_0']['attn']['query']['kernel']"] == jnp.bfloat16
+    assert dtypes["['block_1']['mlp']['down']['bias']"] == jnp.bfloat16
+    assert dtypes["['lm_head']['kernel']"] == jnp.bfloat16
+    for name in ("['block_0']['ln_1']['bias']", "['ln_f']['scale']", "['wte']", "['wpe']"):
+        assert dtypes[name] == jnp.float32, name
+    assert matmul_weights_in(params, "float32") is params

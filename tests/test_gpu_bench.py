@@ -15,7 +15,7 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command", "date", "model", "n_params"}
-META_KEYS |= {"seq", "dtype", "budget_s", "wall_s", "tiny", "sizes"}
+META_KEYS |= {"seq", "dtype", "budget_s", "wall_s", "tiny", "sizes", "xla_flags"}
 TOP_KEYS = {"meta", "sources", "copy_bandwidth_bytes_per_s", "copy", "train", "decode", "naive"}
 
 
