@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from shardgpt import sharding
+
 
 def check(batch_size: int, microbatches: int, dp: int) -> None:
     """Raise before compiling unless `microbatches` >= 1 divides each dp shard's rows of the batch."""
@@ -87,7 +89,7 @@ def gspmd_value_and_grad(
     inside the loop instead: a reduce-scatter into their shard per microbatch (module docstring).
     """
     data_axis = dict(rules)["batch"]
-    groups = mesh.shape[data_axis] if data_axis else 1
+    groups = mesh.shape[data_axis]
     values_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
     zero = jnp.zeros((), jnp.float32)
     if groups == 1:  # nothing to keep apart: accumulate in the grads' own layout
@@ -96,7 +98,7 @@ def gspmd_value_and_grad(
         return accumulate(value_and_grad, params, split(batch, microbatches), init)
 
     inner = tuple((name, None if name == "batch" else axis) for name, axis in rules)  # blocks carry dp
-    whole = jax.tree.map(lambda s: data_axis not in _axes(s.spec), grad_shardings)
+    whole = jax.tree.map(lambda s: data_axis not in sharding.spec_axes(s.spec), grad_shardings)
     per_block = jax.tree.map(
         lambda s, w: NamedSharding(mesh, P(data_axis, *s.spec)) if w else s, grad_shardings, whole
     )
@@ -118,7 +120,3 @@ def gspmd_value_and_grad(
     with jax.named_scope("grad_reduce"):  # the step's one reduction of the whole-over-dp gradients
         grads = jax.tree.map(lambda a, w: a.sum(0) if w else a, acc, whole)
         return (total_G.sum(), count_G.sum()), jax.lax.with_sharding_constraint(grads, grad_shardings)
-
-
-def _axes(spec: P) -> set[str]:
-    return {a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))}

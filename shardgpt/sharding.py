@@ -199,6 +199,11 @@ def param_subtree_axes(tree: Any, params_axes: Any) -> Any:
     )
 
 
+def spec_axes(spec: P) -> tuple[str, ...]:
+    """The mesh axes `spec` splits over, sorted."""
+    return tuple(sorted(a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))))
+
+
 def batch_sharding(mesh: Mesh, strategy: str, rank: int = 2) -> NamedSharding:
     """Sharding of a (batch, length, ...) input: batch over the activations' rule for `batch`; token ids
     arrive whole along `length` (with +sp too: the embedding output is what is split)."""

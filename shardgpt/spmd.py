@@ -39,11 +39,6 @@ def _drop_inactive(spec: P, active: dict[str, int]) -> P:
     return P(*(tuple(filter(keep, a)) or None if isinstance(a, tuple) else keep(a) for a in spec))
 
 
-def _axes_of(spec: P) -> tuple[str, ...]:
-    """The mesh axes `spec` splits over, sorted: those its shards vary over."""
-    return tuple(sorted(a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))))
-
-
 def _dim_on(spec: P, axis: str | None) -> int | None:
     """The dim that `spec` splits over mesh `axis`, or None."""
     for dim, entry in enumerate(spec):
@@ -243,7 +238,7 @@ def _global_norm(tree_: Any, specs: Any) -> jax.Array:
     only, so a leaf replicated over an axis is counted once, not once per replica."""
     groups: dict[tuple[str, ...], list[jax.Array]] = defaultdict(list)
     for leaf_, spec in zip(jax.tree.leaves(tree_), jax.tree.leaves(specs), strict=True):
-        groups[_axes_of(spec)].append(jnp.sum(jnp.square(leaf_.astype(jnp.float32))))
+        groups[sharding.spec_axes(spec)].append(jnp.sum(jnp.square(leaf_.astype(jnp.float32))))
     total = jnp.float32(0)
     for axes, squares_ in sorted(groups.items()):
         partial_ = sum(squares_)
@@ -311,7 +306,7 @@ def make_train_step(
             return p_
         shape = list(p_.shape)
         shape[_dim_on(g_spec, dp)] //= active[dp]
-        return jax.lax.pcast(jnp.zeros(shape, p_.dtype), _axes_of(g_spec), to="varying")
+        return jax.lax.pcast(jnp.zeros(shape, p_.dtype), sharding.spec_axes(g_spec), to="varying")
 
     def with_grad_shards(whole_, wrt_):
         """The params tree the model reads: `wrt_`, with each ZeRO-2 param taken whole from `whole_` and

@@ -124,7 +124,7 @@ def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len:
     sharding.check_divisible("batch", (batch_size, seq_len), ("batch", "length"), spec, mesh)
     sharding.check_sequence_parallel(mesh, strategy, seq_len)
     data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
-    microbatch.check(batch_size, microbatches, mesh.shape[data_axis] if data_axis else 1)
+    microbatch.check(batch_size, microbatches, mesh.shape[data_axis])
 
 
 def check_host_batch(model: GPT, batch: dict):
