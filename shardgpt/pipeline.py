@@ -14,6 +14,13 @@ Collectives: one collective-permute per tick, M + pp - 1 in the forward pass, ea
 activation. The tick-0 send carries only the zero initial carry; peeling it off would save one permute at
 the price of a second copy of the stage in the program. The backward pass is jax's transpose of the scan:
 the ticks in reverse, each permute's transpose sending the cotangent back one stage, M + pp - 1 again.
+An x_MxB the same on every stage is cast to varying, so its gradient comes back as one all-reduce over pp.
+
+Interleaved (`circular`, Megatron's virtual stages): each device holds v non-contiguous stages, s + k pp
+for k < v, and every microbatch goes round the ring v times, so a tick is 1/v of a GPipe stage and the same
+pp - 1 fill and drain ticks cost (pp - 1) / (v M + pp - 1). Stage 0 feeds repeat k > 0 of microbatch m
+from a buffer of M microbatches where the last stage's repeat k - 1 landed (the wrap-around permute); with
+M >= pp it lands in time. v M + pp - 1 permutes each way, saved activations v M + pp - 1 ticks of 1/v stage.
 
 Not expressed: 1F1B (one forward, one backward per tick once the pipe is full, which caps saved activations
 at pp microbatches instead of M + pp - 1). It interleaves the forward of one microbatch with the backward of
@@ -27,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+StageFn = Callable[[Any, jax.Array], jax.Array]  # (stage params, x_B) -> y_B, x's shape and dtype
 SEND = "pp_send"  # the named scope of the stage-to-stage permute, kept in the HLO's op names
 
 
@@ -35,12 +43,13 @@ def bubble_fraction(pp: int, microbatches: int, repeats: int = 1) -> float:
     return (pp - 1) / (repeats * microbatches + pp - 1)
 
 
-def check(n_layer: int, pp: int, microbatches: int, batch_per_dp: int) -> None:
-    """Raise before compiling unless pp stages of equal depth fill with M microbatches of equal rows."""
-    if n_layer % pp:
-        divisors = [d for d in range(1, n_layer + 1) if n_layer % d == 0]
+def check(n_layer: int, pp: int, microbatches: int, batch_per_dp: int, repeats: int = 1) -> None:
+    """Raise before compiling unless repeats pp stages of equal depth fill with M microbatches of equal
+    rows."""
+    if n_layer % (pp * repeats):
+        divisors = [d for d in range(1, n_layer + 1) if n_layer % (d * repeats) == 0]
         raise ValueError(
-            f"n_layer {n_layer} does not split into pp={pp} equal stages: choose pp in "
+            f"n_layer {n_layer} does not split into pp={pp} x repeats={repeats} equal stages: choose pp in "
             f"{', '.join(map(str, divisors))}, or another n_layer"
         )
     if microbatches < pp:
@@ -62,7 +71,14 @@ def _vary(x, axes) -> jax.Array:
     return jax.lax.pcast(x, missing, to="varying")
 
 
-def gpipe(stage_fn: Callable[[Any, jax.Array], jax.Array], stage_params: Any, x_MxB, axis: str) -> jax.Array:
+def _zero_output(stage_fn, stage_params, x_B) -> jax.Array:
+    """Zeros typed like stage_fn's output, to start the carry: that may vary over more axes than x_B (e.g.
+    over its params' axes), and a scan's carry must keep one type."""
+    out = jax.eval_shape(stage_fn, stage_params, x_B)
+    return _vary(jnp.zeros(out.shape, out.dtype), tuple(out.manual_axis_type.varying))
+
+
+def gpipe(stage_fn: StageFn, stage_params: Any, x_MxB, axis: str) -> jax.Array:
     """This device's stage over M microbatches on GPipe's schedule, inside shard_map over `axis`.
 
     `stage_fn(stage_params, x_B) -> y_B` (x's shape and dtype) applies this device's stage; `x_MxB` holds
@@ -72,9 +88,7 @@ def gpipe(stage_fn: Callable[[Any, jax.Array], jax.Array], stage_params: Any, x_
     pp, stage = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     x_MxB = _vary(x_MxB, (axis,))  # the carry varies over `axis`, and so what stage 0 feeds into it
     x_TxB = jnp.concatenate([x_MxB, jnp.zeros((pp - 1, *x_MxB.shape[1:]), x_MxB.dtype)])
-    # The carry holds what stage_fn returns, which may vary over more axes than x (e.g. its params').
-    out = jax.eval_shape(stage_fn, stage_params, x_TxB[0])
-    sent_B = _vary(jnp.zeros(out.shape, out.dtype), tuple(out.manual_axis_type.varying))
+    sent_B = _zero_output(stage_fn, stage_params, x_MxB[0])
     # Non-circular: the wrap-around link (last stage -> stage 0) would carry only values stage 0 ignores,
     # and in the backward pass its transpose would send zero cotangents back; without it pp - 1 transfers.
     perm = [(i, i + 1) for i in range(pp - 1)]
@@ -90,3 +104,43 @@ def gpipe(stage_fn: Callable[[Any, jax.Array], jax.Array], stage_params: Any, x_
     _, y_TxB = jax.lax.scan(tick, sent_B, x_TxB)
     # The last stage finishes microbatch m at tick m + pp - 1.
     return jnp.where(stage == pp - 1, y_TxB[pp - 1 :], 0)
+
+
+def circular(stage_fn: StageFn, stage_params_V: Any, x_MxB, axis: str) -> jax.Array:
+    """gpipe's interleaved twin: this device's v stages over M >= pp microbatches, going round the ring v
+    times, inside shard_map over `axis`.
+
+    `stage_params_V`'s leaves lead with v: entry k is stage s + k pp of this device s, applied by
+    `stage_fn(stage_params, x_B)`. Returns y_MxB after all v pp stages, valid on the last device and zeros
+    on the others, as gpipe's.
+    """
+    pp, stage = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    repeats = jax.tree.leaves(stage_params_V)[0].shape[0]
+    microbatches = x_MxB.shape[0]
+    x_MxB = _vary(x_MxB, (axis,))
+    at = lambda k: jax.tree.map(lambda p_V: p_V[k], stage_params_V)
+    sent_B = _zero_output(stage_fn, at(0), x_MxB[0])
+    loop_MxB = jnp.zeros_like(x_MxB)  # stage 0's inbox for the microbatches coming round again
+    perm = [(i, (i + 1) % pp) for i in range(pp)]  # circular: the last stage feeds stage 0's next repeat
+
+    def tick(carry, t):
+        sent_B, loop_MxB = carry
+        if pp > 1:
+            with jax.named_scope(SEND):
+                got_B = jax.lax.ppermute(sent_B, axis, perm)
+        else:
+            got_B = sent_B
+        # What stage 0 got is the last stage's work item t - pp; no real one lands in its slot before it.
+        loop_MxB = jax.lax.dynamic_update_index_in_dim(loop_MxB, got_B, (t - pp) % microbatches, 0)
+        j = t - stage  # this device's work item: microbatch j mod M, repeat j // M (clipped on bubble ticks)
+        m, k = j % microbatches, jnp.clip(j // microbatches, 0, repeats - 1)
+        # Past its v M items stage 0 recomputes a stale input: what it makes reaches no output.
+        fresh = jnp.where(j < microbatches, x_MxB[m], loop_MxB[m])
+        xt_B = jnp.where(stage == 0, fresh, got_B)
+        y_B = stage_fn(at(k), xt_B)
+        return (y_B, loop_MxB), y_B
+
+    ticks = repeats * microbatches + pp - 1
+    _, y_TxB = jax.lax.scan(tick, (sent_B, loop_MxB), jnp.arange(ticks))
+    # The last device finishes microbatch m's last repeat at tick (v - 1) M + m + pp - 1: the last M ticks.
+    return jnp.where(stage == pp - 1, y_TxB[-microbatches:], 0)
