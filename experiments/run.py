@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-plots", action="store_true", help="write results.json only (no matplotlib needed)"
     )
     loop.add_argument("--profile", metavar="DIR", help="jax.profiler trace of a few steps per run")
+    loop.add_argument(
+        "--explain",
+        metavar="RUN",
+        help="print one run's collectives by cause beside theory, with the ops behind each row, from --out's "
+        "results.json (RUN: its name as the table prints it, a unique part of it, or its index) and exit",
+    )
     add_device_flags(p)
     return p
 
@@ -324,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(parser, argv)
+    if args.explain is not None:
+        try:
+            print(explain(args.out, args.explain))
+        except ValueError as e:
+            parser.error(str(e))
+        return 0
     launched = launch_if_asked(__file__, parser, args, argv)
     if launched is not None:
         return launched
@@ -333,6 +345,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # the library's validation errors say what to change
         parser.error(str(e).splitlines()[0])
     return plan(*work, args, argv) if args.plan else compare(work, args, argv)
+
+
+def explain(out: str, which: str) -> str:
+    """report.explain for the run of `out`/results.json named (exactly, or by a unique part) or numbered
+    `which`; ValueError saying what to give where none or several match."""
+    import json
+
+    from shardgpt import report
+
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise ValueError(
+            f"--explain reads {path}, which does not exist: run the comparison first, or give --out"
+        )
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--explain: {path} is not a results.json of run.py ({e})") from None
+    names = [r["name"] for r in runs]
+    if which.isdigit() and int(which) < len(runs):
+        return report.explain(runs[int(which)])
+    matches = [r for r in runs if r["name"] == which] or [r for r in runs if which in r["name"]]
+    if len(matches) != 1:
+        found = "several runs match" if matches else "no run matches"
+        raise ValueError(
+            f"--explain {which!r}: {found}; the runs in {path}: {'; '.join(names)} (or 0-{len(runs) - 1})"
+        )
+    return report.explain(matches[0])
 
 
 def prepare_all(specs: list, args: argparse.Namespace, prepare) -> list:

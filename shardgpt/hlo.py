@@ -11,6 +11,9 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
+from typing import NamedTuple
+
+import numpy as np
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "all-reduce+slice")
 SLICED_ALL_REDUCE = "all-reduce+slice"
@@ -33,11 +36,15 @@ _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _PARAMETER = re.compile(r"parameter\((\d+)\)")
 # Device groups, in the three forms XLA prints: explicit lists, iota tiles, and named mesh axes.
-_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
-_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")  # [, device_ids=(...)] {axes}
+_GROUPS_LIST = re.compile(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+# mesh['a'=2,'b'=4][, device_ids=([2,4]T(1,0))] {'a'}: the groups run along the named axes
+_GROUPS_MESH = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?\s*\{([^}]*)\}"
+)
 # Ops a sliced all-reduce's value may pass through on the way to its dynamic slices.
-_PASS_THROUGH = ("bitcast", "copy", "reshape", "get-tuple-element")
+_PASS_THROUGH = ("bitcast", "copy", "reshape", "get-tuple-element", "all-reduce-done")
+_INDEX = re.compile(r"\bindex=(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,20 @@ class CollectiveOp:
     loops: tuple[int, ...]  # trip counts of the while loops around it, outermost first
     group_size: int | None  # devices per group (None: not stated, e.g. collective-permute)
     op_name: str  # jax's op_name metadata: named scopes and the jaxpr path ("transpose(" in backward)
+    # The device groups (partition ids, i.e. positions in the mesh's flat device order); a
+    # collective-permute's (source, target) pairs. Empty where XLA does not state them.
+    groups: tuple[tuple[int, ...], ...] = ()
+    # Its elements: several for a tuple collective that XLA's combiners merged from ops of different
+    # names (its op_name is then "prefix(name1:name2:...)", one name per element).
+    parts: tuple["Part", ...] = ()
+
+
+class Part(NamedTuple):
+    """One element of a collective's result: a tuple all-reduce may be partly a sliced one."""
+
+    kind: str
+    op_name: str
+    bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,24 +113,24 @@ def _tuple_elements(shape: str) -> list[str]:
     """Top-level elements of a tuple shape "(a, (b, c), d)" -> ["a", "(b, c)", "d"]."""
     parts, depth, start = [], 0, 1
     for i, ch in enumerate(shape[1:-1], start=1):
-        depth += ch in "({"
-        depth -= ch in ")}"
+        depth += ch in "({["
+        depth -= ch in ")}]"
         if ch == "," and depth == 0:
             parts.append(shape[start:i].strip())
             start = i + 1
     return parts + [shape[start:-1].strip()]
 
 
-def _result_bytes(kind: str, shape: str, is_start: bool) -> int:
-    """Bytes of the collective's result buffer.
+def _result_elements(kind: str, shape: str, is_start: bool) -> list[str]:
+    """The shapes of the collective's result buffer(s): one per element of a tuple collective.
 
     Async starts other than all-reduce-start return (operands, result, context...) tuples, e.g.
     `(f32[2], f32[16]) all-gather-start`, `((f32[8]), f32[1]) reduce-scatter-start`,
     `(f32[4], f32[4], u32[], u32[]) collective-permute-start`: the result is element 1.
     """
     if is_start and kind != "all-reduce" and shape.startswith("("):
-        return _shape_bytes(_tuple_elements(shape)[1])
-    return _shape_bytes(shape)
+        shape = _tuple_elements(shape)[1]
+    return _tuple_elements(shape) if shape.startswith("(") else [shape]
 
 
 def _instr(name: str, rhs: str) -> _Instr:
@@ -133,15 +154,72 @@ def _parse(hlo_text: str) -> tuple[str | None, dict[str, list[_Instr]]]:
     return entry, comps
 
 
-def _group_size(tail: str) -> int | None:
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """XLA's iota tile [d0,d1,...]T(perm): arange over the dims, transposed."""
+    shape = [int(d) for d in dims.split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def _groups(tail: str) -> tuple[tuple[int, ...], ...]:
+    """The op's device groups (a collective-permute's source-target pairs); () where none are stated."""
     if m := _GROUPS_LIST.search(tail):
-        return len(m.group(1).split(",")) if m.group(1) else None
+        return tuple(
+            tuple(int(i) for i in g.split(",") if i) for g in re.findall(r"\{([\d,]*)\}", m.group(1))
+        )
     if m := _GROUPS_IOTA.search(tail):
-        return int(m.group(2))
+        ids = _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2)))
+        return tuple(map(tuple, ids.tolist()))
     if m := _GROUPS_MESH.search(tail):
-        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
-    return None
+        sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+        ids = _iota(m.group(2), m.group(3)) if m.group(2) else np.arange(math.prod(sizes.values()))
+        ids = ids.reshape(list(sizes.values()))
+        along = [list(sizes).index(a) for a in re.findall(r"'(\w+)'", m.group(4))]
+        rest = [i for i in range(len(sizes)) if i not in along]
+        ids = ids.transpose(rest + along).reshape(-1, math.prod(ids.shape[i] for i in along))
+        return tuple(map(tuple, ids.tolist()))
+    return ()
+
+
+def _group_size(tail: str) -> int | None:
+    if "source_target_pairs" in tail:
+        return None
+    groups = _groups(tail)
+    return len(groups[0]) if groups and groups[0] else None
+
+
+def _parts(op_name: str, kinds: list[str], elements: list[str]) -> tuple[Part, ...]:
+    """One Part per element; a combined op's "prefix(a:b:c)" names one element each."""
+    sizes = [_shape_bytes(e) for e in elements]
+    names = _combined_names(op_name)
+    if len(names) != len(sizes):
+        names = [op_name] * len(sizes)
+    return tuple(map(Part, kinds, names, sizes))
+
+
+def _combined_names(op_name: str) -> list[str]:
+    """ "p/(a:b(c))" -> ["p/a", "p/b(c)"]: the names XLA joined when it combined ops; [] if not combined."""
+    if not op_name.endswith(")"):
+        return []
+    depth = 0
+    for start in range(len(op_name) - 1, -1, -1):  # the "(" matching the final ")"
+        depth += {")": 1, "(": -1}.get(op_name[start], 0)
+        if depth == 0:
+            break
+    names = _split_names(op_name[start + 1 : -1])
+    return [op_name[:start] + name for name in names] if len(names) > 1 else []
+
+
+def _split_names(text: str) -> list[str]:
+    """Split "a:b(c:d):e" at the top-level colons only."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == ":" and depth == 0:
+            names.append(text[start:i])
+            start = i + 1
+    return names + [text[start:]]
 
 
 class _Uses:
@@ -170,6 +248,15 @@ class _Uses:
             ):
                 return instr.name
         return None
+
+    def element_sliced(self, comp: str, name: str, index: int) -> bool:
+        """only_sliced for element `index` of a tuple `name`: every get-tuple-element of it is sliced."""
+        reads = [
+            user
+            for user, _ in self.of(comp, name)
+            if user.opcode == "get-tuple-element" and (m := _INDEX.search(user.tail)) and int(m[1]) == index
+        ]
+        return bool(reads) and all(self.only_sliced(comp, read.name) for read in reads)
 
     def only_sliced(self, comp: str, name: str, depth: int = 0) -> bool:
         """True when every use of `name` in `comp` ends in a dynamic-slice (through bitcasts, copies,
@@ -213,8 +300,17 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
                 if base == "all-reduce" and uses.only_sliced(comp, instr.name):
                     kind = SLICED_ALL_REDUCE
                 op_name = m.group(1) if (m := _OP_NAME.search(instr.tail)) else ""
-                nbytes = _result_bytes(base, instr.shape, instr.opcode.endswith("-start"))
-                found.append(CollectiveOp(kind, instr.name, nbytes, 1, (), _group_size(instr.tail), op_name))
+                elements = _result_elements(base, instr.shape, instr.opcode.endswith("-start"))
+                kinds = [kind] * len(elements)
+                if base == "all-reduce" and kind != SLICED_ALL_REDUCE and len(elements) > 1:
+                    kinds = [
+                        SLICED_ALL_REDUCE if uses.element_sliced(comp, instr.name, i) else base
+                        for i in range(len(elements))
+                    ]
+                parts = _parts(op_name, kinds, elements)
+                nbytes = sum(part.bytes for part in parts)
+                groups, size = _groups(instr.tail), _group_size(instr.tail)
+                found.append(CollectiveOp(kind, instr.name, nbytes, 1, (), size, op_name, groups, parts))
                 continue
             if instr.opcode in ("async-update", "async-done"):  # the async-start already followed the callee
                 continue

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from shardgpt import (
     config,
@@ -26,6 +25,7 @@ from shardgpt import (
     optim,
     sharding,
     spmd,
+    theory,
     train,
     weight_files,
     weights,
@@ -257,6 +257,10 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     compiled = step_fn.jitted.lower(state, first).compile()  # lowered under the step's own mesh
     compile_s = time.perf_counter() - t0
     memory = _memory(state, shardings, compiled)  # before the first step donates the state
+    by_cause = theory.by_cause(
+        compiled.as_text(), s.config, s.strategy, dict(mesh.shape), state.params, shardings, spec.batch, seq,
+        spec.microbatches,
+    )  # fmt: skip
 
     # Train through the compiled executable itself: the timed loop can never hide a recompile.
     tokens_per_step = spec.batch * seq
@@ -290,7 +294,6 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     tokens_per_s = tokens_per_step / step_time
     flops_per_token = metrics.flops_per_token(cfg, seq)
     peak_flops = metrics.peak_flops(mesh.devices.flat[0].device_kind)
-    activation_bytes = (spec.batch // dp) * seq * cfg.n_embd * jnp.dtype(cfg.dtype).itemsize
     return {
         "name": name,
         "mesh": dict(mesh.shape),
@@ -321,9 +324,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         "memory_sources": MEMORY_SOURCES,
         "expected_memory": metrics.zero_expected_bytes(totals[0], totals[1], totals[0], s.strategy, dp, tp),
         "collectives": metrics.collectives(compiled.as_text()),
-        "expected_collectives": metrics.expected_collectives(
-            s.strategy, dict(mesh.shape), totals[0], activation_bytes, cfg.n_layer, spec.microbatches
-        ),
+        "collectives_by_cause": by_cause,
         "losses": losses,
         "final_loss": losses[-1],
         "grad_norms": grad_norms,

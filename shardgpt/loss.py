@@ -102,27 +102,32 @@ def _scan(x_BxLxD, head_DxV, targets_BxL, vocab_size, chunk, grads: bool):
     def body(carry, chunk_):
         sums_2xB, dhead_GxDxV = carry
         x_BxCxD, targets_BxC = chunk_
-        logits_BxCxV = constrain(jnp.einsum("bcd,dv->bcv", x_BxCxD, head_DxV), LOGITS)
-        if v != vocab_size:  # padding ids get no probability, as in GPT
-            logits_BxCxV = jnp.where(real_V, logits_BxCxV, lowest)
-        logits_BxCxV = logits_BxCxV.astype(jnp.float32)
-        mask_BxC = targets_BxC != IGNORE_INDEX
-        safe_BxC = jnp.where(mask_BxC, targets_BxC, 0)
-        max_BxC = jax.lax.stop_gradient(logits_BxCxV.max(-1))  # only for stability
-        lse_BxC = jnp.log(jnp.exp(logits_BxCxV - max_BxC[..., None]).sum(-1)) + max_BxC
-        picked_BxC = jnp.take_along_axis(logits_BxCxV, safe_BxC[..., None], -1)[..., 0]
-        sums_2xB = sums_2xB + _sums(lse_BxC - picked_BxC, mask_BxC, axis=2)
+        with jax.named_scope("head"):  # the scopes name each collective's cause (shardgpt.attribution)
+            logits_BxCxV = constrain(jnp.einsum("bcd,dv->bcv", x_BxCxD, head_DxV), LOGITS)
+        with jax.named_scope("cross_entropy"):
+            if v != vocab_size:  # padding ids get no probability, as in GPT
+                logits_BxCxV = jnp.where(real_V, logits_BxCxV, lowest)
+            logits_BxCxV = logits_BxCxV.astype(jnp.float32)
+            mask_BxC = targets_BxC != IGNORE_INDEX
+            safe_BxC = jnp.where(mask_BxC, targets_BxC, 0)
+            max_BxC = jax.lax.stop_gradient(logits_BxCxV.max(-1))  # only for stability
+            lse_BxC = jnp.log(jnp.exp(logits_BxCxV - max_BxC[..., None]).sum(-1)) + max_BxC
+            picked_BxC = jnp.take_along_axis(logits_BxCxV, safe_BxC[..., None], -1)[..., 0]
+            sums_2xB = sums_2xB + _sums(lse_BxC - picked_BxC, mask_BxC, axis=2)
         if not grads:
             return (sums_2xB, None), None
-        # d loss / d logits = softmax - one_hot(target), on the tokens that count (padded ids: 0 - 0).
-        dlogits_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None]) - jax.nn.one_hot(safe_BxC, v)
-        dlogits_BxCxV = constrain((dlogits_BxCxV * mask_BxC[..., None]).astype(x_BxCxD.dtype), LOGITS)
-        dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head_DxV)
-        x_GxBxCxD, dlogits_GxBxCxV = (a.reshape(g, b // g, *a.shape[1:]) for a in (x_BxCxD, dlogits_BxCxV))
-        dhead_GxDxV = dhead_GxDxV + constrain(
-            jnp.einsum("gbcd,gbcv->gdv", x_GxBxCxD, dlogits_GxBxCxV, preferred_element_type=jnp.float32),
-            per_shard,
-        )
+        with jax.named_scope("head"):  # its backward, computed here in the forward pass
+            # d loss / d logits = softmax - one_hot(target), on the tokens that count (padded ids: 0 - 0).
+            dlogits_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None]) - jax.nn.one_hot(safe_BxC, v)
+            dlogits_BxCxV = constrain((dlogits_BxCxV * mask_BxC[..., None]).astype(x_BxCxD.dtype), LOGITS)
+            dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head_DxV)
+            x_GxBxCxD, dlogits_GxBxCxV = (
+                a.reshape(g, b // g, *a.shape[1:]) for a in (x_BxCxD, dlogits_BxCxV)
+            )
+            dhead_GxDxV = dhead_GxDxV + constrain(
+                jnp.einsum("gbcd,gbcv->gdv", x_GxBxCxD, dlogits_GxBxCxV, preferred_element_type=jnp.float32),
+                per_shard,
+            )
         return (sums_2xB, dhead_GxDxV), dx_BxCxD
 
     sums_2xB = constrain(jnp.zeros((2, b), jnp.float32), (None, "batch"))
@@ -131,11 +136,13 @@ def _scan(x_BxLxD, head_DxV, targets_BxL, vocab_size, chunk, grads: bool):
         (sums_2xB, dhead_GxDxV), dx_NxBxCxD = jax.lax.scan(
             body, (sums_2xB, dhead_GxDxV), (x_NxBxCxD, targets_NxBxC)
         )
-        sums_2 = sums_2xB.sum(1)  # the one reduction across the batch (and its devices)
+        with jax.named_scope("loss_sum"):
+            sums_2 = sums_2xB.sum(1)  # the one reduction across the batch (and its devices)
         if not grads:
             return sums_2, None, None
         dx_BxLxD = dx_NxBxCxD.swapaxes(0, 1).reshape(b, n * c, -1)[:, :length]
-        return sums_2, dx_BxLxD, dhead_GxDxV.sum(0)
+        with jax.named_scope("grad_reduce"):
+            return sums_2, dx_BxLxD, dhead_GxDxV.sum(0)
 
 
 def _batch_shards() -> int:

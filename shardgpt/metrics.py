@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from shardgpt.config import ModelConfig
 from shardgpt.hlo import KINDS, CollectiveOp, collective_ops, collectives  # noqa: F401  (re-exported)
-from shardgpt.sharding import EMBED_ON_DP_FROM_STAGE, is_sequence_parallel, zero_stage
+from shardgpt.sharding import EMBED_ON_DP_FROM_STAGE, zero_stage
 
 # FLOPs and MFU: analytic, since XLA's cost_analysis() FLOPs are unreliable across backends.
 
@@ -147,64 +147,6 @@ def peak_bytes(compiled: Any) -> int | None:
 
 # ZeRO paper (Rajbhandari et al. 2020): stage 1 shards the optimizer state over dp, stage 2 also the
 # gradients, stage 3 also the parameters.
-
-
-# Per ZeRO stage on dp; {whole} is a device's (1/tp) share of the params, {shard} that share / dp. With M
-# microbatches ({per_mb}): dp and zero1 still reduce once after the loop; zero2/3 reduce-scatter each
-# microbatch's gradient into its shard, and zero3 gathers the params for every microbatch.
-_TEXTBOOK = (
-    "dp: all-reduce of the gradients ({whole}){once}",
-    "zero1: all-reduce of the gradients ({whole}{once}; the ZeRO paper reduce-scatters them) "
-    "+ all-gather of the updated params ({whole})",
-    "zero2: reduce-scatter of the gradients ({per_mb}{shard}) + all-gather of the updated params ({whole})",
-    "zero3: all-gather of the params in forward and in backward ({per_mb}2 x {whole}) "
-    "+ reduce-scatter of the gradients ({per_mb}{shard})",
-)
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"
-
-
-def expected_collectives(
-    strategy: str,
-    mesh_shape: dict[str, int],
-    param_bytes: int,
-    activation_bytes: int = 0,
-    n_layer: int = 0,
-    microbatches: int = 1,
-) -> str:
-    """The textbook collectives of one training step, as one line; sizes are result buffers per device.
-
-    `param_bytes`: the whole model's parameter bytes; `activation_bytes`: one layer's output on one device
-    for the whole step (local batch x seq x n_embd x dtype bytes), split over `microbatches`. Ring traffic
-    per device is about 2(n-1)/n x the buffer for an all-reduce and (n-1)/n x the larger side for a gather
-    or scatter. Megatron-SP (Korthikanti et al. 2022) replaces each all-reduce by a reduce-scatter and an
-    all-gather: the same ring traffic, with activations split over tp between the regions.
-    """
-    stage, m = zero_stage(strategy), microbatches
-    dp, tp = mesh_shape.get("dp", 1), mesh_shape.get("tp", 1)
-    local = param_bytes / tp  # each device holds 1/tp of every tensor-parallel weight
-    once = f", once after the {m} microbatches" if m > 1 else ""
-    fields = dict(whole=_mb(local), shard=_mb(local / dp), once=once, per_mb=f"{m} x " if m > 1 else "")
-    parts = [_TEXTBOOK[stage].format(**fields)] if dp > 1 else []
-    if tp > 1:
-        act = activation_bytes / m
-        per = f" per microbatch ({m} x)" if m > 1 else ""
-        if is_sequence_parallel(strategy):
-            sizes = f" (gathered {_mb(act)}, scattered {_mb(act / tp)})" if activation_bytes else ""
-            total = f": {2 * (2 * n_layer + 1) * m} of each in all" if n_layer else ""
-            parts.append(
-                "megatron-sp: per layer 2 all-gathers + 2 reduce-scatters of activations forward and 2 + 2 "
-                f"backward{sizes}, + 1 of each for the embedding and head each way{per}{total}"
-            )
-        else:
-            size = f" of {_mb(act)}" if activation_bytes else ""
-            total = f" ({4 * n_layer * m} in all)" if n_layer else ""
-            parts.append(
-                f"megatron: 2 all-reduces of activations{size} per layer forward + 2 backward{per}{total}"
-            )
-    return "; ".join(parts) or "no collectives (one device)"
 
 
 def zero_expected_bytes(

@@ -123,18 +123,23 @@ class Dense(nn.Module):
     use_bias: bool | None = None  # None: the config's choice
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, weights_only: bool = False):
+        """y = x @ kernel (+ bias); with `weights_only`, (kernel, bias or None) as read, for a caller that
+        fuses several projections into one matmul."""
         hooks, n_in = _hooks(), len(self.in_axes)
         features = hooks.compute_shape(self.features, self.out_axes)
         names = (*self.in_axes, *self.out_axes)
         dtype = jnp.dtype(self.config.dtype)
         # Read in the compute dtype: a weight gathered over dp (ZeRO-3) is cast as a shard, then gathered.
         kernel = _param(self, "kernel", _normal(self.std), x.shape[-n_in:] + features, names, dtype)
+        bias = None
+        if self.config.use_bias if self.use_bias is None else self.use_bias:
+            bias = _param(self, "bias", _zeros, features, self.out_axes, dtype)
+        if weights_only:
+            return kernel, bias
         # Row-parallel (contracting a split dim) sums the shards' partial products before the bias.
         y = hooks.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
-        if self.config.use_bias if self.use_bias is None else self.use_bias:
-            y = y + _param(self, "bias", _zeros, features, self.out_axes, dtype)
-        return y
+        return y if bias is None else y + bias
 
 
 class LayerNorm(nn.Module):
@@ -166,9 +171,14 @@ class CausalSelfAttention(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # minGPT's scaled init of residual projections
         heads = functools.partial(Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg)
         x_BxLxD = _hooks().copy_to_shards(x_BxLxD)  # once for q, k and v: one backward all-reduce
-        q_BxLxHxK = constrain(heads(name="query")(x_BxLxD), BxLxHxK)
-        k_BxLxHxK = constrain(heads(name="key")(x_BxLxD), BxLxHxK)
-        v_BxLxHxK = constrain(heads(name="value")(x_BxLxD), BxLxHxK)
+        # q, k and v in one matmul, so x's gradient is one dot's: GSPMD reduces a tp-split x's gradient
+        # once, not three partial sums one by one (3x Megatron's f bytes: shardgpt.attribution).
+        weights = [heads(name=name)(x_BxLxD, weights_only=True) for name in ("query", "key", "value")]
+        kernel_Dx3xHxK = jnp.stack([kernel for kernel, _ in weights], axis=1)
+        qkv_BxLx3xHxK = jnp.tensordot(x_BxLxD.astype(cfg.dtype), kernel_Dx3xHxK, 1)
+        if cfg.use_bias:
+            qkv_BxLx3xHxK = qkv_BxLx3xHxK + jnp.stack([bias for _, bias in weights])
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (constrain(qkv_BxLx3xHxK[:, :, i], BxLxHxK) for i in range(3))
         if cache is None:
             with jax.named_scope("attention"):
                 out_BxLxHxK = jax.nn.dot_product_attention(
@@ -253,9 +263,13 @@ class GPT(nn.Module):
         wte_VxD = _param(self, "wte", _normal(0.02), wte_shape, vocab_embed)
         wpe_shape = hooks.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
         wpe_LxD = _param(self, "wpe", _normal(0.02), wpe_shape, length_embed)
-        pos_BxLxD = hooks.split_length(wpe_LxD[positions_BxL])
-        x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
-        x_BxLxD = constrain(x_BxLxD, BxLxD)
+        with jax.named_scope("embed"):  # scopes name each collective's cause (shardgpt.attribution)
+            # The tables in their compute layout (embed whole: ZeRO-3 gathers them here), else GSPMD splits
+            # the lookups over the tables' dp-sharded embed dim and gathers the activations instead.
+            wte_VxD, wpe_LxD = constrain(wte_VxD, vocab_embed), constrain(wpe_LxD, length_embed)
+            pos_BxLxD = hooks.split_length(wpe_LxD[positions_BxL])
+            x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
+            x_BxLxD = constrain(x_BxLxD, BxLxD)
 
         block = Block
         if cfg.remat or hooks.remat_policy is not None:
@@ -282,15 +296,19 @@ class GPT(nn.Module):
 
         if logits_at_BxM is not None:  # e.g. a prefill needs only each prompt's last position
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxM[:, :, None], axis=1)
-        x_BxLxD = hooks.copy_to_shards(LayerNorm(cfg, name="ln_f")(x_BxLxD))
-        if not head:
-            return x_BxLxD if cache is None else (x_BxLxD, cache)
-        if cfg.tie_embeddings:
-            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, wte_VxD.astype(cfg.dtype))
-        else:
-            head = Dense((cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, False, name="lm_head")
-            logits_BxLxV = head(x_BxLxD)
-        logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        x_BxLxD = LayerNorm(cfg, name="ln_f")(x_BxLxD)
+        with jax.named_scope("head"):
+            x_BxLxD = hooks.copy_to_shards(x_BxLxD)
+            if not head:
+                return x_BxLxD if cache is None else (x_BxLxD, cache)
+            if cfg.tie_embeddings:
+                logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, wte_VxD.astype(cfg.dtype))
+            else:
+                proj = Dense(
+                    (cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, False, name="lm_head"
+                )
+                logits_BxLxV = proj(x_BxLxD)
+            logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
         if cfg.padded_vocab_size != cfg.vocab_size:
             # Padding ids get no probability: loss, sampling and users all see the unpadded distribution.
             real_V = hooks.vocab_ids(logits_BxLxV.shape[-1]) < cfg.vocab_size

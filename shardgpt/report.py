@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shardgpt.attribution import CAUSES, UNATTRIBUTED
 from shardgpt.hlo import KINDS, SLICED_ALL_REDUCE
 
 # Runs that differ only in mesh, strategy (+sp too), impl or microbatches compute the same function; only
@@ -155,8 +156,10 @@ def table(results: dict[str, Any]) -> str:
             f"  {SLICED_ALL_REDUCE}: a reduce-scatter as XLA:CPU compiles it (an all-reduce whose every use "
             "is a dynamic slice); bytes of the all-reduce"
         )
-    theory = {r["expected_collectives"]: r["name"] for r in reversed(runs) if "expected_collectives" in r}
-    out += [f"  theory, {name}: {text}" for text, name in reversed(theory.items())]
+    if any(r.get("collectives_by_cause") for r in runs):
+        out += ["", "collectives by cause beside theory (per device per step; rows off theory by > 5%):"]
+        out += [line for r in runs for line in _reconciliation_lines(r)]
+        out.append("  the full table of one run: experiments/run.py --explain RUN (--out DIR: the results)")
 
     generated = [r for r in runs if r.get("generate")]
     if generated:
@@ -201,6 +204,61 @@ def _check_lines(c: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"  and so do their final losses (max difference {c['final_max_rel_diff']:.2g})")
     return lines
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    return "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+
+
+def _reconciliation_lines(run: dict[str, Any]) -> list[str]:
+    """One line per run: how much of its bytes theory accounts for, then each row off by more than 5%."""
+    rows = run.get("collectives_by_cause") or []
+    compiled = sum(r["bytes"] for r in rows)
+    lost = sum(r["bytes"] for r in rows if r["cause"] == UNATTRIBUTED)
+    off = [
+        r
+        for r in rows
+        if r["ratio"] is None and r["bytes"] or r["ratio"] is not None and abs(r["ratio"] - 1) > 0.05
+    ]
+    head = (
+        f"  {run['name']}: {_size(compiled)} compiled, theory {_size(sum(r['theory_bytes'] for r in rows))}"
+    )
+    head += f", unattributed {_size(lost)}" if lost else ", all attributed"
+    lines = [head + ("; every cause within 5% of theory" if not off else "")]
+    for r in off:
+        got, want = (
+            f"{_size(r['bytes'])} in {r['count']}",
+            f"{_size(r['theory_bytes'])} in {r['theory_count']}",
+        )
+        note = f": {r['note']}" if r["note"] else ""
+        lines.append(f"    {r['cause']} {r['kind']}: {got} vs theory {want} ({_ratio(r)}){note}")
+    return lines
+
+
+def explain(run: dict[str, Any]) -> str:
+    """The whole reconciliation table of one run, then the op names behind each row's compiled bytes."""
+    rows = run.get("collectives_by_cause")
+    if not rows:
+        return f"{run['name']}: no collectives_by_cause in this record (written before they were recorded)"
+    table = [
+        [r["cause"], r["kind"], str(r["count"]), _size(r["bytes"]), str(r["theory_count"]),
+         _size(r["theory_bytes"]), _ratio(r), r["note"]]
+        for r in rows
+    ]  # fmt: skip
+    header = ["cause", "kind", "ops", "bytes", "theory ops", "theory bytes", "ratio", "why they differ"]
+    out = [
+        f"{run['name']} ({run.get('model', '')}, batch {run.get('batch')}, seq {run.get('seq')}): collectives"
+    ]
+    out += ["per device per step, compiled (read from the HLO) beside theory (from the layout)", ""]
+    out += grid(header, table)
+    out += ["", "causes:"] + [
+        f"  {cause}: {what}" for cause, what in CAUSES.items() if any(r["cause"] == cause for r in rows)
+    ]
+    out += ["", "the ops behind each row (op_name after the jit prefix: bytes per step):"]
+    for r in rows:
+        for name, nbytes in r["ops"].items():
+            out.append(f"  {r['cause']} {r['kind']}: {name}: {_size(nbytes)}")
+    return "\n".join(out)
 
 
 def _collective(entry: dict[str, int]) -> str:
@@ -270,13 +328,27 @@ def write_plots(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     _save(fig, paths[1])
 
     fig, ax = plt.subplots(figsize=(width, 4))
-    kinds = [k for k in KINDS if any(r["collectives"][k]["count"] for r in runs)] or ["all-reduce"]
-    bar = 0.8 / len(kinds)
-    for i, kind in enumerate(kinds):
-        ax.bar(x + i * bar, [r["collectives"][kind]["bytes"] / 2**20 for r in runs], bar, label=kind)
-    ax.set(ylabel="MiB per device per step", title="collective bytes by kind (compiled HLO)")
-    ax.set_xticks(x + bar * (len(kinds) - 1) / 2, names, rotation=30, ha="right")
-    ax.legend()
+    causes = [
+        c for c in CAUSES if any(row["cause"] == c for r in runs for row in r.get("collectives_by_cause", ()))
+    ]
+    colors = dict(zip(CAUSES, plt.get_cmap("tab20").colors, strict=False))
+    bar = 0.4
+    for offset, field, hatch in ((-bar / 2, "bytes", None), (bar / 2, "theory_bytes", "//")):
+        bottom = np.zeros(len(runs))
+        for cause in causes:
+            values = np.array([
+                sum(row[field] for row in r.get("collectives_by_cause", ()) if row["cause"] == cause) / 2**20
+                for r in runs
+            ])  # fmt: skip
+            label = cause if field == "bytes" else None
+            ax.bar(x + offset, values, bar, bottom=bottom, color=colors[cause], hatch=hatch, label=label)
+            bottom += values
+    ax.set(
+        ylabel="MiB per device per step",
+        title="collective bytes by cause: compiled (left) beside theory (hatched)",
+    )
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.legend(fontsize="small", ncol=2)
     _save(fig, paths[2])
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

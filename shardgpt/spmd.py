@@ -99,8 +99,9 @@ def _scatter_grad_bwd(axis, dim, limit, _, ct_):
 
 _scatter_grad.defvjp(lambda value_, *_: (value_, None), _scatter_grad_bwd)
 
-# Casts and broadcasts are cheap to redo, and may be of a gathered param: saving one would save the param.
-_NOT_SAVED = (jax.lax.all_gather_p, jax.lax.convert_element_type_p, jax.lax.broadcast_in_dim_p)
+# Casts, broadcasts, reshapes and stacks (the q/k/v kernel) are cheap to redo, and may be of a gathered
+# param: saving one would save the param. By name: jax 0.10 has a `stack` primitive, older ones concatenate.
+_NOT_SAVED = {"all_gather", "convert_element_type", "broadcast_in_dim", "reshape", "concatenate", "stack"}
 
 
 def _save_all_but_gathers(primitive, *_, **params) -> bool:
@@ -108,7 +109,7 @@ def _save_all_but_gathers(primitive, *_, **params) -> bool:
     so the backward pass gathers each layer's params again instead of keeping whole weights alive."""
     if primitive is custom_vjp_call_p:  # `_gather` is one; another (cuDNN attention) is saved
         return not any(eqn.primitive is jax.lax.all_gather_p for eqn in params["call_jaxpr"].eqns)
-    return primitive not in _NOT_SAVED
+    return primitive.name not in _NOT_SAVED
 
 
 GRAD_SHARD = "{}_grad_shard"  # ZeRO-2: the zero param beside a whole one that receives its gradient shard

@@ -18,7 +18,7 @@ META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command",
 RUN_KEYS = {
     "name", "mesh", "strategy", "impl", "model", "n_params", "batch", "seq", "steps", "dtype", "compile_s",
     "step_time_s", "tokens_per_s", "mfu", "memory", "collectives", "losses", "final_loss", "generate",
-    "microbatches", "sequence_parallel",
+    "microbatches", "sequence_parallel", "collectives_by_cause",
 }  # fmt: skip
 MEMORY_KEYS = {f"{k}_bytes_per_device" for k in ("params", "opt_state", "grads", "peak", "temp")}
 MEMORY_KEYS |= {f"{k}_bytes_per_device" for k in ("argument", "output", "alias")} | {"device_peak_bytes"}
@@ -144,6 +144,29 @@ def test_smoke_compare_writes_complete_results(smoke):
         )
         assert set(r["memory_sources"]) == MEMORY_KEYS
     assert all(check["ok"] for check in results["agreement"])
+
+
+def test_explain_prints_one_runs_collectives_by_cause(smoke, capsys):
+    out, results, stdout = smoke
+    assert "collectives by cause beside theory" in stdout
+    capsys.readouterr()
+    assert cli.main(["--explain", "zero3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for cause in ("zero3_gather.fwd", "grad_reduce", "attn.fwd", "the ops behind each row"):
+        assert cause in text
+    zero3 = next(r for r in results["runs"] if r["strategy"] == "zero3")
+    rows = {(r["cause"], r["kind"]): r for r in zero3["collectives_by_cause"]}
+    assert (
+        rows["zero3_gather.fwd", "all-gather"]["bytes"]
+        == rows["zero3_gather.fwd", "all-gather"]["theory_bytes"]
+    )
+    for which, reason in (("zero", "several runs match"), ("nope", "no run matches")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["--explain", which, "--out", str(out)])
+        assert exit_.value.code == 2 and reason in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--explain", "dp", "--out", str(out / "missing")])
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_smoke_numbers_follow_the_zero_stages(smoke):

@@ -180,11 +180,23 @@ def test_zero_expected_bytes_follow_the_stage():
     }
 
 
-def test_expected_collectives_names_the_textbook_ops():
-    assert "all-reduce" in metrics.expected_collectives("dp", {"dp": 8, "tp": 1}, 2**20)
-    zero3 = metrics.expected_collectives("zero3", {"dp": 4, "tp": 2}, 2**20, activation_bytes=1024, n_layer=3)
-    assert "all-gather" in zero3 and "reduce-scatter" in zero3 and "(12 in all)" in zero3
-    assert metrics.expected_collectives("dp", {"dp": 1, "tp": 1}, 2**20) == "no collectives (one device)"
+def test_theory_counts_the_textbook_collectives():
+    from shardgpt import theory
+
+    config = ModelConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=50, block_size=16)
+    leaf = theory.Leaf(("blocks", "mlp", "up", "kernel"), True, True, 1024, 1024, 512, {
+        "params": True, "grads": True, "opt_state": True
+    })  # fmt: skip
+    rows = theory.expected(config, "zero3+sp", {"dp": 2, "tp": 4}, [leaf], batch=8, seq=16, microbatches=2)
+    act = 8 // 2 // 2 * 16 * 32 * 4  # one microbatch's rows on one device x seq x n_embd, fp32
+    # Megatron-SP: a gather and a scatter for each of 2 regions per layer, each way, per microbatch.
+    assert rows["attn.fwd", "all-gather"] == {"count": 3 * 2, "bytes": 3 * 2 * act}
+    assert rows["mlp.bwd", "reduce-scatter"] == {"count": 3 * 2, "bytes": 3 * 2 * act // 4}
+    # ZeRO-3: gathered in forward and again in backward, reduce-scattered, per layer and microbatch.
+    assert rows["zero3_gather.fwd", "all-gather"] == rows["zero3_gather.bwd", "all-gather"]
+    assert rows["grad_reduce", "reduce-scatter"] == {"count": 3 * 2, "bytes": 3 * 2 * 512}
+    assert rows["loss", "all-reduce"] == {"count": 1, "bytes": 8}
+    assert theory.expected(config, "dp", {"dp": 1, "tp": 1}, [leaf], 8, 16) == {}  # one device
 
 
 # XLA:CPU's form of a reduce-scatter: an all-reduce whose uses all slice it (here inside a fusion).
@@ -235,3 +247,75 @@ def test_group_sizes_in_every_form_xla_prints():
     permuted = "replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}"
     assert _group_size(permuted) == 4
     assert _group_size("source_target_pairs={{0,1}}") is None
+
+
+# Issue 14: a combined async all-gather (two ops' names joined by XLA) and a tuple all-reduce one of whose
+# elements is only ever sliced (XLA:CPU's reduce-scatter), each element attributed by its own name.
+COMBINED_HLO = """HloModule m, is_scheduled=true
+
+%add (p0: f32[], p1: f32[]) -> f32[] {
+  %p0 = f32[] parameter(0)
+  %p1 = f32[] parameter(1)
+  ROOT %add = f32[] add(%p0, %p1)
+}
+
+ENTRY %main (a: f32[2,4], b: f32[4], c: f32[8,4], i: s32[]) -> (f32[4,4], f32[2,4], f32[8]) {
+  %a = f32[2,4]{1,0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %c = f32[8,4]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %ag = ((f32[2,4]{1,0}, f32[4]{0}), (f32[4,4]{1,0}, f32[8]{0})) all-gather-start(%a, %b), channel_id=1, replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}, metadata={op_name="jit(step)/(jvp(forward)/GPT/zero3_gather/all_gather:optimizer/param_all_gather/all_gather)"}
+  %ag.done = (f32[4,4]{1,0}, f32[8]{0}) all-gather-done(%ag)
+  %w = f32[4,4]{1,0} get-tuple-element(%ag.done), index=0
+  %v = f32[8]{0} get-tuple-element(%ag.done), index=1
+  %ar = (f32[8,4]{1,0}, f32[4]{0}) all-reduce(%c, %b), channel_id=2, replica_groups={{0,4},{1,5},{2,6},{3,7}}, to_apply=%add, metadata={op_name="jit(step)/(transpose(jvp(forward))/GPT/blocks/mlp/up/dot_general:optimizer/reduce_sum)"}
+  %g = f32[8,4]{1,0} get-tuple-element(%ar), index=0
+  %n = f32[4]{0} get-tuple-element(%ar), index=1
+  %shard = f32[2,4]{1,0} dynamic-slice(%g, %i, %i), dynamic_slice_sizes={2,4}
+  ROOT %out = (f32[4,4]{1,0}, f32[2,4]{1,0}, f32[4]{0}) tuple(%w, %shard, %n)
+}
+"""  # noqa: E501  (HLO lines are as XLA prints them)
+
+
+def test_combined_and_async_collectives_are_attributed_element_by_element():
+    from shardgpt import attribution, hlo
+
+    ops = {op.name: op for op in hlo.collective_ops(COMBINED_HLO)}
+    gather, reduce = ops["ag"], ops["ar"]
+    assert gather.kind == "all-gather" and gather.bytes == 4 * 4 * 4 + 8 * 4  # the gathered results
+    assert [p.op_name.split("/")[-2] for p in gather.parts] == ["zero3_gather", "param_all_gather"]
+    assert [p.kind for p in reduce.parts] == ["all-reduce+slice", "all-reduce"]
+    mesh = {"dp": 2, "tp": 4}
+    assert attribution.mesh_axes(gather.groups, mesh) == ("dp",)  # [4,2]<=[2,4]T(1,0): {0,4},{1,5}...
+    assert attribution.mesh_axes(reduce.groups, mesh) == ("dp",)
+    rows = attribution.compiled_by_cause(list(ops.values()), mesh)
+    assert rows["zero3_gather.fwd", "all-gather"]["bytes"] == 64
+    assert rows["param_gather", "all-gather"]["bytes"] == 32
+    # The sliced element reads as the gradient's reduce-scatter, with the all-reduce's bytes.
+    assert rows["grad_reduce", "reduce-scatter"] | {"ops": None} == {
+        "count": 1, "bytes": 128, "sliced_bytes": 128, "ops": None
+    }  # fmt: skip
+    assert rows["optimizer", "all-reduce"]["bytes"] == 16
+
+
+def test_reconciliation_notes_where_compiled_and_theory_differ():
+    from shardgpt import attribution
+
+    compiled = {
+        ("grad_reduce", "reduce-scatter"): {"count": 1, "bytes": 256, "sliced_bytes": 256, "ops": {"x": 256}},
+        ("loss", "all-reduce"): {"count": 1, "bytes": 8, "sliced_bytes": 0, "ops": {"loss_sum/psum": 8}},
+        ("unattributed", "collective-permute"): {
+            "count": 2,
+            "bytes": 64,
+            "sliced_bytes": 0,
+            "ops": {"y": 64},
+        },
+    }
+    expected = {
+        ("grad_reduce", "reduce-scatter"): {"count": 4, "bytes": 128},
+        ("loss", "all-reduce"): {"count": 1, "bytes": 8},
+    }
+    rows = {r["cause"]: r for r in attribution.reconcile(compiled, expected)}
+    assert list(rows) == ["grad_reduce", "loss", "unattributed"]  # CAUSES order, nothing dropped
+    assert rows["grad_reduce"]["ratio"] == 2.0 and "all-reduce + dynamic-slice" in rows["grad_reduce"]["note"]
+    assert rows["loss"]["note"] == "" and rows["unattributed"]["ratio"] is None

@@ -1,0 +1,165 @@
+"""Theory beside practice: the collectives one training step needs, per cause, from the layout.
+
+Each param's per-device layout comes from the rule tables (`train.StateShardings`); with the batch and the
+model config it gives, per cause of shardgpt.attribution, the textbook collectives (Megatron's f and g,
+Megatron-SP's gathers and scatters, the vocab-parallel embedding and cross-entropy, ZeRO's reductions and
+gathers): structured rows {(cause, kind): {"count", "bytes"}}, per device per step, bytes as result buffers
+(hlo.py's convention). Counts are one op per tensor per layer and microbatch, before XLA combines any.
+"""
+
+import dataclasses
+import math
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from shardgpt import attribution, hlo, sharding
+from shardgpt.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One param as the rules lay it out on one device."""
+
+    path: tuple[str, ...]
+    per_layer: bool  # stacked over `layers` (nn.scan): one slice per layer
+    in_block: bool  # a transformer block's (remat re-gathers these for the backward pass)
+    local_bytes: int  # fp32 bytes of the params layout with dp's split undone (what a gather yields)
+    read_bytes: int  # the same in the dtype the model reads it in (Dense weights: the compute dtype)
+    grad_shard_bytes: int  # fp32 bytes of its gradient in the grads layout
+    on_dp: dict[str, bool]  # target -> does that target's layout split it over the data axis
+
+
+def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "dp") -> list[Leaf]:
+    """Every param of `params` (arrays or ShapeDtypeStructs) with its per-device layout, one slice per
+    layer for the stacked blocks, from `shardings` (train.StateShardings)."""
+    flat = traverse_util.flatten_dict(params)
+    specs = {
+        "params": traverse_util.flatten_dict(shardings.state.params),
+        "grads": traverse_util.flatten_dict(shardings.grads),
+        "opt_state": traverse_util.flatten_dict(_adam_moment(shardings.state.opt_state, params)),
+    }
+    compute = jnp.dtype(config.dtype).itemsize
+    out = []
+    for path, leaf in flat.items():
+        where = specs["params"][path]
+        per_layer = path[0] == "blocks"  # scanned: one stacked leaf for every layer
+        layers = config.n_layer if per_layer else 1
+        whole = where.update(spec=_without(where.spec, data_axis))
+        local = math.prod(whole.shard_shape(leaf.shape)) * 4 // layers
+        # Dense kernels and biases are read in the compute dtype; LayerNorms and embeddings in fp32.
+        dense = path[-1] in ("kernel", "bias") and not any(p.startswith("ln_") for p in path)
+        grad = math.prod(specs["grads"][path].shard_shape(leaf.shape)) * 4 // layers
+        on_dp = {t: data_axis in sharding.spec_axes(specs[t][path].spec) for t in specs}
+        in_block = per_layer or path[0].startswith("block_")
+        read = local * compute // 4 if dense else local
+        out.append(Leaf(path, per_layer, in_block, local, read, grad, on_dp))
+    return out
+
+
+def _without(spec, axis: str):
+    drop = lambda e: (
+        tuple(a for a in e if a != axis) or None if isinstance(e, tuple) else (None if e == axis else e)
+    )
+    return jax.sharding.PartitionSpec(*(drop(e) for e in spec))
+
+
+def _adam_moment(opt_shardings: Any, params: Any) -> Any:
+    """The first params-shaped subtree of the optimizer state's shardings (Adam's mu): where the update
+    of each param is computed."""
+    target = jax.tree.structure(params)
+    found = []
+
+    def visit(node):
+        if not found and jax.tree.structure(node) == target:
+            found.append(node)
+            return True
+        return False
+
+    jax.tree.map(lambda _: None, opt_shardings, is_leaf=visit)
+    return found[0]
+
+
+def expected(
+    config: ModelConfig,
+    strategy: str,
+    mesh_shape: dict[str, int],
+    param_leaves: list[Leaf],
+    batch: int,
+    seq: int,
+    microbatches: int = 1,
+) -> dict[tuple[str, str], dict[str, int]]:
+    """{(cause, kind): {"count", "bytes"}}: the collectives one training step needs per device, from the
+    layout and the textbook constructions (Megatron, Megatron-SP, ZeRO); counts as one op per tensor per
+    layer and microbatch, before XLA combines any."""
+    dp, tp, m, n = mesh_shape.get("dp", 1), mesh_shape.get("tp", 1), microbatches, config.n_layer
+    rows = batch // dp // m  # one microbatch's rows on one device
+    act = rows * seq * config.n_embd * jnp.dtype(config.dtype).itemsize  # one layer's output
+    act32 = rows * seq * config.n_embd * 4  # the embedding's rows are fp32 (the table is read in fp32)
+    out: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
+
+    def add(cause, kind, count, nbytes):
+        out[(cause, kind)]["count"] += count
+        out[(cause, kind)]["bytes"] += nbytes
+
+    if tp > 1:
+        if sharding.is_sequence_parallel(strategy):  # each all-reduce becomes a gather and a scatter
+            add("embed", "reduce-scatter", m, m * act32 // tp)
+            add("embed", "all-gather", m, m * act32)  # its backward
+            for block in ("attn", "mlp"):
+                for phase in ("fwd", "bwd"):
+                    add(f"{block}.{phase}", "all-gather", n * m, n * m * act)
+                    add(f"{block}.{phase}", "reduce-scatter", n * m, n * m * act // tp)
+            add("head", "all-gather", m, m * act)
+            add("head", "reduce-scatter", m, m * act // tp)
+        else:
+            add("embed", "all-reduce", m, m * act32)
+            for cause in ("attn.fwd", "attn.bwd", "mlp.fwd", "mlp.bwd"):
+                add(cause, "all-reduce", n * m, n * m * act)
+            add("head", "all-reduce", m, m * act)
+        add("cross_entropy", "all-reduce", 3 * m, 3 * m * rows * seq * 4)  # max, sum of exps, target
+    if dp > 1:
+        for leaf in param_leaves:
+            times = n if leaf.per_layer else 1
+            if leaf.on_dp["grads"]:  # ZeRO-2/3: each microbatch's gradient into its shard
+                add("grad_reduce", "reduce-scatter", times * m, times * m * leaf.grad_shard_bytes)
+            else:
+                add("grad_reduce", "all-reduce", times, times * leaf.local_bytes)
+            if leaf.on_dp["params"]:
+                add("zero3_gather.fwd", "all-gather", times * m, times * m * leaf.read_bytes)
+                if leaf.in_block and leaf.path[-1] != "bias":  # a bias's backward never reads it
+                    add("zero3_gather.bwd", "all-gather", times * m, times * m * leaf.read_bytes)
+            elif leaf.on_dp["opt_state"]:
+                add("param_gather", "all-gather", times, times * leaf.local_bytes)
+        add("loss", "all-reduce", 1, 8)  # (loss sum, token count) in fp32
+    return dict(out)
+
+
+def norm_reductions(update_shardings: Any, mesh_shape: dict[str, int]) -> dict:
+    """The global norm's reductions: one fp32 scalar psum per distinct set of axes (of size > 1) that
+    the update layout splits params over (spmd._global_norm's construction)."""
+    active = lambda spec: tuple(a for a in sharding.spec_axes(spec) if mesh_shape.get(a, 1) > 1)
+    count = len({active(s.spec) for s in jax.tree.leaves(update_shardings)} - {()})
+    return {("optimizer", "all-reduce"): {"count": count, "bytes": 4 * count}} if count else {}
+
+
+def by_cause(
+    hlo_text: str,
+    config: ModelConfig,
+    strategy: str,
+    mesh_shape: dict[str, int],
+    params: Any,
+    shardings: Any,
+    batch: int,
+    seq: int,
+    microbatches: int = 1,
+) -> list[dict[str, Any]]:
+    """attribution.reconcile() for one compiled training step: results.json's `collectives_by_cause`."""
+    param_leaves = leaves(config, params, shardings)
+    rows = expected(config, strategy, mesh_shape, param_leaves, batch, seq, microbatches)
+    rows |= norm_reductions(_adam_moment(shardings.state.opt_state, params), mesh_shape)
+    compiled = attribution.compiled_by_cause(hlo.collective_ops(hlo_text), mesh_shape)
+    return attribution.reconcile(compiled, rows)
