@@ -319,8 +319,15 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
         for i in impls
     ]
     specs = [RunSpec(model=n, mesh=m, strategy=s, microbatches=k, impl=i, **common) for n, m, s, k, i in grid]
+    # Dropped with a note where they cannot run: --compare's +sp variants, and GSPMD on a pp mesh under
+    # --impl both (the pipeline is shard_map's).
     args.optional_specs = {
-        spec for spec in specs if args.compare and not args.sp and spec.strategy.endswith("+sp")
+        spec
+        for spec in specs
+        if (args.compare and not args.sp and spec.strategy.endswith("+sp"))
+        or (
+            args.impl == "both" and spec.impl == "gspmd" and parse_mesh_spec(spec.mesh, num_devices)["pp"] > 1
+        )
     }
     return specs
 
@@ -367,6 +374,8 @@ def explain(out: str, which: str) -> str:
     if which.isdigit() and int(which) < len(runs):
         return report.explain(runs[int(which)])
     matches = [r for r in runs if r["name"] == which] or [r for r in runs if which in r["name"]]
+    if len(matches) > 1 and len(gspmd := [r for r in matches if r["impl"] == "gspmd"]) == 1:
+        matches = gspmd  # "dp=2,tp=4 dp" names the GSPMD run, not also "... dp shard_map"
     if len(matches) != 1:
         found = "several runs match" if matches else "no run matches"
         raise ValueError(
@@ -386,9 +395,9 @@ def prepare_all(specs: list, args: argparse.Namespace, prepare) -> list:
             if spec not in args.optional_specs:
                 raise
             specs.remove(spec)
-            skipped.setdefault(spec.mesh, str(e).splitlines()[0].partition(": ")[2])
+            skipped.setdefault(spec.mesh, str(e).splitlines()[0])
     for mesh, reason in skipped.items():
-        _say(f"note: --compare's +sp variants skipped on {mesh}: {reason}")
+        _say(f"note: runs skipped on {mesh}: {reason}")
     return prepared
 
 

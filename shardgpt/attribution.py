@@ -36,6 +36,8 @@ CAUSES = {
     "optimizer": "the global gradient norm for clipping",
     "pp_send": "pipeline: activations to the next stage, cotangents back (pp)",
     "ring_kv": "ring attention: K/V blocks around the ring, cotangents back (cp)",
+    "kv_gather": "GSPMD's context parallelism: K/V gathered along the sequence, cotangents scattered (cp)",
+    "cp_gather": "GSPMD's context parallelism: other activations gathered along the sequence (cp)",
     "unattributed": "no rule names a cause",
 }
 UNATTRIBUTED = "unattributed"
@@ -75,6 +77,15 @@ def classify(op_name: str, kind: str, axes: tuple[str, ...]) -> str:
     if "zero3_gather" in scopes or (axes == ("dp",) and kind == "all-gather"):
         # ZeRO-3's gather; its transpose, the gradient's reduce-scatter, keeps the name
         return f"zero3_gather.{phase}" if kind == "all-gather" else "grad_reduce"
+    if axes == ("cp",) and not backward:  # GSPMD's context parallelism (shard_map's ring is named)
+        if "attention" in scopes:
+            return "kv_gather"
+        if kind == "all-gather":
+            return "cp_gather"
+        if "head_cross_entropy" in scopes:  # the fused loss's sums over positions: loss, head gradient
+            return "loss" if "cross_entropy" in scopes else "grad_reduce"
+    if axes == ("cp",) and "attention" in scopes and kind != "all-reduce":
+        return "kv_gather"
     if axes == ("tp",):
         for scope, cause in (("attn", f"attn.{phase}"), ("mlp", f"mlp.{phase}"), ("embed", "embed")):
             if scope in scopes:
@@ -83,8 +94,8 @@ def classify(op_name: str, kind: str, axes: tuple[str, ...]) -> str:
             return "head"
         if scopes & {"cross_entropy", "vocab_ce_max", "vocab_ce_sum"}:
             return "cross_entropy"
-    if axes == ("dp",) and backward and kind != "collective-permute":
-        return "grad_reduce"  # GSPMD reduces each gradient over dp where the backward pass makes it
+    if axes and set(axes) <= {"dp", "cp"} and backward and kind != "collective-permute":
+        return "grad_reduce"  # GSPMD reduces each gradient over dp (and cp) where the backward makes it
     return UNATTRIBUTED
 
 
@@ -167,6 +178,16 @@ def _note(row: dict) -> str:
         outside = ", ".join(sorted({n.split("/")[-2] for n in row["ops"] if "blocks/" not in n}))
         return (
             f"GSPMD gathers a top-level param again for the backward pass ({outside}): not saved from forward"
+        )
+    if row["cause"] == "zero3_gather.fwd" and 0 < row["bytes"] < row["theory_bytes"]:
+        return (
+            "XLA moved loop-invariant gathers out of the loop (pp's tick loop): each runs once a step, not "
+            "once a tick, and the gathered stage params stay live through the forward pass"
+        )
+    if row["cause"] == "cp_gather":
+        return (
+            "GSPMD gathers the sequence whole for the fused loss (its chunk loop runs along the sequence) "
+            "and for the embedding lookup; shard_map keeps both split"
         )
     if not row["theory_bytes"]:
         return "not in theory"

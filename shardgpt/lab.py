@@ -23,6 +23,7 @@ from shardgpt import (
     generation_bench,
     metrics,
     optim,
+    pipeline,
     sharding,
     spmd,
     theory,
@@ -160,6 +161,7 @@ def prepare(spec: RunSpec) -> Setup:
     base = optim.OptimConfig(learning_rate=spec.lr, warmup_steps=lr_warmup, total_steps=spec.steps)
     optim_config = base.replace(**dict(spec.optim))
     tx = optim.make_optimizer(optim_config)
+    sharding.check_mesh_axes(mesh, strategy, spec.impl, cfg.n_layer, cfg.scan_layers)
     train.check_batch(model, mesh, strategy, spec.batch, task.seq_len, spec.microbatches)
     train.state_shardings(model, tx, mesh, strategy)  # every param dim checked against the mesh
     prompt_len = getattr(task, "length", min(32, task.seq_len // 2))  # sort: the unsorted digits
@@ -259,7 +261,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     memory = _memory(state, shardings, compiled)  # before the first step donates the state
     by_cause = theory.by_cause(
         compiled.as_text(), s.config, s.strategy, dict(mesh.shape), state.params, shardings, spec.batch, seq,
-        spec.microbatches,
+        spec.microbatches, spec.impl,
     )  # fmt: skip
 
     # Train through the compiled executable itself: the timed loop can never hide a recompile.
@@ -284,8 +286,8 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
 
-    generate = None
-    if spec.generate:
+    generate, generate_skipped = None, generation_skipped(mesh) if spec.generate else None
+    if spec.generate and not generate_skipped:
         generate = generation_bench.benchmark(
             s.model, state.params, mesh, s.strategy, s.generate_batch, s.prompt_len, spec.generate
         )
@@ -329,8 +331,35 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         "final_loss": losses[-1],
         "grad_norms": grad_norms,
         "generate": generate,
+        "generate_skipped": generate_skipped,
+        "pipeline": pipeline_figures(mesh, spec.microbatches),
         "profile_dir": profile_dir,
         "wall_s": time.perf_counter() - started,
+    }
+
+
+def generation_skipped(mesh: jax.sharding.Mesh) -> str | None:
+    """Why the generation benchmark cannot run on `mesh` (None: it can). The decoder is the GSPMD model
+    one token at a time: it has neither the pipeline's schedule nor a sequence to split over cp."""
+    split = [f"{axis}={mesh.shape[axis]}" for axis in ("pp", "cp") if mesh.shape.get(axis, 1) > 1]
+    if split:
+        return (
+            f"skipped on {','.join(split)}: the decoder has no pipeline schedule and one token no sequence "
+            "to split (generate from a checkpoint on a dp/tp mesh)"
+        )
+    return None
+
+
+def pipeline_figures(mesh: jax.sharding.Mesh, microbatches: int) -> dict[str, Any] | None:
+    """A pp run's schedule: stages, microbatches, ticks and the bubble's theory (None without pp)."""
+    pp = mesh.shape.get("pp", 1)
+    if pp == 1:
+        return None
+    return {
+        "pp": pp,
+        "microbatches": microbatches,
+        "ticks": microbatches + pp - 1,
+        "bubble_theory": pipeline.bubble_fraction(pp, microbatches),
     }
 
 

@@ -7,8 +7,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-# Mesh axes, outermost first: data parallel (and ZeRO), then Megatron tensor parallel.
-AXES = ("dp", "tp")
+# Mesh axes, outermost first: data parallel (and ZeRO), pipeline stages, context (the sequence), then Megatron
+# tensor parallel, the chattiest, innermost (on one host's fast links). Every mesh has all four; a spec names
+# the ones it splits.
+AXES = ("dp", "pp", "cp", "tp")
+ALWAYS_NAMED = ("dp", "tp")  # describe() names these even at size 1; pp and cp only where they split
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
@@ -53,7 +56,7 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes ("dp", "tp") over `devices` (default: all of them), every axis of type Auto.
+    """A mesh with axes AXES over `devices` (default: all of them), every axis of type Auto.
 
     Auto axes because flax's logical rules and with_sharding_constraint want them; jax.make_mesh has
     defaulted to Explicit axes since jax 0.9.
@@ -88,5 +91,5 @@ def processes_per_group(mesh: Mesh, axis: str) -> int:
 
 
 def describe(mesh: Mesh) -> str:
-    """ "dp=2,tp=4" for a mesh (the inverse of make_mesh's spec)."""
-    return ",".join(f"{name}={size}" for name, size in mesh.shape.items())
+    """ "dp=2,tp=4" or "dp=2,pp=4,tp=1" for a mesh (the inverse of make_mesh's spec)."""
+    return ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1 or a in ALWAYS_NAMED)

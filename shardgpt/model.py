@@ -69,6 +69,23 @@ class Hooks:
         """Global vocab ids of this device's n logits (they differ from arange where vocab is split)."""
         return jnp.arange(n)
 
+    def attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation):
+        """Causal attention. Under GSPMD with the sequence split over cp, K and V are gathered whole along
+        it (each device attends its own queries to every key: MaxText's default); elsewhere the constraint
+        is the layout they already have."""
+        kv_names = ("batch", None, "heads", "kv")
+        k_BxLxHxK, v_BxLxHxK = constrain(k_BxLxHxK, kv_names), constrain(v_BxLxHxK, kv_names)
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=implementation
+        )
+
+    # True where the stacked blocks run as pipeline stages (spmd.py's pp): GPT then calls run_blocks.
+    pipelined = False
+
+    def run_blocks(self, block: nn.Module, stacked_params, x_BxLxD, remat: bool):
+        """The stacked blocks applied by an unbound `block` to x, where `pipelined` (shardgpt.pipeline)."""
+        raise NotImplementedError
+
 
 _GLOBAL_VIEW = Hooks()
 _HOOKS: contextvars.ContextVar[Hooks | None] = contextvars.ContextVar("shardgpt_model_hooks", default=None)
@@ -181,9 +198,7 @@ class CausalSelfAttention(nn.Module):
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (constrain(qkv_BxLx3xHxK[:, :, i], BxLxHxK) for i in range(3))
         if cache is None:
             with jax.named_scope("attention"):
-                out_BxLxHxK = jax.nn.dot_product_attention(
-                    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=cfg.attention
-                )
+                out_BxLxHxK = _hooks().attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.attention)
         else:
             out_BxLxHxK, cache = _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache)
         out_BxLxHxK = constrain(out_BxLxHxK, BxLxHxK)
@@ -275,7 +290,11 @@ class GPT(nn.Module):
         if cfg.remat or hooks.remat_policy is not None:
             policy = None if cfg.remat else hooks.remat_policy  # None: recompute all of the block
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
-        if cfg.scan_layers:
+        if hooks.pipelined and cache is None:  # pp: this device's stage of the stacked layers (pipeline.py)
+            x_BxLxD = hooks.run_blocks(
+                Block(cfg, parent=None), self.variables["params"]["blocks"], x_BxLxD, cfg.remat
+            )
+        elif cfg.scan_layers:
             # One traced block, params stacked on a leading `layers` axis: compile time flat in depth.
             blocks = nn.scan(
                 block,

@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from shardgpt.sharding import vary, varying_axes
+
 StageFn = Callable[[Any, jax.Array], jax.Array]  # (stage params, x_B) -> y_B, x's shape and dtype
 SEND = "pp_send"  # the named scope of the stage-to-stage permute, kept in the HLO's op names
 
@@ -65,17 +67,11 @@ def check(n_layer: int, pp: int, microbatches: int, batch_per_dp: int, repeats: 
         )
 
 
-def _vary(x, axes) -> jax.Array:
-    """`x` cast to vary over `axes` too: pcast refuses an axis `x` already varies over."""
-    missing = tuple(a for a in axes if a not in jax.typeof(x).mat.varying)
-    return jax.lax.pcast(x, missing, to="varying")
-
-
 def _zero_output(stage_fn, stage_params, x_B) -> jax.Array:
     """Zeros typed like stage_fn's output, to start the carry: that may vary over more axes than x_B (e.g.
     over its params' axes), and a scan's carry must keep one type."""
     out = jax.eval_shape(stage_fn, stage_params, x_B)
-    return _vary(jnp.zeros(out.shape, out.dtype), tuple(out.manual_axis_type.varying))
+    return vary(jnp.zeros(out.shape, out.dtype), tuple(varying_axes(out)))
 
 
 def gpipe(stage_fn: StageFn, stage_params: Any, x_MxB, axis: str) -> jax.Array:
@@ -86,7 +82,7 @@ def gpipe(stage_fn: StageFn, stage_params: Any, x_MxB, axis: str) -> jax.Array:
     and zeros on the others: the caller masks its loss by stage and psums it over `axis`.
     """
     pp, stage = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
-    x_MxB = _vary(x_MxB, (axis,))  # the carry varies over `axis`, and so what stage 0 feeds into it
+    x_MxB = vary(x_MxB, (axis,))  # the carry varies over `axis`, and so what stage 0 feeds into it
     x_TxB = jnp.concatenate([x_MxB, jnp.zeros((pp - 1, *x_MxB.shape[1:]), x_MxB.dtype)])
     sent_B = _zero_output(stage_fn, stage_params, x_MxB[0])
     # Non-circular: the wrap-around link (last stage -> stage 0) would carry only values stage 0 ignores,
@@ -117,7 +113,7 @@ def circular(stage_fn: StageFn, stage_params_V: Any, x_MxB, axis: str) -> jax.Ar
     pp, stage = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     repeats = jax.tree.leaves(stage_params_V)[0].shape[0]
     microbatches = x_MxB.shape[0]
-    x_MxB = _vary(x_MxB, (axis,))
+    x_MxB = vary(x_MxB, (axis,))
     at = lambda k: jax.tree.map(lambda p_V: p_V[k], stage_params_V)
     sent_B = _zero_output(stage_fn, at(0), x_MxB[0])
     loop_MxB = jnp.zeros_like(x_MxB)  # stage 0's inbox for the microbatches coming round again
@@ -144,3 +140,28 @@ def circular(stage_fn: StageFn, stage_params_V: Any, x_MxB, axis: str) -> jax.Ar
     _, y_TxB = jax.lax.scan(tick, (sent_B, loop_MxB), jnp.arange(ticks))
     # The last device finishes microbatch m's last repeat at tick (v - 1) M + m + pp - 1: the last M ticks.
     return jnp.where(stage == pp - 1, y_TxB[-microbatches:], 0)
+
+
+def run_blocks(
+    block: Any, stage_params: Any, x_BxLxD, microbatches: int, axis: str, policy=None, remat=False
+):
+    """The model's blocks on GPipe's schedule: this device's stage is its slice of the stacked `blocks`
+    params (n_layer / pp layers, the `layers` -> pp rule), applied layer by layer with `block` (an unbound
+    model.Block) to each of the local batch's M microbatches. Returns x_BxLxD after every stage, valid on
+    the last one (zeros elsewhere). `policy`/`remat`: the jax.checkpoint of each layer the model would use.
+    """
+    b = x_BxLxD.shape[0]
+    rows = b // microbatches
+    positions_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), (rows, x_BxLxD.shape[1]))
+
+    def layer(x_BxLxD, params):
+        return block.apply({"params": params}, x_BxLxD, positions_BxL, None)[0], None
+
+    if remat or policy is not None:
+        layer = jax.checkpoint(layer, policy=policy)
+
+    def stage_fn(params_N, x_BxLxD):
+        return jax.lax.scan(layer, x_BxLxD, params_N)[0]
+
+    x_MxBxLxD = x_BxLxD.reshape(microbatches, rows, *x_BxLxD.shape[1:])
+    return gpipe(stage_fn, stage_params, x_MxBxLxD, axis).reshape(x_BxLxD.shape)

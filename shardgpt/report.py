@@ -161,11 +161,38 @@ def table(results: dict[str, Any]) -> str:
         out += [line for r in runs for line in _reconciliation_lines(r)]
         out.append("  the full table of one run: experiments/run.py --explain RUN (--out DIR: the results)")
 
+    bubbles = pipeline_bubbles(runs)
+    if bubbles:
+        out += [
+            "",
+            "pipeline (GPipe in shard_map): the bubble, theory (pp - 1) / (M + pp - 1) beside measured",
+        ]
+        rows = [
+            [
+                b["name"],
+                str(b["pp"]),
+                str(b["microbatches"]),
+                str(b["ticks"]),
+                f"{1e3 * b['step_time_s']:.2f}",
+            ]
+            + [
+                f"{b['bubble_theory']:.1%}",
+                "n/a" if b["bubble_measured"] is None else f"{b['bubble_measured']:.1%}",
+            ]
+            for b in bubbles
+        ]
+        out += grid(["run", "pp", "M", "ticks", "step ms", "bubble (theory)", "bubble (measured)"], rows)
+        out += [
+            "  measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks",
+            "  across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough",
+        ]
     generated = [r for r in runs if r.get("generate")]
-    if generated:
+    skipped = [r for r in runs if r.get("generate_skipped")]
+    if generated or skipped:
         rows = [[r["name"], *(_number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
         out += ["", "generation (KV cache; naive = re-jit per length; recompute = full forward per token)"]
-        out += grid(["run", *GENERATE_COLUMNS.values()], rows)
+        out += grid(["run", *GENERATE_COLUMNS.values()], rows) if generated else []
+        out += [f"  {r['name']}: generation {r['generate_skipped']}" for r in skipped]
 
     first = runs[0] if runs else {}
     peak = first.get("peak_flops")
@@ -180,6 +207,40 @@ def table(results: dict[str, Any]) -> str:
     ]
     out += [line for c in checks for line in _check_lines(c)]
     return "\n".join(out)
+
+
+def pipeline_bubbles(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pp run's bubble: theory beside a measurement. The tick time is the least-squares slope of step
+    time over ticks (M + pp - 1) across the runs that differ only in M at the same microbatch size (rows
+    per microbatch), so per-tick work is equal; measured = (pp - 1) x tick time / step time. None where
+    fewer than two such runs exist."""
+    piped = [r for r in runs if r.get("pipeline")]
+    key = lambda r: (
+        r["name"].split(" M=")[0],
+        r["model"],
+        r["impl"],
+        r["seq"],
+        r["batch"] // r["microbatches"],
+    )
+    groups: dict = {}
+    for r in piped:
+        groups.setdefault(json.dumps(key(r), default=str), []).append(r)
+    out = []
+    for r in piped:
+        group = groups[json.dumps(key(r), default=str)]
+        ticks = [g["pipeline"]["ticks"] for g in group]
+        measured = None
+        if len(set(ticks)) > 1:
+            times = [g["step_time_s"] for g in group]
+            mt, mtime = sum(ticks) / len(ticks), sum(times) / len(times)
+            slope = sum((t - mt) * (y - mtime) for t, y in zip(ticks, times, strict=True)) / sum(
+                (t - mt) ** 2 for t in ticks
+            )
+            measured = (r["pipeline"]["pp"] - 1) * slope / r["step_time_s"]
+        out.append(
+            {"name": r["name"], "step_time_s": r["step_time_s"], **r["pipeline"], "bubble_measured": measured}
+        )
+    return out
 
 
 def _check_lines(c: dict[str, Any]) -> list[str]:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shardgpt.sharding import vary
+
 # The running (max, sum, weighted values) of an online softmax: B x H x L, B x H x L, B x H x L x K in fp32.
 Stats = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -138,6 +140,9 @@ def ring_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, axis: str, layout: str = "co
     )
     kv_2xBxLxHxK_ = jnp.stack([k_BxLxHxK, v_BxLxHxK])
     if cp > 1:
+        # The loop's values vary over `axis` (the passes, this device's index): so must its start, which a
+        # caller's trace (flax's nn.scan traces its body abstractly) may not know of.
+        kv_2xBxLxHxK_, stats = jax.tree.map(lambda x: vary(x, (axis,)), (kv_2xBxLxHxK_, stats))
         perm = [(j, (j + 1) % cp) for j in range(cp)]
 
         def ring_step(carry, step):

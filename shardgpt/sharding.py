@@ -36,6 +36,12 @@ EMBED_ON_DP_FROM_STAGE = {"opt_state": 1, "grads": 2, "params": 3}
 SEQUENCE_PARALLEL = "+sp"
 _SEQUENCE_ON_TP = (("length", "tp"),)
 
+# Pipeline parallelism: the stacked layers of every state target split into pp stages. Context parallelism:
+# every activation's sequence split over cp (attention then needs the other positions' K/V: ring_attention.py
+# under shard_map, an all-gather of K/V under GSPMD). On a mesh whose pp or cp is 1 they split nothing.
+_LAYERS_ON_PP = (("layers", "pp"),)
+_LENGTH_ON_CP = (("length", "cp"),)
+
 Rules = tuple[tuple[str, str | None], ...]
 
 
@@ -76,12 +82,12 @@ def rules(strategy: str, target: str) -> Rules:
         raise ValueError(f"unknown sharding target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "activations":
         data = (("batch", "dp"), ("embed", None))
-    else:
-        on_dp = stage >= EMBED_ON_DP_FROM_STAGE[target]
-        data = (("batch", None), ("embed", "dp" if on_dp else None))
-    sequence = _SEQUENCE_ON_TP if target == "activations" and is_sequence_parallel(strategy) else ()
-    unsharded = tuple((name, None) for name in ("length", "kv", "layers") if name not in dict(sequence))
-    return data + _MEGATRON + sequence + unsharded
+        # The sequence: over tp between Megatron's regions with +sp, else over cp (context parallelism).
+        length = _SEQUENCE_ON_TP if is_sequence_parallel(strategy) else _LENGTH_ON_CP
+        return data + _MEGATRON + length + (("kv", None), ("layers", None))
+    on_dp = stage >= EMBED_ON_DP_FROM_STAGE[target]
+    data = (("batch", None), ("embed", "dp" if on_dp else None))
+    return data + _MEGATRON + (("length", None), ("kv", None)) + _LAYERS_ON_PP
 
 
 def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int) -> None:
@@ -199,6 +205,22 @@ def param_subtree_axes(tree: Any, params_axes: Any) -> Any:
     )
 
 
+def varying_axes(x: Any) -> frozenset[str]:
+    """The manual mesh axes a value (or a ShapeDtypeStruct) varies over inside shard_map (check_vma). jax
+    has named this `vma` and, since 0.10, `mat.varying`/`manual_axis_type.varying`: whichever is present."""
+    aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+    for field in ("mat", "manual_axis_type"):
+        if (types := getattr(aval, field, None)) is not None and hasattr(types, "varying"):
+            return frozenset(types.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def vary(x: jax.Array, axes: Sequence[str]) -> jax.Array:
+    """`x` cast to vary over `axes` too, inside shard_map: pcast refuses an axis `x` already varies over."""
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def spec_axes(spec: P) -> tuple[str, ...]:
     """The mesh axes `spec` splits over, sorted."""
     return tuple(sorted(a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))))
@@ -206,7 +228,25 @@ def spec_axes(spec: P) -> tuple[str, ...]:
 
 def batch_sharding(mesh: Mesh, strategy: str, rank: int = 2) -> NamedSharding:
     """Sharding of a (batch, length, ...) input: batch over the activations' rule for `batch`; token ids
-    arrive whole along `length` (with +sp too: the embedding output is what is split)."""
+    arrive whole along `length` (with +sp or cp too: the embedding output is what is split, so positions
+    stay global)."""
     activations = rules(base_strategy(strategy), "activations")
-    spec = logical_to_spec(("batch", "length") + (None,) * (rank - 2), activations)
+    spec = logical_to_spec(("batch",) + (None,) * (rank - 1), activations)
     return NamedSharding(mesh, spec)
+
+
+def check_mesh_axes(mesh: Mesh, strategy: str, impl: str, n_layer: int, scan_layers: bool) -> None:
+    """Raise before compiling where pp or cp cannot run: pp needs shard_map (GPipe is written there) and the
+    stacked layers; cp does not combine with +sp (both split the sequence)."""
+    pp, cp = mesh.shape.get("pp", 1), mesh.shape.get("cp", 1)
+    if pp > 1 and impl != "shard_map":
+        raise ValueError(
+            f"pp={pp}: the pipeline (GPipe's schedule) is written in shard_map: use --impl shard_map, or a "
+            "mesh without pp"
+        )
+    if pp > 1 and not scan_layers:
+        raise ValueError(f"pp={pp} splits the stacked layers into stages: drop --no-scan")
+    if pp > 1 and n_layer % pp:
+        raise ValueError(f"n_layer {n_layer} does not split into pp={pp} equal stages: choose pp dividing it")
+    if cp > 1 and is_sequence_parallel(strategy):
+        raise ValueError(f"{canonical(strategy)} on cp={cp}: +sp and cp both split the sequence: drop one")

@@ -23,7 +23,7 @@ from jax.extend.core.primitives import custom_vjp_call_p
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import microbatch, sharding, train
+from shardgpt import microbatch, pipeline, ring_attention, sharding, train
 from shardgpt.data import IGNORE_INDEX
 from shardgpt.mesh import spans_processes
 from shardgpt.model import GPT, Hooks, use_hooks
@@ -125,20 +125,27 @@ class ShardHooks(Hooks):
     its `GRAD_SHARD` beside it, into which the backward pass reduce-scatters the gradient.
     """
 
-    def __init__(self, mesh: Mesh, strategy: str):
+    def __init__(self, mesh: Mesh, strategy: str, microbatches: int = 1):
         self.sizes = _active_axes(mesh)
         at_rest = {name: axis for name, axis in sharding.rules(strategy, "params") if axis in self.sizes}
         batch_axis = dict(sharding.rules(strategy, "activations"))["batch"]
         self.gathered = {name: axis for name, axis in at_rest.items() if axis == batch_axis}
-        self.split = {name: axis for name, axis in at_rest.items() if axis != batch_axis}
+        # (`layers` over pp is not a split a layer computes with: each device runs its own stage's layers.)
+        self.split = {n: a for n, a in at_rest.items() if a != batch_axis and n != "layers"}
         grads = {name: axis for name, axis in sharding.rules(strategy, "grads") if axis in self.sizes}
         self.scattered = {n: a for n, a in grads.items() if a == batch_axis and n not in self.gathered}
         self.split_axes = tuple(sorted(set(self.split.values())))
         self.remat_policy = _save_all_but_gathers if self.gathered else None
         self.limit = scatter_limit(mesh)
-        # Megatron-SP: the axis the activation rules split `length` over between tp regions, or None.
-        sequence = dict(sharding.rules(strategy, "activations"))["length"]
-        self.sequence = sequence if sequence in self.sizes else None
+        # Where the activation rules split `length`: over tp between its regions (Megatron-SP, `sequence`),
+        # or over cp everywhere (context parallelism, `context`: attention passes K/V round the ring).
+        length = dict(sharding.rules(strategy, "activations"))["length"]
+        length = length if length in self.sizes else None
+        self.sequence = length if sharding.is_sequence_parallel(strategy) else None
+        self.context = None if self.sequence else length
+        # Pipeline parallelism: the stacked layers run as stages over pp, the batch as `microbatches`.
+        self.stages = "pp" if "pp" in self.sizes else None
+        self.pipelined, self.microbatches = self.stages is not None, microbatches
 
     def _divide(self, shape, names, table):
         return tuple(
@@ -181,8 +188,11 @@ class ShardHooks(Hooks):
             return jax.lax.psum(y_, axes)
 
     def embed(self, table_VxD_, ids):
+        if self.context:  # cp: look up this device's positions only
+            ids = self.local_positions(ids, self.context)
         if "vocab" not in self.split:
-            return self.split_length(table_VxD_[ids])
+            rows_ = table_VxD_[ids]
+            return rows_ if self.context else self.split_length(rows_)
         axis, rows = self.split["vocab"], table_VxD_.shape[0]
         local = ids - jax.lax.axis_index(axis) * rows  # ids outside this shard's rows contribute zeros
         hit = (local >= 0) & (local < rows)
@@ -194,11 +204,24 @@ class ShardHooks(Hooks):
             return jax.lax.psum(rows_, axis)
 
     def split_length(self, x_BxLxD):
-        if not self.sequence:
-            return x_BxLxD
-        size = x_BxLxD.shape[1] // self.sizes[self.sequence]
-        start = jax.lax.axis_index(self.sequence) * size
-        return jax.lax.dynamic_slice_in_dim(x_BxLxD, start, size, axis=1)
+        axis = self.sequence or self.context
+        return self.local_positions(x_BxLxD, axis) if axis else x_BxLxD
+
+    def local_positions(self, x_BxL, axis: str):
+        """This device's contiguous slice of the sequence (dim 1) split over `axis`."""
+        size = x_BxL.shape[1] // self.sizes[axis]
+        return jax.lax.dynamic_slice_in_dim(x_BxL, jax.lax.axis_index(axis) * size, size, axis=1)
+
+    def attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation):
+        if not self.context:
+            return super().attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation)
+        return ring_attention.ring_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.context)
+
+    def run_blocks(self, block, stacked_params, x_BxLxD, remat: bool):
+        policy = None if remat else self.remat_policy
+        return pipeline.run_blocks(
+            block, stacked_params, x_BxLxD, self.microbatches, self.stages, policy, remat
+        )
 
     def vocab_ids(self, n):
         if "vocab" not in self.split:
@@ -267,22 +290,33 @@ def make_train_step(
     shardgpt.microbatch).
     """
     strategy = sharding.canonical(strategy)
+    sharding.check_mesh_axes(mesh, strategy, "shard_map", model.config.n_layer, model.config.scan_layers)
     active = _active_axes(mesh)
-    hooks = ShardHooks(mesh, strategy)
+    piped = "pp" in active  # pp: the microbatches are the pipeline's, not an accumulation loop's
+    hooks = ShardHooks(mesh, strategy, microbatches if piped else 1)
     data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
     dp = data_axis if data_axis in active else None
     vocab_axis = hooks.split.get("vocab")
+    # Axes over which a param's gradient has partial sums to add up: dp (its rows of the batch), cp (its
+    # positions) and pp (stages other than the one using it: the embedding, the head), each unless the
+    # param is split over it. ZeRO-2/3's dp part is reduce-scattered inside the backward pass instead.
+    partial_axes = tuple(a for a in (dp, hooks.stages, hooks.context) if a)
+
+    def replica_axes(spec) -> tuple[str, ...]:
+        return tuple(a for a in partial_axes if _dim_on(spec, a) is None)
 
     def scattered(p_spec, g_spec) -> bool:
         """ZeRO-2: the param is whole on every device but its gradient lives split over dp."""
         return _dim_on(g_spec, dp) is not None and _dim_on(p_spec, dp) is None
 
     def reduce_grad(g_, g_spec):
-        """A device's partial gradient -> the summed gradient in the grads layout (its shard, or whole)."""
-        if dp is None or _dim_on(g_spec, dp) is not None:
-            return g_  # ZeRO-2 and -3: the backward pass already reduce-scattered it, layer by layer
+        """A device's partial gradient -> the summed gradient in the grads layout (its shard, or whole).
+        ZeRO-2 and -3's dp part was reduce-scattered by the backward pass already, layer by layer."""
+        axes = replica_axes(g_spec)
+        if not axes:
+            return g_
         with jax.named_scope("grad_all_reduce"):
-            return jax.lax.psum(g_, dp)
+            return jax.lax.psum(g_, axes)
 
     def to_update_layout(x_, from_spec, u_spec):
         """Keep only the slice of the optimizer-state shard this device owns (no communication)."""
@@ -307,7 +341,8 @@ def make_train_step(
             return p_
         shape = list(p_.shape)
         shape[_dim_on(g_spec, dp)] //= active[dp]
-        return jax.lax.pcast(jnp.zeros(shape, p_.dtype), sharding.spec_axes(g_spec), to="varying")
+        axes = tuple(sorted(set(sharding.spec_axes(g_spec)) | set(replica_axes(g_spec))))
+        return jax.lax.pcast(jnp.zeros(shape, p_.dtype), axes, to="varying")
 
     def with_grad_shards(whole_, wrt_):
         """The params tree the model reads: `wrt_`, with each ZeRO-2 param taken whole from `whole_` and
@@ -324,31 +359,42 @@ def make_train_step(
             with jax.named_scope("forward"):  # as in train.loss_sum: backward ops are transpose(jvp(forward))
                 with nn.logical_axis_rules(()), use_hooks(hooks):  # no rules: activation constraints no-op
                     logits_BxLxV_ = model.apply({"params": params_}, batch_["inputs"])
-                loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, batch_["targets"], vocab_axis)
+                targets_BxL_ = batch_["targets"]
+                if hooks.context:  # cp: the logits of this device's positions
+                    targets_BxL_ = hooks.local_positions(targets_BxL_, hooks.context)
+                loss_sum_, count_ = vocab_parallel_cross_entropy(logits_BxLxV_, targets_BxL_, vocab_axis)
+                if hooks.stages:  # pp: only the last stage's logits are the model's (pipeline.gpipe)
+                    last = jax.lax.axis_index(hooks.stages) == active[hooks.stages] - 1
+                    loss_sum_, count_ = jnp.where(last, loss_sum_, 0), jnp.where(last, count_, 0)
             return loss_sum_, count_.astype(jnp.float32)
 
         # Params that dp does not split are made dp-varying, so autodiff leaves their gradients per-device
         # (it would psum them silently otherwise) and the reduction below is the one explicit collective.
         def vary(p_, spec):
-            return p_ if dp is None or _dim_on(spec, dp) is not None else jax.lax.pcast(p_, dp, to="varying")
+            axes = replica_axes(spec)
+            return jax.lax.pcast(p_, axes, to="varying") if axes else p_
 
         # ZeRO-2's params are read whole from `whole_` but not differentiated there, so no whole gradient
         # of them is ever made: autodiff differentiates their grad shards instead.
         whole_ = jax.tree.map(vary, state_.params, param_specs)
         wrt_ = jax.tree.map(grad_shard_or_param, whole_, param_specs, grad_specs)
         values_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
-        if microbatches == 1:
+        if microbatches == 1 or piped:
             sums_, grads_ = values_and_grads(wrt_, batch_)
         else:
             # The sums vary like this device's batch (over dp); the grads like what they differentiate.
             scalar_ = batch_["targets"][0, 0]
+            if hooks.context:  # cp: each device sums its own positions' losses
+                scalar_ = jax.lax.pcast(scalar_, hooks.context, to="varying")
             init = microbatch.zeros_like(((scalar_, scalar_), wrt_))
             split_ = microbatch.split(batch_, microbatches)
             sums_, grads_ = microbatch.accumulate(values_and_grads, wrt_, split_, init)
         sums_2 = jnp.stack(sums_)
-        if dp:  # one psum for both, after the backward pass (never beside the forward's collectives)
+        if (
+            partial_axes
+        ):  # one psum for both, after the backward pass (never beside the forward's collectives)
             with jax.named_scope("loss_sum"):
-                sums_2 = jax.lax.psum(sums_2, dp)
+                sums_2 = jax.lax.psum(sums_2, partial_axes)
         # The mean over every non-ignored token of the batch: exactly loss.cross_entropy's.
         scale = 1 / jnp.maximum(sums_2[1], 1)
         loss_ = sums_2[0] * scale

@@ -25,7 +25,7 @@ class Leaf:
     """One param as the rules lay it out on one device."""
 
     path: tuple[str, ...]
-    per_layer: bool  # stacked over `layers` (nn.scan): one slice per layer
+    layers: int  # stacked over `layers` (nn.scan): this device's layers (n_layer / pp); else 1
     in_block: bool  # a transformer block's (remat re-gathers these for the backward pass)
     local_bytes: int  # fp32 bytes of the params layout with dp's split undone (what a gather yields)
     read_bytes: int  # the same in the dtype the model reads it in (Dense weights: the compute dtype)
@@ -46,17 +46,17 @@ def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "d
     out = []
     for path, leaf in flat.items():
         where = specs["params"][path]
-        per_layer = path[0] == "blocks"  # scanned: one stacked leaf for every layer
-        layers = config.n_layer if per_layer else 1
+        # Scanned: one stacked leaf for every layer, of which pp leaves this device its stage's.
+        layers = where.shard_shape(leaf.shape)[0] if path[0] == "blocks" else 1
         whole = where.update(spec=_without(where.spec, data_axis))
         local = math.prod(whole.shard_shape(leaf.shape)) * 4 // layers
         # Dense kernels and biases are read in the compute dtype; LayerNorms and embeddings in fp32.
         dense = path[-1] in ("kernel", "bias") and not any(p.startswith("ln_") for p in path)
         grad = math.prod(specs["grads"][path].shard_shape(leaf.shape)) * 4 // layers
         on_dp = {t: data_axis in sharding.spec_axes(specs[t][path].spec) for t in specs}
-        in_block = per_layer or path[0].startswith("block_")
+        in_block = path[0] == "blocks" or path[0].startswith("block_")
         read = local * compute // 4 if dense else local
-        out.append(Leaf(path, per_layer, in_block, local, read, grad, on_dp))
+        out.append(Leaf(path, layers, in_block, local, read, grad, on_dp))
     return out
 
 
@@ -91,49 +91,75 @@ def expected(
     batch: int,
     seq: int,
     microbatches: int = 1,
+    impl: str = "shard_map",
 ) -> dict[tuple[str, str], dict[str, int]]:
     """{(cause, kind): {"count", "bytes"}}: the collectives one training step needs per device, from the
-    layout and the textbook constructions (Megatron, Megatron-SP, ZeRO); counts as one op per tensor per
-    layer and microbatch, before XLA combines any."""
-    dp, tp, m, n = mesh_shape.get("dp", 1), mesh_shape.get("tp", 1), microbatches, config.n_layer
+    layout and the textbook constructions (Megatron, Megatron-SP, ZeRO, GPipe, ring attention or, under
+    GSPMD, K/V gathered over cp); counts as one op per tensor per layer and pass, before XLA combines any.
+
+    A pass is one microbatch through the blocks: M of them, or with pp the pipeline's M + pp - 1 ticks
+    (each of this device's n_layer / pp layers per tick, bubble ticks included). The embedding, head and
+    loss run per microbatch, or with pp once on the whole local batch.
+    """
+    size = lambda axis: mesh_shape.get(axis, 1)
+    dp, tp, pp, cp, m = size("dp"), size("tp"), size("pp"), size("cp"), microbatches
+    passes, whole_times = (m + pp - 1, 1) if pp > 1 else (m, m)
+    layers = config.n_layer // pp
+    item, length = jnp.dtype(config.dtype).itemsize, seq // cp
     rows = batch // dp // m  # one microbatch's rows on one device
-    act = rows * seq * config.n_embd * jnp.dtype(config.dtype).itemsize  # one layer's output
-    act32 = rows * seq * config.n_embd * 4  # the embedding's rows are fp32 (the table is read in fp32)
+    act = rows * length * config.n_embd * item  # one layer's output for one microbatch
+    whole = batch // dp * length * config.n_embd  # elements of the whole local batch's layer output
     out: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
 
     def add(cause, kind, count, nbytes):
         out[(cause, kind)]["count"] += count
         out[(cause, kind)]["bytes"] += nbytes
 
+    per_layer = layers * passes
     if tp > 1:
+        embed32, head = whole * 4, whole * item  # the embedding's rows are fp32 (its table is read so)
         if sharding.is_sequence_parallel(strategy):  # each all-reduce becomes a gather and a scatter
-            add("embed", "reduce-scatter", m, m * act32 // tp)
-            add("embed", "all-gather", m, m * act32)  # its backward
+            add("embed", "reduce-scatter", whole_times, embed32 // tp)
+            add("embed", "all-gather", whole_times, embed32)  # its backward
             for block in ("attn", "mlp"):
                 for phase in ("fwd", "bwd"):
-                    add(f"{block}.{phase}", "all-gather", n * m, n * m * act)
-                    add(f"{block}.{phase}", "reduce-scatter", n * m, n * m * act // tp)
-            add("head", "all-gather", m, m * act)
-            add("head", "reduce-scatter", m, m * act // tp)
+                    add(f"{block}.{phase}", "all-gather", per_layer, per_layer * act)
+                    add(f"{block}.{phase}", "reduce-scatter", per_layer, per_layer * act // tp)
+            add("head", "all-gather", whole_times, head)
+            add("head", "reduce-scatter", whole_times, head // tp)
         else:
-            add("embed", "all-reduce", m, m * act32)
+            add("embed", "all-reduce", whole_times, embed32)
             for cause in ("attn.fwd", "attn.bwd", "mlp.fwd", "mlp.bwd"):
-                add(cause, "all-reduce", n * m, n * m * act)
-            add("head", "all-reduce", m, m * act)
-        add("cross_entropy", "all-reduce", 3 * m, 3 * m * rows * seq * 4)  # max, sum of exps, target
-    if dp > 1:
-        for leaf in param_leaves:
-            times = n if leaf.per_layer else 1
-            if leaf.on_dp["grads"]:  # ZeRO-2/3: each microbatch's gradient into its shard
-                add("grad_reduce", "reduce-scatter", times * m, times * m * leaf.grad_shard_bytes)
-            else:
-                add("grad_reduce", "all-reduce", times, times * leaf.local_bytes)
-            if leaf.on_dp["params"]:
-                add("zero3_gather.fwd", "all-gather", times * m, times * m * leaf.read_bytes)
-                if leaf.in_block and leaf.path[-1] != "bias":  # a bias's backward never reads it
-                    add("zero3_gather.bwd", "all-gather", times * m, times * m * leaf.read_bytes)
-            elif leaf.on_dp["opt_state"]:
-                add("param_gather", "all-gather", times, times * leaf.local_bytes)
+                add(cause, "all-reduce", per_layer, per_layer * act)
+            add("head", "all-reduce", whole_times, head)
+        add("cross_entropy", "all-reduce", 3 * whole_times, 3 * batch // dp * length * 4)  # max, sum, target
+    if cp > 1:
+        kv = rows * length * (config.n_head // tp) * config.head_dim * item  # one of K, V: local positions
+        if impl == "shard_map":  # ring attention: cp - 1 passes of K and V stacked, each way
+            passes_kv = 2 * (cp - 1) * per_layer
+            add("ring_kv", "collective-permute", passes_kv, passes_kv * 2 * kv)
+        else:  # K and V gathered whole along the sequence; their cotangents reduce-scattered back
+            add("kv_gather", "all-gather", 2 * per_layer, 2 * per_layer * kv * cp)
+            add("kv_gather", "reduce-scatter", 2 * per_layer, 2 * per_layer * kv)
+    if pp > 1:  # GPipe: one send a tick forward, one back
+        add("pp_send", "collective-permute", 2 * passes, 2 * passes * act)
+    for leaf in param_leaves if dp * pp * cp > 1 else ():
+        uses = leaf.layers * passes if leaf.in_block else whole_times  # reads of the param per step
+        # Partial sums to add over cp, and over pp where only some stages use the param (not their own).
+        others = cp > 1 or (pp > 1 and not leaf.in_block)
+        if dp > 1 and leaf.on_dp["grads"]:  # ZeRO-2/3: each use's gradient into its shard
+            add("grad_reduce", "reduce-scatter", uses, uses * leaf.grad_shard_bytes)
+            if others:
+                add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.grad_shard_bytes)
+        elif dp > 1 or others:
+            add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.local_bytes)
+        if dp > 1 and leaf.on_dp["params"]:
+            add("zero3_gather.fwd", "all-gather", uses, uses * leaf.read_bytes)
+            if leaf.in_block and leaf.path[-1] != "bias":  # a bias's backward never reads it
+                add("zero3_gather.bwd", "all-gather", uses, uses * leaf.read_bytes)
+        elif dp > 1 and leaf.on_dp["opt_state"]:
+            add("param_gather", "all-gather", leaf.layers, leaf.layers * leaf.local_bytes)
+    if dp * pp * cp > 1:
         add("loss", "all-reduce", 1, 8)  # (loss sum, token count) in fp32
     return dict(out)
 
@@ -156,10 +182,11 @@ def by_cause(
     batch: int,
     seq: int,
     microbatches: int = 1,
+    impl: str = "shard_map",
 ) -> list[dict[str, Any]]:
     """attribution.reconcile() for one compiled training step: results.json's `collectives_by_cause`."""
     param_leaves = leaves(config, params, shardings)
-    rows = expected(config, strategy, mesh_shape, param_leaves, batch, seq, microbatches)
+    rows = expected(config, strategy, mesh_shape, param_leaves, batch, seq, microbatches, impl)
     rows |= norm_reductions(_adam_moment(shardings.state.opt_state, params), mesh_shape)
     compiled = attribution.compiled_by_cause(hlo.collective_ops(hlo_text), mesh_shape)
     return attribution.reconcile(compiled, rows)

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from shardgpt import data, loss, microbatch, sharding
+from shardgpt import data, loss, microbatch, pipeline, sharding
 from shardgpt.model import GPT, head_DxV
 
 PROGRESS_LINES = 10  # without a terminal the Trainer prints this many progress lines, not a live bar
@@ -114,7 +114,8 @@ def abstract_state(
 
 def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len: int, microbatches: int = 1):
     """Raise before compiling when the batch cannot run: too long for the context, not divisible by dp (or
-    its dp shards by `microbatches`), or a sequence that +sp cannot split over tp."""
+    its dp shards by `microbatches`), a sequence that +sp cannot split over tp or cp over cp, or a pipeline
+    that M microbatches cannot fill (pipeline.check)."""
     if seq_len > model.config.block_size:
         raise ValueError(
             f"sequence length {seq_len} exceeds the model's block_size {model.config.block_size}: "
@@ -125,6 +126,13 @@ def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len:
     sharding.check_sequence_parallel(mesh, strategy, seq_len)
     data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
     microbatch.check(batch_size, microbatches, mesh.shape[data_axis])
+    if (cp := mesh.shape.get("cp", 1)) > 1 and seq_len % cp:
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by cp={cp}: choose --seq a multiple of {cp} (a "
+            f"chars:PATH task; sort's length is odd), or a cp dividing {seq_len}"
+        )
+    if (pp := mesh.shape.get("pp", 1)) > 1:
+        pipeline.check(model.config.n_layer, pp, microbatches, batch_size // mesh.shape[data_axis])
 
 
 def check_host_batch(model: GPT, batch: dict):
@@ -181,6 +189,7 @@ def make_train_step(
 
     With `microbatches` M > 1 the batch runs as M microbatches inside the step (shardgpt.microbatch).
     """
+    sharding.check_mesh_axes(mesh, strategy, "gspmd", model.config.n_layer, model.config.scan_layers)
     activation_rules = sharding.rules(strategy, "activations")
     batch_sharding = sharding.batch_sharding(mesh, strategy)
 

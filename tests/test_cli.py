@@ -135,7 +135,11 @@ def test_smoke_compare_writes_complete_results(smoke):
     for r in runs:
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
         assert set(r["memory"]) == MEMORY_KEYS and set(r["collectives"]) == set(KINDS)
-        assert r["mesh"] == {"dp": 2, "tp": 4} and r["impl"] == "gspmd" and r["generate"] is None
+        assert (
+            r["mesh"] == {"dp": 2, "pp": 1, "cp": 1, "tp": 4}
+            and r["impl"] == "gspmd"
+            and r["generate"] is None
+        )
         assert len(r["losses"]) == 2 and r["final_loss"] == r["losses"][-1] and math.isfinite(r["final_loss"])
         assert r["compile_s"] > 0 and r["step_time_s"] > 0 and r["mfu"] is None  # no known CPU peak
         assert r["memory"]["device_peak_bytes"] is None  # CPU has no memory_stats

@@ -5,17 +5,19 @@ from shardgpt.mesh import describe, make_mesh, parse_mesh_spec
 
 
 def test_parse_fills_omitted_axes_and_rest():
-    assert parse_mesh_spec("dp=2,tp=4", 8) == {"dp": 2, "tp": 4}
-    assert parse_mesh_spec("tp=8", 8) == {"dp": 1, "tp": 8}
-    assert parse_mesh_spec("dp=-1,tp=2", 8) == {"dp": 4, "tp": 2}
-    assert parse_mesh_spec(" dp = 8 ", 8) == {"dp": 8, "tp": 1}
+    one = {"pp": 1, "cp": 1}
+    assert parse_mesh_spec("dp=2,tp=4", 8) == {"dp": 2, "tp": 4} | one
+    assert parse_mesh_spec("tp=8", 8) == {"dp": 1, "tp": 8} | one
+    assert parse_mesh_spec("dp=-1,tp=2", 8) == {"dp": 4, "tp": 2} | one
+    assert parse_mesh_spec(" dp = 8 ", 8) == {"dp": 8, "tp": 1} | one
+    assert parse_mesh_spec("pp=4,dp=2", 8) == {"dp": 2, "pp": 4, "cp": 1, "tp": 1}
 
 
 def test_mesh_has_auto_axes_over_all_devices():
     mesh = make_mesh("dp=2,tp=4")
-    assert mesh.shape == {"dp": 2, "tp": 4}
+    assert mesh.shape == {"dp": 2, "pp": 1, "cp": 1, "tp": 4}  # every mesh has all four axes
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    assert describe(mesh) == "dp=2,tp=4"
+    assert describe(mesh) == "dp=2,tp=4" and describe(make_mesh("cp=4,dp=2")) == "dp=2,cp=4,tp=1"
     assert make_mesh("dp=1", jax.devices()[:1]).size == 1
 
 
@@ -23,7 +25,7 @@ def test_mesh_has_auto_axes_over_all_devices():
     "spec, message",
     [
         ("dp=2,tp=2", "has 4 devices but 8 are present"),
-        ("pp=8", "unknown mesh axis 'pp'"),
+        ("ep=8", "unknown mesh axis 'ep'"),
         ("dp2", "malformed mesh spec"),
         ("dp=two", "is not an integer"),
         ("dp=0,tp=8", "must be a positive size"),

@@ -184,7 +184,7 @@ def test_theory_counts_the_textbook_collectives():
     from shardgpt import theory
 
     config = ModelConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=50, block_size=16)
-    leaf = theory.Leaf(("blocks", "mlp", "up", "kernel"), True, True, 1024, 1024, 512, {
+    leaf = theory.Leaf(("blocks", "mlp", "up", "kernel"), 3, True, 1024, 1024, 512, {
         "params": True, "grads": True, "opt_state": True
     })  # fmt: skip
     rows = theory.expected(config, "zero3+sp", {"dp": 2, "tp": 4}, [leaf], batch=8, seq=16, microbatches=2)

@@ -31,7 +31,12 @@ def test_rule_table_matches_design(strategy):
         table = dict(sharding.rules(strategy, target))
         assert set(table) == set(LOGICAL_AXES)
         assert (table["heads"], table["mlp"], table["vocab"]) == ("tp", "tp", "tp")
-        assert table["length"] is table["kv"] is table["layers"] is None
+        assert table["kv"] is None
+        # pp splits the stacked layers of the state; cp the activations' sequence (size 1: nothing).
+        assert (table["layers"], table["length"]) == (
+            ("pp", None) if target != "activations" else (None, "cp")
+        )
+    assert dict(sharding.rules(f"{strategy}+sp", "activations"))["length"] == "tp"
 
 
 def test_fsdp_is_zero3_and_unknown_strategy_raises():
@@ -43,7 +48,7 @@ def test_fsdp_is_zero3_and_unknown_strategy_raises():
 def test_translation_is_strict():
     rules = sharding.rules("zero3", "params")
     assert sharding.logical_to_spec(("embed", "heads", "kv"), rules) == P("dp", "tp", None)
-    assert sharding.logical_to_spec(("layers", "mlp", "embed"), rules) == P(None, "tp", "dp")
+    assert sharding.logical_to_spec(("layers", "mlp", "embed"), rules) == P("pp", "tp", "dp")
     with pytest.raises(ValueError, match="'seq' has no rule"):
         sharding.logical_to_spec(("seq",), rules)
     with pytest.raises(ValueError, match="two dims on one mesh axis"):
@@ -65,6 +70,8 @@ def _expected_spec(names, strategy, target, mesh_shape):
     for name in names:
         if name in ("heads", "mlp", "vocab"):
             axes.append("tp")
+        elif name == "layers":
+            axes.append("pp")
         elif name == "embed" and stage >= from_stage:
             axes.append("dp")
         else:
