@@ -1,0 +1,101 @@
+"""The pp and cp mesh axes in the lab (issue 12): a GPipe pipeline and ring attention under shard_map, K/V
+gathered over cp under GSPMD; each trains like one device, with exactly its theory's collectives.
+
+Tolerances: losses and grad norms within 1e-5 absolute of one device over 3 AdamW steps (fp32), as in
+test_equivalence; the state's params within 2e-5. Sequences are sort's 11 tokens plus one ignored
+(tests/_runs.py SP_SEQ = 12, which cp=4 divides). gpt-pico has 2 layers: pp=2.
+"""
+
+import jax
+import numpy as np
+import pytest
+from _runs import BATCH, MODELS, SINGLE, SP_SEQ, TX, run
+
+from shardgpt import attribution, lab, pipeline, report, theory, train
+from shardgpt.mesh import make_mesh
+
+MODEL = MODELS[SP_SEQ]
+CASES = [
+    ("shard_map", "cp=4,dp=2", "zero3", 1),  # ring attention, with ZeRO-3's gathers over dp
+    ("gspmd", "cp=2,dp=2,tp=2", "dp", 1),  # K/V all-gathered over cp, with Megatron inside
+    ("shard_map", "pp=2,dp=2,tp=2", "zero1", 4),  # GPipe over 4 microbatches, with Megatron and ZeRO-1
+]
+
+
+@pytest.mark.parametrize("impl, spec, strategy, microbatches", CASES)
+def test_pipeline_and_context_parallel_train_like_one_device(impl, spec, strategy, microbatches):
+    ref = run("gspmd", SINGLE, "dp", seq=SP_SEQ)
+    got = run(impl, spec, strategy, microbatches=microbatches, seq=SP_SEQ)
+    where = f"{impl} {spec} {strategy} M={microbatches}"
+    np.testing.assert_allclose(got.losses, ref.losses, rtol=0, atol=1e-5, err_msg=f"{where} losses")
+    np.testing.assert_allclose(got.grad_norms, ref.grad_norms, rtol=0, atol=1e-5, err_msg=f"{where} norms")
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(got.state.params), jax.tree.leaves(ref.state.params), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5, err_msg=f"{where} {jax.tree_util.keystr(path)}")
+
+
+def _rows(impl, spec, strategy, microbatches):
+    mesh = make_mesh(spec)
+    shardings = train.state_shardings(MODEL, TX, mesh, strategy)
+    params = jax.eval_shape(lambda: train.init_params(MODEL, jax.random.key(0)))
+    hlo = run(impl, spec, strategy, microbatches=microbatches, seq=SP_SEQ).hlo
+    return theory.by_cause(
+        hlo, MODEL.config, strategy, dict(mesh.shape), params, shardings, BATCH, SP_SEQ, microbatches, impl
+    )
+
+
+def test_ring_attention_passes_exactly_its_theory():
+    """cp - 1 K/V passes per layer forward and as many back, each of a device's K and V; every other cause
+    as theory has it too (each device's positions only)."""
+    rows = {(r["cause"], r["kind"]): r for r in _rows(*CASES[0])}
+    ring = rows["ring_kv", "collective-permute"]
+    kv_bytes = 2 * (BATCH // 2) * (SP_SEQ // 4) * MODEL.config.n_embd * 4  # K and V, this device's part
+    assert ring["count"] == 2 * (4 - 1) * MODEL.config.n_layer and ring["bytes"] == ring["count"] * kv_bytes
+    assert all(r["bytes"] == r["theory_bytes"] for r in rows.values()), rows
+
+
+def test_the_pipeline_sends_once_a_tick_each_way():
+    rows = {(r["cause"], r["kind"]): r for r in _rows(*CASES[2])}
+    sends, ticks = rows["pp_send", "collective-permute"], 4 + 2 - 1
+    microbatch_bytes = BATCH // 2 // 4 * SP_SEQ * MODEL.config.n_embd * 4
+    assert sends["count"] == 2 * ticks and sends["bytes"] == 2 * ticks * microbatch_bytes
+    assert all(r["bytes"] == r["theory_bytes"] for r in rows.values()), rows
+
+
+BAD = [
+    (dict(mesh="pp=2,dp=4", impl="gspmd", microbatches=2), "written in shard_map: use --impl shard_map"),
+    (dict(mesh="pp=8", impl="shard_map", microbatches=8), "does not split into pp=8"),
+    (dict(mesh="pp=2,dp=4", impl="shard_map", microbatches=1), "--microbatches M must be >= pp"),
+    (dict(mesh="pp=2,dp=4", impl="shard_map", microbatches=2, scan=False), "drop --no-scan"),
+    (dict(mesh="cp=2,dp=4", impl="shard_map"), "sequence length 11 is not divisible by cp=2"),
+    (dict(mesh="cp=2,tp=4", strategy="dp+sp", task="chars:README.md", seq=16), "+sp and cp both split"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD)
+def test_bad_pipeline_and_context_input_is_refused_before_compiling(fields, message):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        lab.prepare(lab.RunSpec(**{"steps": 2, "batch": 16, **fields}))
+
+
+def test_the_bubble_is_measured_from_the_slope_of_step_time_over_ticks():
+    assert pipeline.bubble_fraction(4, 4) == 3 / 7
+    # Step times of a pipeline whose tick costs 10 ms plus 5 ms outside it, at one microbatch size.
+    runs = [
+        {"name": f"dp=1,pp=4,tp=2 dp M={m} shard_map", "model": "m", "impl": "shard_map", "seq": 8,
+         "batch": 2 * m, "microbatches": m, "step_time_s": 0.005 + 0.010 * (m + 3),
+         "pipeline": {"pp": 4, "microbatches": m, "ticks": m + 3, "bubble_theory": 3 / (m + 3)}}
+        for m in (4, 8)
+    ]  # fmt: skip
+    bubbles = {b["microbatches"]: b for b in report.pipeline_bubbles(runs)}
+    assert bubbles[4]["bubble_measured"] == pytest.approx(0.030 / 0.075)
+    assert bubbles[8]["bubble_measured"] == pytest.approx(0.030 / 0.115)
+    assert report.pipeline_bubbles(runs[:1])[0]["bubble_measured"] is None  # one run: no slope
+
+
+def test_generation_is_skipped_on_pp_and_cp_meshes_with_the_reason():
+    assert lab.generation_skipped(make_mesh("dp=2,tp=4")) is None
+    assert "skipped on pp=2" in lab.generation_skipped(make_mesh("pp=2,dp=4"))
+    assert "skipped on cp=4" in lab.generation_skipped(make_mesh("cp=4,dp=2"))
+    assert attribution.CAUSES["ring_kv"] and attribution.CAUSES["pp_send"]
