@@ -102,7 +102,7 @@ def classify(op_name: str, kind: str, axes: tuple[str, ...]) -> str:
 def compiled_by_cause(ops: list[hlo.CollectiveOp], mesh_shape: dict[str, int]) -> dict:
     """{(cause, kind): {"count", "bytes", "sliced_bytes", "ops"}} per device per step: each element of
     each op attributed by its own name; an op counts once per (cause, kind) it feeds, per execution;
-    "ops" maps each element's op_name (after the jit(...) prefix) to the bytes it moved."""
+    "ops" maps each element's op_name (after the jit(...) prefix) and [mesh axes] to the bytes it moved."""
     table: dict = {}
     for op in ops:
         axes = mesh_axes(op.groups, mesh_shape)
@@ -111,7 +111,7 @@ def compiled_by_cause(ops: list[hlo.CollectiveOp], mesh_shape: dict[str, int]) -
             key = (classify(part.op_name, part.kind, axes), _AS_THEORY.get(part.kind, part.kind))
             row = table.setdefault(key, {"count": 0, "bytes": 0, "sliced_bytes": 0, "ops": defaultdict(int)})
             row["bytes"] += part.bytes * op.executions
-            row["ops"][_short(part.op_name)] += part.bytes * op.executions
+            row["ops"][f"{_short(part.op_name)} [{','.join(axes) or '-'}]"] += part.bytes * op.executions
             if part.kind == hlo.SLICED_ALL_REDUCE:
                 row["sliced_bytes"] += part.bytes * op.executions
             if key not in seen:
@@ -169,13 +169,15 @@ def _note(row: dict) -> str:
             "GSPMD all-reduces each of q, k and v's backward dots (3 partial sums) where Megatron's f adds "
             "them first and reduces once"
         )
-    if row["cause"] == "optimizer" and len(row["ops"]) == 1 and "optimizer/reduce_sum" in names:
+    if row["cause"] == "optimizer" and all(name.startswith("optimizer/reduce_sum ") for name in row["ops"]):
         return (
             "optax.tree.norm under GSPMD: each gradient leaf's partial sum of squares is reduced, where "
             "shard_map adds the leaves first (one scalar per axis set)"
         )
     if row["cause"] == "zero3_gather.bwd" and any("blocks/" not in name for name in row["ops"]):
-        outside = ", ".join(sorted({n.split("/")[-2] for n in row["ops"] if "blocks/" not in n}))
+        outside = ", ".join(
+            sorted({n.split(" ")[0].split("/")[-2] for n in row["ops"] if "blocks/" not in n})
+        )
         return (
             f"GSPMD gathers a top-level param again for the backward pass ({outside}): not saved from forward"
         )
@@ -183,6 +185,15 @@ def _note(row: dict) -> str:
         return (
             "XLA moved loop-invariant gathers out of the loop (pp's tick loop): each runs once a step, not "
             "once a tick, and the gathered stage params stay live through the forward pass"
+        )
+    if (
+        row["cause"] == "grad_reduce"
+        and row["kind"] == "all-reduce"
+        and {"[cp]", "[dp]"} <= {name.rsplit(" ", 1)[-1] for name in row["ops"]}
+    ):
+        return (
+            "GSPMD reduces each gradient over cp and then again over dp (two all-reduces of it), where one "
+            "over (dp, cp), as shard_map's, would do"
         )
     if row["cause"] == "cp_gather":
         return (

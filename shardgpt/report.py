@@ -167,25 +167,7 @@ def table(results: dict[str, Any]) -> str:
             "",
             "pipeline (GPipe in shard_map): the bubble, theory (pp - 1) / (M + pp - 1) beside measured",
         ]
-        rows = [
-            [
-                b["name"],
-                str(b["pp"]),
-                str(b["microbatches"]),
-                str(b["ticks"]),
-                f"{1e3 * b['step_time_s']:.2f}",
-            ]
-            + [
-                f"{b['bubble_theory']:.1%}",
-                "n/a" if b["bubble_measured"] is None else f"{b['bubble_measured']:.1%}",
-            ]
-            for b in bubbles
-        ]
-        out += grid(["run", "pp", "M", "ticks", "step ms", "bubble (theory)", "bubble (measured)"], rows)
-        out += [
-            "  measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks",
-            "  across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough",
-        ]
+        out += bubble_table(bubbles)
     generated = [r for r in runs if r.get("generate")]
     skipped = [r for r in runs if r.get("generate_skipped")]
     if generated or skipped:
@@ -207,6 +189,21 @@ def table(results: dict[str, Any]) -> str:
     ]
     out += [line for c in checks for line in _check_lines(c)]
     return "\n".join(out)
+
+
+def bubble_table(bubbles: Sequence[dict[str, Any]]) -> list[str]:
+    """pipeline_bubbles' rows as a text table, with how the measurement is made."""
+    percent = lambda x: "n/a" if x is None else f"{x:.1%}"
+    rows = [
+        [b["name"], str(b["pp"]), str(b["microbatches"]), str(b["ticks"]), f"{1e3 * b['step_time_s']:.2f}"]
+        + [percent(b["bubble_theory"]), percent(b["bubble_measured"])]
+        for b in bubbles
+    ]
+    out = grid(["run", "pp", "M", "ticks", "step ms", "bubble (theory)", "bubble (measured)"], rows)
+    return out + [
+        "  measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks",
+        "  across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough",
+    ]
 
 
 def pipeline_bubbles(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -315,7 +312,7 @@ def explain(run: dict[str, Any]) -> str:
     out += ["", "causes:"] + [
         f"  {cause}: {what}" for cause, what in CAUSES.items() if any(r["cause"] == cause for r in rows)
     ]
-    out += ["", "the ops behind each row (op_name after the jit prefix: bytes per step):"]
+    out += ["", "the ops behind each row (op_name after the jit prefix [mesh axes]: bytes per step):"]
     for r in rows:
         for name, nbytes in r["ops"].items():
             out.append(f"  {r['cause']} {r['kind']}: {name}: {_size(nbytes)}")

@@ -81,7 +81,7 @@ def test_forward_matches_dot_product_attention(cp, layout):
     assert all(op.bytes == kv_pass_bytes(B, L_TOTAL // cp, H, K, 4) for op in ops), [op.bytes for op in ops]
 
 
-@pytest.mark.parametrize("cp, layout", [(2, "contiguous"), (4, "contiguous"), (4, "zigzag")])
+@pytest.mark.parametrize("cp, layout", [(4, "contiguous"), (4, "zigzag")])  # cp=2: the forward's case
 def test_gradients_match_dot_product_attention(cp, layout):
     inputs = _inputs(cp, layout)
     compiled = jax.jit(jax.grad(functools.partial(_loss, _ring(cp, layout)), argnums=(0, 1, 2)))
