@@ -24,7 +24,7 @@ SPEC = P(None, "cp")  # the sequence dim split over cp
 # q, k, v and the cotangent of the loss; the reference runs on these, unsharded and in order.
 KEYS = jax.random.split(jax.random.key(0), 4)
 ARRAYS = [jax.random.normal(key, (B, L_TOTAL, H, K), jnp.float32) for key in KEYS]
-CASES = [(1, "contiguous"), (2, "contiguous"), (4, "contiguous"), (2, "zigzag"), (4, "zigzag")]
+CASES = [(1, "contiguous"), (4, "contiguous"), (4, "zigzag")]  # cp=2 (one pass): the gradient test
 
 
 @functools.cache
@@ -81,7 +81,7 @@ def test_forward_matches_dot_product_attention(cp, layout):
     assert all(op.bytes == kv_pass_bytes(B, L_TOTAL // cp, H, K, 4) for op in ops), [op.bytes for op in ops]
 
 
-@pytest.mark.parametrize("cp, layout", [(4, "contiguous"), (4, "zigzag")])  # cp=2: the forward's case
+@pytest.mark.parametrize("cp, layout", [(2, "contiguous"), (4, "zigzag")])
 def test_gradients_match_dot_product_attention(cp, layout):
     inputs = _inputs(cp, layout)
     compiled = jax.jit(jax.grad(functools.partial(_loss, _ring(cp, layout)), argnums=(0, 1, 2)))
