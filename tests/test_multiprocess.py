@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from _multiprocess_worker import MESH, NEW_TOKENS, PROMPTS, RUNS, digest
 
-from shardgpt import checkpoint, distributed, generate, spmd, train
+from shardgpt import checkpoint, distributed, generate, shard_hooks, train
 from shardgpt.mesh import make_mesh
 
 WORKER = Path(__file__).resolve().parent / "_multiprocess_worker.py"
@@ -128,18 +128,19 @@ def test_launch_refuses_a_split_that_does_not_divide():
 
 
 def test_the_gloo_guard_reduce_scatters_the_same_values():
-    """spmd._reduce_scatter with a chunk limit (all-reduce, then this device's slice) equals psum_scatter."""
+    """shard_hooks._reduce_scatter with a chunk limit (all-reduce, then this device's slice) equals
+    psum_scatter."""
     mesh = make_mesh("dp=8")
     x = jnp.arange(8 * 128 * 3, dtype=jnp.float32).reshape(8 * 128, 3)  # each device: 128 rows to scatter
 
     def both(x_):
-        return spmd._reduce_scatter(x_, "dp", 0, None), spmd._reduce_scatter(x_, "dp", 0, 0)
+        return shard_hooks._reduce_scatter(x_, "dp", 0, None), shard_hooks._reduce_scatter(x_, "dp", 0, 0)
 
     P = jax.sharding.PartitionSpec
     mapped = jax.shard_map(both, mesh=mesh, in_specs=P("dp"), out_specs=(P("dp"), P("dp")))
     plain, guarded = jax.jit(mapped)(x)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(guarded))
-    assert spmd.scatter_limit(mesh) is None, "one process: no guard"
+    assert shard_hooks.scatter_limit(mesh) is None, "one process: no guard"
 
 
 def test_the_cli_refuses_mixed_flags_and_a_split_that_does_not_divide(capsys):
