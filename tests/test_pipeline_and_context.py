@@ -16,9 +16,9 @@ from shardgpt.mesh import make_mesh
 
 MODEL = MODELS[SP_SEQ]
 CASES = [
-    ("shard_map", "cp=4,dp=2", "zero3", 1),  # ring attention, with ZeRO-3's gathers over dp
+    ("shard_map", "pp=2,cp=2,dp=2", "zero1", 2),  # GPipe over 2 microbatches of ring attention, ZeRO-1
+    ("shard_map", "cp=2,dp=2,tp=2", "zero3", 1),  # the ring with Megatron inside and ZeRO-3's gathers
     ("gspmd", "cp=2,dp=2,tp=2", "dp", 1),  # K/V all-gathered over cp, with Megatron inside
-    ("shard_map", "pp=2,dp=2,tp=2", "zero1", 4),  # GPipe over 4 microbatches, with Megatron and ZeRO-1
 ]
 
 
@@ -45,22 +45,21 @@ def _rows(impl, spec, strategy, microbatches):
     )
 
 
-def test_ring_attention_passes_exactly_its_theory():
-    """cp - 1 K/V passes per layer forward and as many back, each of a device's K and V; every other cause
-    as theory has it too (each device's positions only)."""
+@pytest.mark.parametrize("case", CASES[:2])
+def test_shard_map_pp_and_cp_collectives_equal_theory_cause_by_cause(case):
+    rows = {(r["cause"], r["kind"]): r for r in _rows(*case)}
+    assert all(r["bytes"] == r["theory_bytes"] for r in rows.values()), rows
+
+
+def test_the_ring_passes_and_the_pipeline_sends_as_the_schedules_say():
+    """pp=2, cp=2, dp=2, M=2: 3 ticks, each running this stage's 1 layer; per layer and tick cp - 1 = 1 K/V
+    pass each way, of this device's K and V; one send of a microbatch's activations per tick each way."""
     rows = {(r["cause"], r["kind"]): r for r in _rows(*CASES[0])}
-    ring = rows["ring_kv", "collective-permute"]
-    kv_bytes = 2 * (BATCH // 2) * (SP_SEQ // 4) * MODEL.config.n_embd * 4  # K and V, this device's part
-    assert ring["count"] == 2 * (4 - 1) * MODEL.config.n_layer and ring["bytes"] == ring["count"] * kv_bytes
-    assert all(r["bytes"] == r["theory_bytes"] for r in rows.values()), rows
-
-
-def test_the_pipeline_sends_once_a_tick_each_way():
-    rows = {(r["cause"], r["kind"]): r for r in _rows(*CASES[2])}
-    sends, ticks = rows["pp_send", "collective-permute"], 4 + 2 - 1
-    microbatch_bytes = BATCH // 2 // 4 * SP_SEQ * MODEL.config.n_embd * 4
-    assert sends["count"] == 2 * ticks and sends["bytes"] == 2 * ticks * microbatch_bytes
-    assert all(r["bytes"] == r["theory_bytes"] for r in rows.values()), rows
+    ticks, layers, rows_ = 2 + 2 - 1, MODEL.config.n_layer // 2, BATCH // 2 // 2
+    activation = rows_ * (SP_SEQ // 2) * MODEL.config.n_embd * 4  # one microbatch, this device's positions
+    ring, sends = rows["ring_kv", "collective-permute"], rows["pp_send", "collective-permute"]
+    assert ring["count"] == 2 * (2 - 1) * layers * ticks and ring["bytes"] == ring["count"] * 2 * activation
+    assert sends["count"] == 2 * ticks and sends["bytes"] == 2 * ticks * activation
 
 
 BAD = [
