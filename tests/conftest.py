@@ -65,17 +65,3 @@ def trained_sort():
     state = trainer.run(300)
     trainer.events = recorder
     return model, task, state, trainer
-
-
-# `make test` runs two xdist workers, each taking whole files (--dist loadfile) in collection order. The
-# longest files go first, so no long one starts last and leaves the other worker idle (longest processing
-# time first); measured per file with --durations=0 on this 2-core machine, 2026-12-02.
-_LONGEST_FIRST = (
-    "test_spmd.py", "test_multiprocess.py", "test_generate.py", "test_cli.py", "test_checkpoint.py",
-    "test_memory.py", "test_model.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
