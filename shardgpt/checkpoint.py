@@ -173,7 +173,7 @@ class Checkpointer:
 
 
 # Model fields that change how a step computes, not what the state holds: they may differ on resume.
-COMPUTE_FIELDS = ("dtype", "attention", "remat")
+COMPUTE_FIELDS = ("dtype", "attention", "remat", "ring_layout")
 
 
 def check_compatible(saved: dict, current: dict) -> list[str]:

@@ -23,6 +23,7 @@ PRESETS: dict[str, dict[str, int | bool]] = {
 # bfloat16 has fp32's range in the same 16 bits.
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
+RING_LAYOUTS = ("contiguous", "zigzag")  # shardgpt.ring_attention.LAYOUTS (imported there, not here: no jax)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class ModelConfig:
     attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (NVIDIA).
     scan_layers: bool = True  # nn.scan over blocks: compile time flat in depth; unrolled can run faster.
     remat: bool = False  # recompute each block's activations in the backward pass.
+    # cp under shard_map: which positions each device holds. "zigzag": chunks i and 2 cp - 1 - i of 2 cp,
+    # so every device does the same causal work (ring_attention.py); "contiguous": chunk i.
+    ring_layout: str = "contiguous"
 
     def __post_init__(self):
         for name in (
@@ -78,6 +82,10 @@ class ModelConfig:
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(
                 f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}"
+            )
+        if self.ring_layout not in RING_LAYOUTS:
+            raise ValueError(
+                f"unknown ring_layout {self.ring_layout!r}: choose one of {', '.join(RING_LAYOUTS)}"
             )
 
     @property

@@ -21,7 +21,7 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # blind to the gradients' scale, so a mis-scaled reduction barely moves the losses.
 CHECKED_STEPS = 10
 # Config fields that change how, not what, the model computes.
-_EXECUTION_ONLY = ("attention", "scan_layers", "remat")
+_EXECUTION_ONLY = ("attention", "scan_layers", "remat", "ring_layout")
 PLOTS = ("throughput.png", "memory.png", "collectives.png", "loss.png")
 
 

@@ -118,7 +118,7 @@ class ShardHooks(Hooks):
     its `GRAD_SHARD` beside it, into which the backward pass reduce-scatters the gradient.
     """
 
-    def __init__(self, mesh: Mesh, strategy: str, microbatches: int = 1):
+    def __init__(self, mesh: Mesh, strategy: str, microbatches: int = 1, ring_layout: str = "contiguous"):
         self.sizes = active_axes(mesh)
         at_rest = {name: axis for name, axis in sharding.rules(strategy, "params") if axis in self.sizes}
         batch_axis = dict(sharding.rules(strategy, "activations"))["batch"]
@@ -136,6 +136,7 @@ class ShardHooks(Hooks):
         length = length if length in self.sizes else None
         self.sequence = length if sharding.is_sequence_parallel(strategy) else None
         self.context = None if self.sequence else length
+        self.ring_layout = ring_layout  # which positions a cp device holds (ring_attention.LAYOUTS)
         # Pipeline parallelism: the stacked layers run as stages over pp, the batch as `microbatches`.
         self.stages = "pp" if "pp" in self.sizes else None
         self.pipelined, self.microbatches = self.stages is not None, microbatches
@@ -201,14 +202,20 @@ class ShardHooks(Hooks):
         return self.local_positions(x_BxLxD, axis) if axis else x_BxLxD
 
     def local_positions(self, x_BxL, axis: str):
-        """This device's contiguous slice of the sequence (dim 1) split over `axis`."""
-        size = x_BxL.shape[1] // self.sizes[axis]
-        return jax.lax.dynamic_slice_in_dim(x_BxL, jax.lax.axis_index(axis) * size, size, axis=1)
+        """This device's positions of the sequence (dim 1) split over `axis`: a contiguous slice, or under
+        cp's zigzag layout chunks i and 2 cp - 1 - i of 2 cp (ring_attention.zigzag_order)."""
+        n, i = self.sizes[axis], jax.lax.axis_index(axis)
+        if axis == self.context and self.ring_layout == "zigzag":
+            chunk = x_BxL.shape[1] // (2 * n)
+            take = lambda c: jax.lax.dynamic_slice_in_dim(x_BxL, c * chunk, chunk, axis=1)
+            return jnp.concatenate([take(i), take(2 * n - 1 - i)], axis=1)
+        size = x_BxL.shape[1] // n
+        return jax.lax.dynamic_slice_in_dim(x_BxL, i * size, size, axis=1)
 
     def attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation):
         if not self.context:
             return super().attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation)
-        return ring_attention.ring_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.context)
+        return ring_attention.ring_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.context, self.ring_layout)
 
     def run_blocks(self, block, stacked_params, x_BxLxD, remat: bool):
         policy = None if remat else self.remat_policy

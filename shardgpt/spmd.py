@@ -91,7 +91,7 @@ def make_train_step(
     sharding.check_mesh_axes(mesh, strategy, "shard_map", model.config.n_layer, model.config.scan_layers)
     active = active_axes(mesh)
     piped = "pp" in active  # pp: the microbatches are the pipeline's, not an accumulation loop's
-    hooks = ShardHooks(mesh, strategy, microbatches if piped else 1)
+    hooks = ShardHooks(mesh, strategy, microbatches if piped else 1, model.config.ring_layout)
     data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
     dp = data_axis if data_axis in active else None
     vocab_axis = hooks.split.get("vocab")

@@ -126,10 +126,12 @@ def check_batch(model: GPT, mesh: Mesh, strategy: str, batch_size: int, seq_len:
     sharding.check_sequence_parallel(mesh, strategy, seq_len)
     data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
     microbatch.check(batch_size, microbatches, mesh.shape[data_axis])
-    if (cp := mesh.shape.get("cp", 1)) > 1 and seq_len % cp:
+    cp, zigzag = mesh.shape.get("cp", 1), model.config.ring_layout == "zigzag"
+    if cp > 1 and seq_len % (2 * cp if zigzag else cp):
+        parts = f"2 x cp = {2 * cp} chunks (ring_layout zigzag)" if zigzag else f"cp={cp}"
         raise ValueError(
-            f"sequence length {seq_len} is not divisible by cp={cp}: choose --seq a multiple of {cp} (a "
-            f"chars:PATH task; sort's length is odd), or a cp dividing {seq_len}"
+            f"sequence length {seq_len} is not divisible by {parts}: choose --seq a multiple of "
+            f"{2 * cp if zigzag else cp} (a chars:PATH task; sort's length is odd), or another cp"
         )
     if (pp := mesh.shape.get("pp", 1)) > 1:
         pipeline.check(model.config.n_layer, pp, microbatches, batch_size // mesh.shape[data_axis])

@@ -9,10 +9,11 @@ test_equivalence; the state's params within 2e-5. Sequences are sort's 11 tokens
 import jax
 import numpy as np
 import pytest
-from _runs import BATCH, MODELS, SINGLE, SP_SEQ, TX, run
+from _runs import BATCH, MODELS, SINGLE, SP_SEQ, STEPS, TX, batch, initial_state, run
 
-from shardgpt import attribution, lab, pipeline, report, theory, train
+from shardgpt import attribution, distributed, lab, pipeline, report, spmd, theory, train
 from shardgpt.mesh import make_mesh
+from shardgpt.model import GPT
 
 MODEL = MODELS[SP_SEQ]
 CASES = [
@@ -62,6 +63,22 @@ def test_the_ring_passes_and_the_pipeline_sends_as_the_schedules_say():
     assert sends["count"] == 2 * ticks and sends["bytes"] == 2 * ticks * activation
 
 
+def test_the_load_balanced_ring_trains_like_one_device():
+    """--model.ring_layout=zigzag: each cp device holds chunks i and 2 cp - 1 - i, so the causal work is
+    even; the same losses as one device."""
+    model = GPT(MODEL.config.replace(ring_layout="zigzag"))
+    mesh = make_mesh("cp=2,dp=4")
+    shardings = train.state_shardings(model, TX, mesh, "zero1")
+    state = distributed.place(initial_state(SP_SEQ), shardings.state)
+    step = spmd.make_train_step(model, TX, mesh, "zero1", shardings)
+    losses = []
+    for i in range(STEPS):
+        state, metrics = step(state, batch(i, mesh, SP_SEQ))
+        losses.append(float(metrics["loss"]))
+    ref = run("gspmd", SINGLE, "dp", seq=SP_SEQ).losses
+    np.testing.assert_allclose(losses, ref, rtol=0, atol=1e-5)
+
+
 BAD = [
     (dict(mesh="pp=2,dp=4", impl="gspmd", microbatches=2), "written in shard_map: use --impl shard_map"),
     (dict(mesh="pp=8", impl="shard_map", microbatches=8), "does not split into pp=8"),
@@ -69,6 +86,16 @@ BAD = [
     (dict(mesh="pp=2,dp=4", impl="shard_map", microbatches=2, scan=False), "drop --no-scan"),
     (dict(mesh="cp=2,dp=4", impl="shard_map"), "sequence length 11 is not divisible by cp=2"),
     (dict(mesh="cp=2,tp=4", strategy="dp+sp", task="chars:README.md", seq=16), "+sp and cp both split"),
+    (
+        dict(
+            mesh="cp=4,dp=2",
+            impl="shard_map",
+            task="chars:README.md",
+            seq=12,
+            overrides=(("ring_layout", "zigzag"),),
+        ),
+        "not divisible by 2 x cp = 8 chunks",
+    ),
 ]
 
 
