@@ -86,6 +86,12 @@ def classify(op_name: str, kind: str, axes: tuple[str, ...]) -> str:
             return "loss" if "cross_entropy" in scopes else "grad_reduce"
     if axes == ("cp",) and "attention" in scopes and kind != "all-reduce":
         return "kv_gather"
+    last = op_name.rsplit("/", 1)[-1]
+    if axes == ("tp",) and backward and kind == "all-reduce" and last.startswith(("psum", "reduce_sum")):
+        if not scopes & {"megatron_f", "megatron_g"}:
+            # +sp: the gradient of a param tp does not split (LayerNorms, row-parallel biases, wpe) holds
+            # partial sums over the sequence slices (a sum, not Megatron's f, which is a dot's transpose)
+            return "grad_reduce"
     if axes == ("tp",):
         for scope, cause in (("attn", f"attn.{phase}"), ("mlp", f"mlp.{phase}"), ("embed", "embed")):
             if scope in scopes:
@@ -118,6 +124,11 @@ def compiled_by_cause(ops: list[hlo.CollectiveOp], mesh_shape: dict[str, int]) -
                 row["count"] += op.executions
                 seen.add(key)
     return {key: row | {"ops": dict(row["ops"])} for key, row in table.items()}
+
+
+def _in_block(op_name: str) -> bool:
+    """True for an op of a transformer block (scanned `blocks/`, unrolled `block_i/`, or pp's `Block/`)."""
+    return bool(re.search(r"(^|/)(blocks|block_\d+|Block)/", op_name))
 
 
 def _short(op_name: str) -> str:
@@ -174,17 +185,21 @@ def _note(row: dict) -> str:
             "optax.tree.norm under GSPMD: each gradient leaf's partial sum of squares is reduced, where "
             "shard_map adds the leaves first (one scalar per axis set)"
         )
-    if row["cause"] == "zero3_gather.bwd" and any("blocks/" not in name for name in row["ops"]):
-        outside = ", ".join(
-            sorted({n.split(" ")[0].split("/")[-2] for n in row["ops"] if "blocks/" not in n})
-        )
+    outside = sorted({n.split(" ")[0].split("/")[-2] for n in row["ops"] if not _in_block(n)})
+    if row["cause"] == "zero3_gather.bwd" and row["bytes"] > row["theory_bytes"] and outside:
         return (
-            f"GSPMD gathers a top-level param again for the backward pass ({outside}): not saved from forward"
+            f"GSPMD gathers a top-level param again for the backward pass ({', '.join(outside)}): not saved "
+            "from forward"
         )
     if row["cause"] == "zero3_gather.fwd" and 0 < row["bytes"] < row["theory_bytes"]:
         return (
-            "XLA moved loop-invariant gathers out of the loop (pp's tick loop): each runs once a step, not "
-            "once a tick, and the gathered stage params stay live through the forward pass"
+            "XLA moved loop-invariant gathers out of a loop (pp's ticks, the microbatches): each runs once "
+            "a step, not once a pass, and the gathered params stay live through the forward pass"
+        )
+    if row["cause"] in ("attn.bwd", "mlp.bwd") and row["kind"] == "all-gather" and row["ratio"] == 2:
+        return (
+            "ZeRO-3's remat policy (spmd) re-gathers the sequence for the backward pass instead of saving "
+            "the gathered activation, as Megatron-LM's sequence parallelism does: one more gather a region"
         )
     if (
         row["cause"] == "grad_reduce"

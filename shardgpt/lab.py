@@ -261,7 +261,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     memory = _memory(state, shardings, compiled)  # before the first step donates the state
     by_cause = theory.by_cause(
         compiled.as_text(), s.config, s.strategy, dict(mesh.shape), state.params, shardings, spec.batch, seq,
-        spec.microbatches, spec.impl,
+        spec.microbatches, spec.impl, mesh.devices.flat[0].platform,
     )  # fmt: skip
 
     # Train through the compiled executable itself: the timed loop can never hide a recompile.

@@ -106,7 +106,8 @@ def gspmd_value_and_grad(
     def value_and_grad(p, microbatch):
         block = lambda p_, m_: values_and_grads(p_, m_, inner)
         values_G, grads = jax.vmap(block, in_axes=(None, 0), spmd_axis_name=data_axis)(p, microbatch)
-        grads = jax.tree.map(lambda g, w: g if w else g.sum(0), grads, whole)  # ZeRO-2/3: reduced now
+        with jax.named_scope("grad_reduce"):  # ZeRO-2/3: reduced now (the scope names the cause)
+            grads = jax.tree.map(lambda g, w: g if w else g.sum(0), grads, whole)
         return values_G, jax.lax.with_sharding_constraint(grads, per_block)
 
     lead = lambda w: (groups,) if w else ()
@@ -118,5 +119,8 @@ def gspmd_value_and_grad(
     )
     (total_G, count_G), acc = accumulate(value_and_grad, params, blocks, init)
     with jax.named_scope("grad_reduce"):  # the step's one reduction of the whole-over-dp gradients
-        grads = jax.tree.map(lambda a, w: a.sum(0) if w else a, acc, whole)
-        return (total_G.sum(), count_G.sum()), jax.lax.with_sharding_constraint(grads, grad_shardings)
+        grads = jax.lax.with_sharding_constraint(
+            jax.tree.map(lambda a, w: a.sum(0) if w else a, acc, whole), grad_shardings
+        )
+    with jax.named_scope("loss_sum"):
+        return (total_G.sum(), count_G.sum()), grads

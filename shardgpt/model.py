@@ -282,7 +282,8 @@ class GPT(nn.Module):
             # The tables in their compute layout (embed whole: ZeRO-3 gathers them here), else GSPMD splits
             # the lookups over the tables' dp-sharded embed dim and gathers the activations instead.
             wte_VxD, wpe_LxD = constrain(wte_VxD, vocab_embed), constrain(wpe_LxD, length_embed)
-            pos_BxLxD = hooks.split_length(wpe_LxD[positions_BxL])
+            # This device's positions first (+sp, cp): wpe's gradient, not the lookup's, is then summed.
+            pos_BxLxD = wpe_LxD[hooks.split_length(positions_BxL)]
             x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
             x_BxLxD = constrain(x_BxLxD, BxLxD)
 

@@ -31,6 +31,7 @@ class Leaf:
     read_bytes: int  # the same in the dtype the model reads it in (Dense weights: the compute dtype)
     grad_shard_bytes: int  # fp32 bytes of its gradient in the grads layout
     on_dp: dict[str, bool]  # target -> does that target's layout split it over the data axis
+    on_tp: bool = False  # do the params split it over tp (Megatron's heads, mlp, vocab)
 
 
 def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "dp") -> list[Leaf]:
@@ -56,7 +57,8 @@ def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "d
         on_dp = {t: data_axis in sharding.spec_axes(specs[t][path].spec) for t in specs}
         in_block = path[0] == "blocks" or path[0].startswith("block_")
         read = local * compute // 4 if dense else local
-        out.append(Leaf(path, layers, in_block, local, read, grad, on_dp))
+        on_tp = "tp" in sharding.spec_axes(where.spec)
+        out.append(Leaf(path, layers, in_block, local, read, grad, on_dp, on_tp))
     return out
 
 
@@ -133,6 +135,13 @@ def expected(
                 add(cause, "all-reduce", per_layer, per_layer * act)
             add("head", "all-reduce", whole_times, head)
         add("cross_entropy", "all-reduce", 3 * whole_times, 3 * batch // dp * length * 4)  # max, sum, target
+        if sharding.is_sequence_parallel(strategy):
+            # A param tp does not split, read beside a sequence slice, has its gradient summed over tp at
+            # each use (LayerNorms, row-parallel biases, wpe), in the dtype it is read in.
+            for leaf in param_leaves:
+                if not leaf.on_tp:
+                    uses = leaf.layers * passes if leaf.in_block else whole_times
+                    add("grad_reduce", "all-reduce", uses, uses * leaf.read_bytes)
     if cp > 1:
         kv = rows * length * (config.n_head // tp) * config.head_dim * item  # one of K, V: local positions
         if impl == "shard_map":  # ring attention: cp - 1 passes of K and V stacked, each way
@@ -183,10 +192,19 @@ def by_cause(
     seq: int,
     microbatches: int = 1,
     impl: str = "shard_map",
+    platform: str | None = None,
 ) -> list[dict[str, Any]]:
-    """attribution.reconcile() for one compiled training step: results.json's `collectives_by_cause`."""
+    """attribution.reconcile() for one compiled training step: results.json's `collectives_by_cause`.
+    `platform` ("cpu", "gpu"...) lets a note say where XLA:CPU ran a bf16 collective in fp32."""
     param_leaves = leaves(config, params, shardings)
     rows = expected(config, strategy, mesh_shape, param_leaves, batch, seq, microbatches, impl)
     rows |= norm_reductions(_adam_moment(shardings.state.opt_state, params), mesh_shape)
     compiled = attribution.compiled_by_cause(hlo.collective_ops(hlo_text), mesh_shape)
-    return attribution.reconcile(compiled, rows)
+    reconciled = attribution.reconcile(compiled, rows)
+    if platform == "cpu" and config.dtype == "bfloat16":
+        for row in reconciled:
+            if not row["note"] and row["ratio"] is not None and 1.5 < row["ratio"] <= 2.05:
+                row["note"] = (
+                    "XLA:CPU runs bf16 collectives in fp32 (2x theory's bytes); GPUs and TPUs keep bf16"
+                )
+    return reconciled

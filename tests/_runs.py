@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from shardgpt import config, data, distributed, metrics, optim, sharding, spmd, train
+from shardgpt import config, data, distributed, metrics, optim, sharding, spmd, theory, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -80,3 +80,27 @@ def run(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = T
         lowered.as_text(),
         metrics.compiled_memory(compiled)["temp_bytes"],
     )
+
+
+def by_cause(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = TASK.seq_len) -> dict:
+    """{(cause, kind): reconciliation row} (shardgpt.theory.by_cause) of run(...)'s compiled step."""
+    mesh, model = mesh_for(spec), MODELS[seq]
+    shardings = train.state_shardings(model, TX, mesh, strategy)
+    params = jax.eval_shape(lambda: train.init_params(model, jax.random.key(0)))
+    hlo = run(impl, spec, strategy, microbatches, seq).hlo
+    rows = theory.by_cause(
+        hlo, model.config, strategy, dict(mesh.shape), params, shardings, BATCH, seq, microbatches, impl
+    )
+    return {(row["cause"], row["kind"]): row for row in rows}
+
+
+def off_theory(rows: dict) -> dict:
+    """The rows whose compiled bytes are not exactly theory's: {(cause, kind): (compiled, theory)}."""
+    return {
+        key: (r["bytes"], r["theory_bytes"]) for key, r in rows.items() if r["bytes"] != r["theory_bytes"]
+    }
+
+
+def unattributed_share(rows: dict) -> float:
+    total = sum(r["bytes"] for r in rows.values())
+    return sum(r["bytes"] for (cause, _), r in rows.items() if cause == "unattributed") / max(total, 1)

@@ -9,7 +9,7 @@ Tolerances: losses and grad norms within 1e-5 relative of the M=1 run over 3 Ada
 import _runs
 import numpy as np
 import pytest
-from _runs import run
+from _runs import by_cause, run, unattributed_share
 
 from shardgpt import hlo, microbatch, train
 
@@ -79,3 +79,10 @@ def test_split_keeps_each_dp_shards_rows_together():
     assert blocks.shape == (4, 2, 2)
     assert set(blocks[:, 0].ravel()) == set(range(8)) and set(blocks[:, 1].ravel()) == set(range(8, 16))
     assert sorted(np.asarray(microbatch.split({"x": rows}, 4)["x"]).ravel()) == list(range(16))
+
+
+def test_gspmd_microbatch_reductions_are_attributed():
+    """The ZeRO-3 gradient sums of each microbatch and the loss sums after the loop carry their scopes."""
+    rows = by_cause("gspmd", MESH, "zero3", microbatches=M)
+    assert unattributed_share(rows) == 0 and rows["loss", "all-reduce"]["bytes"] == 8
+    assert rows["grad_reduce", "reduce-scatter"]["bytes"] > 0

@@ -9,9 +9,9 @@ test_equivalence; the state's params within 2e-5. Sequences are sort's 11 tokens
 import jax
 import numpy as np
 import pytest
-from _runs import BATCH, MODELS, SINGLE, SP_SEQ, STEPS, TX, batch, initial_state, run
+from _runs import BATCH, MODELS, SINGLE, SP_SEQ, STEPS, TX, batch, by_cause, initial_state, off_theory, run
 
-from shardgpt import attribution, distributed, lab, pipeline, report, spmd, theory, train
+from shardgpt import attribution, distributed, lab, pipeline, report, spmd, train
 from shardgpt.mesh import make_mesh
 from shardgpt.model import GPT
 
@@ -36,26 +36,16 @@ def test_pipeline_and_context_parallel_train_like_one_device(impl, spec, strateg
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5, err_msg=f"{where} {jax.tree_util.keystr(path)}")
 
 
-def _rows(impl, spec, strategy, microbatches):
-    mesh = make_mesh(spec)
-    shardings = train.state_shardings(MODEL, TX, mesh, strategy)
-    params = jax.eval_shape(lambda: train.init_params(MODEL, jax.random.key(0)))
-    hlo = run(impl, spec, strategy, microbatches=microbatches, seq=SP_SEQ).hlo
-    return theory.by_cause(
-        hlo, MODEL.config, strategy, dict(mesh.shape), params, shardings, BATCH, SP_SEQ, microbatches, impl
-    )
-
-
 @pytest.mark.parametrize("case", CASES[:2])
 def test_shard_map_pp_and_cp_collectives_equal_theory_cause_by_cause(case):
-    rows = {(r["cause"], r["kind"]): r for r in _rows(*case)}
-    assert all(r["bytes"] == r["theory_bytes"] for r in rows.values()), rows
+    impl, spec, strategy, microbatches = case
+    assert not off_theory(by_cause(impl, spec, strategy, microbatches, SP_SEQ))
 
 
 def test_the_ring_passes_and_the_pipeline_sends_as_the_schedules_say():
     """pp=2, cp=2, dp=2, M=2: 3 ticks, each running this stage's 1 layer; per layer and tick cp - 1 = 1 K/V
     pass each way, of this device's K and V; one send of a microbatch's activations per tick each way."""
-    rows = {(r["cause"], r["kind"]): r for r in _rows(*CASES[0])}
+    rows = by_cause(*CASES[0], SP_SEQ)
     ticks, layers, rows_ = 2 + 2 - 1, MODEL.config.n_layer // 2, BATCH // 2 // 2
     activation = rows_ * (SP_SEQ // 2) * MODEL.config.n_embd * 4  # one microbatch, this device's positions
     ring, sends = rows["ring_kv", "collective-permute"], rows["pp_send", "collective-permute"]

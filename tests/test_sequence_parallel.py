@@ -11,7 +11,7 @@ import re
 import flax.linen as nn
 import numpy as np
 import pytest
-from _runs import SINGLE, SP_SEQ, run
+from _runs import SINGLE, SP_SEQ, by_cause, off_theory, run, unattributed_share
 
 from shardgpt import hlo, sharding
 from shardgpt.mesh import make_mesh
@@ -87,3 +87,11 @@ def test_sequence_parallel_shrinks_the_activation_temporaries():
     # Only the activations between the regions (LayerNorms, residual adds) divide by tp: about a quarter
     # of the temporaries at this size.
     assert with_sp.temp_bytes < 0.85 * without.temp_bytes, (with_sp.temp_bytes, without.temp_bytes)
+
+
+def test_shard_map_sequence_parallel_collectives_equal_theory():
+    """Every cause exactly theory's bytes, none unattributed: Megatron-SP's gathers and scatters, and the
+    tp sums of the gradients of params tp does not split (LayerNorms, row-parallel biases, wpe), each read
+    beside a sequence slice."""
+    rows = by_cause("shard_map", MESH, "dp+sp", seq=SP_SEQ)
+    assert not off_theory(rows) and unattributed_share(rows) == 0, off_theory(rows)

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _runs import BATCH, MODEL, TASK, TX, initial_state, run
+from _runs import MODEL, TASK, TX, by_cause, initial_state, off_theory, run, unattributed_share
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import attribution, data, loss, metrics, optim, sharding, spmd, theory, train
+from shardgpt import data, loss, metrics, optim, sharding, spmd, train
 from shardgpt.mesh import make_mesh
 
 N_LAYER = MODEL.config.n_layer
@@ -213,28 +213,13 @@ def test_clip_takes_the_global_norm_and_matches_optax_without_it():
     np.testing.assert_allclose(given["b"], grads["b"] / 20.0, rtol=1e-6)
 
 
-def _by_cause(impl: str, spec: str, strategy: str) -> list[dict]:
-    mesh = make_mesh(spec)
-    shardings = train.state_shardings(MODEL, TX, mesh, strategy)
-    params = jax.eval_shape(lambda: train.init_params(MODEL, jax.random.key(0)))
-    hlo = run(impl, spec, strategy).hlo
-    return theory.by_cause(
-        hlo, MODEL.config, strategy, dict(mesh.shape), params, shardings, BATCH, TASK.seq_len
-    )
-
-
 @pytest.mark.parametrize("spec, strategy", CASES[:8])
 def test_shard_map_collectives_equal_theory_cause_by_cause(spec, strategy):
     """Issue 14: every compiled byte has a cause, and each cause's bytes are exactly theory's (fp32): a
     collective too many (a param gathered twice, a gradient reduced in the wrong place) fails here."""
-    rows = _by_cause("shard_map", spec, strategy)
-    off = {
-        (r["cause"], r["kind"]): (r["bytes"], r["theory_bytes"])
-        for r in rows
-        if r["bytes"] != r["theory_bytes"]
-    }
-    assert not off, f"{spec} {strategy}: compiled vs theory bytes differ for {off}"
-    assert not any(r["cause"] == attribution.UNATTRIBUTED for r in rows)
+    rows = by_cause("shard_map", spec, strategy)
+    assert not off_theory(rows), f"{spec} {strategy}: compiled vs theory bytes differ for {off_theory(rows)}"
+    assert unattributed_share(rows) == 0
 
 
 @pytest.mark.parametrize("spec, strategy", CASES[:8])
@@ -242,10 +227,8 @@ def test_gspmd_collectives_are_attributed(spec, strategy):
     """GSPMD names no collective itself: the op names and device groups still attribute >= 95% of its
     bytes, and the Megatron and ZeRO-3 causes match theory's bytes (the q/k/v matmul is fused so x's
     gradient is reduced once; the embedding tables are gathered, not the lookups' activations)."""
-    rows = {(r["cause"], r["kind"]): r for r in _by_cause("gspmd", spec, strategy)}
-    total = sum(r["bytes"] for r in rows.values())
-    lost = sum(r["bytes"] for (cause, _), r in rows.items() if cause == attribution.UNATTRIBUTED)
-    assert lost <= 0.05 * total, f"{spec} {strategy}: {lost} of {total} bytes unattributed"
+    rows = by_cause("gspmd", spec, strategy)
+    assert unattributed_share(rows) <= 0.05, f"{spec} {strategy}: {unattributed_share(rows):.1%} unattributed"
     for (cause, kind), r in rows.items():
         if cause.startswith(("attn", "mlp", "embed", "zero3_gather.fwd")):
             assert r["bytes"] == r["theory_bytes"], f"{spec} {strategy} {cause} {kind}: {r}"
