@@ -72,7 +72,7 @@ def _sends(jitted, *args) -> int:
     return sum(op.executions for op in ops if op.kind == "collective-permute" and pipeline.SEND in op.op_name)
 
 
-@pytest.mark.parametrize("microbatches", [4, 8])
+@pytest.mark.parametrize("microbatches", [4])  # M = pp: the longest fill and drain for its length
 def test_gpipe_equals_the_stages_in_sequence(microbatches):
     w, x = _inputs(microbatches)
     forward = jax.jit(_pipelined)
