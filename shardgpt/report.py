@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shardgpt.attribution import CAUSES, UNATTRIBUTED
+from shardgpt.attribution import TOLERANCE as THEORY_TOLERANCE
 from shardgpt.hlo import KINDS, SLICED_ALL_REDUCE
 
 # Runs that differ only in mesh, strategy (+sp too), impl or microbatches compute the same function; only
@@ -276,7 +277,10 @@ def _reconciliation_lines(run: dict[str, Any]) -> list[str]:
     off = [
         r
         for r in rows
-        if r["ratio"] is None and r["bytes"] or r["ratio"] is not None and abs(r["ratio"] - 1) > 0.05
+        if r["ratio"] is None
+        and r["bytes"]
+        or r["ratio"] is not None
+        and abs(r["ratio"] - 1) > THEORY_TOLERANCE
     ]
     head = (
         f"  {run['name']}: {_size(compiled)} compiled, theory {_size(sum(r['theory_bytes'] for r in rows))}"

@@ -118,6 +118,7 @@ def expected(
         out[(cause, kind)]["bytes"] += nbytes
 
     per_layer = layers * passes
+    uses = lambda leaf: leaf.layers * passes if leaf.in_block else whole_times  # reads of a param a step
     if tp > 1:
         embed32, head = whole * 4, whole * item  # the embedding's rows are fp32 (its table is read so)
         if sharding.is_sequence_parallel(strategy):  # each all-reduce becomes a gather and a scatter
@@ -140,8 +141,7 @@ def expected(
             # each use (LayerNorms, row-parallel biases, wpe), in the dtype it is read in.
             for leaf in param_leaves:
                 if not leaf.on_tp:
-                    uses = leaf.layers * passes if leaf.in_block else whole_times
-                    add("grad_reduce", "all-reduce", uses, uses * leaf.read_bytes)
+                    add("grad_reduce", "all-reduce", uses(leaf), uses(leaf) * leaf.read_bytes)
     if cp > 1:
         kv = rows * length * (config.n_head // tp) * config.head_dim * item  # one of K, V: local positions
         if impl == "shard_map":  # ring attention: cp - 1 passes of K and V stacked, each way
@@ -153,19 +153,19 @@ def expected(
     if pp > 1:  # GPipe: one send a tick forward, one back
         add("pp_send", "collective-permute", 2 * passes, 2 * passes * act)
     for leaf in param_leaves if dp * pp * cp > 1 else ():
-        uses = leaf.layers * passes if leaf.in_block else whole_times  # reads of the param per step
+        reads = uses(leaf)
         # Partial sums to add over cp, and over pp where only some stages use the param (not their own).
         others = cp > 1 or (pp > 1 and not leaf.in_block)
         if dp > 1 and leaf.on_dp["grads"]:  # ZeRO-2/3: each use's gradient into its shard
-            add("grad_reduce", "reduce-scatter", uses, uses * leaf.grad_shard_bytes)
+            add("grad_reduce", "reduce-scatter", reads, reads * leaf.grad_shard_bytes)
             if others:
                 add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.grad_shard_bytes)
         elif dp > 1 or others:
             add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.local_bytes)
         if dp > 1 and leaf.on_dp["params"]:
-            add("zero3_gather.fwd", "all-gather", uses, uses * leaf.read_bytes)
+            add("zero3_gather.fwd", "all-gather", reads, reads * leaf.read_bytes)
             if leaf.in_block and leaf.path[-1] != "bias":  # a bias's backward never reads it
-                add("zero3_gather.bwd", "all-gather", uses, uses * leaf.read_bytes)
+                add("zero3_gather.bwd", "all-gather", reads, reads * leaf.read_bytes)
         elif dp > 1 and leaf.on_dp["opt_state"]:
             add("param_gather", "all-gather", leaf.layers, leaf.layers * leaf.local_bytes)
     if dp * pp * cp > 1:
