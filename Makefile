@@ -24,10 +24,11 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/run.py --out results/bench
 
-# Issue 13's one-GPU benchmark, with the machine's own python3 (the GPU image has no venv and no network):
-# gpt2 MFU, decode vs its bandwidth floor, the naive generator; results/gpu/results.json and table.txt.
+# Issue 13's one-GPU benchmark, with the machine's own python3 (the GPU image has no venv and no network,
+# so the checkout goes on PYTHONPATH instead of being installed): gpt2 MFU, decode vs its bandwidth floor,
+# the naive generator; results/gpu/results.json and table.txt.
 bench-gpu:
-	$(PYTHON) experiments/gpu_bench.py --out results/gpu
+	PYTHONPATH=$(CURDIR) $(PYTHON) experiments/gpu_bench.py --out results/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

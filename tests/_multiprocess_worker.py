@@ -1,4 +1,5 @@
-"""One of the processes that test_multiprocess starts with shardgpt.distributed.launch (2 x 4 CPU devices).
+"""One of the processes that test_multiprocess starts with shardgpt.parallel.distributed.launch (2 x 4 CPU
+devices).
 
 Every process runs the same checks; process 0 writes what the test compares against one process x 8:
     python tests/_multiprocess_worker.py OUT.json RESTORE_DIR SAVE_DIR --coordinator ... --devices 4
@@ -14,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,13 +47,15 @@ def main():
     args = p.parse_args()
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
-    sys.path[:0] = [str(HERE), str(HERE.parent)]
 
     import jax
     import numpy as np
 
-    from shardgpt import checkpoint, data, distributed, generate, sharding, train
-    from shardgpt.mesh import make_mesh, processes_per_group
+    from shardgpt.generation import generate
+    from shardgpt.io import checkpoint
+    from shardgpt.parallel import distributed, sharding
+    from shardgpt.parallel.mesh import make_mesh, processes_per_group
+    from shardgpt.training import data, train
 
     distributed.initialize(args.coordinator, int(args.num_processes), int(args.process_id))
     import _runs  # after initialize: it builds meshes over jax.devices()

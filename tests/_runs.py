@@ -1,5 +1,5 @@
-"""Short training runs shared by test_equivalence, test_spmd and test_multiprocess's workers, each compiled
-and run once per session (per process).
+"""Short training runs shared by test_equivalence, test_shard_map and test_multiprocess's workers, each
+compiled and run once per session (per process).
 
 Every run starts from the same host state and sees the same batches: the sort task, with row r also
 ignoring its first r % 4 sorted targets, so dp shards hold unequal token counts and a per-shard mean loss
@@ -12,9 +12,12 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from shardgpt import config, data, distributed, metrics, optim, sharding, spmd, theory, train
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT
+from shardgpt.analysis import metrics, theory
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT
+from shardgpt.parallel import distributed, sharding
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import data, optim, shard_map_step, train
 
 STEPS, BATCH = 3, 16
 TASK = data.SortTask()
@@ -62,7 +65,7 @@ def run(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = T
     mesh, model = mesh_for(spec), MODELS[seq]
     shardings = train.state_shardings(model, TX, mesh, strategy)
     state = distributed.place(initial_state(seq), shardings.state)  # also across processes
-    make = train.make_train_step if impl == "gspmd" else spmd.make_train_step
+    make = train.make_train_step if impl == "gspmd" else shard_map_step.make_train_step
     # .jitted carries its mesh: lowering it here compiles the very program that run.py trains with.
     step = make(model, TX, mesh, strategy, shardings, microbatches=microbatches)
     lowered = step.jitted.lower(state, batch(0, mesh, seq))
@@ -83,7 +86,7 @@ def run(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = T
 
 
 def by_cause(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = TASK.seq_len) -> dict:
-    """{(cause, kind): reconciliation row} (shardgpt.theory.by_cause) of run(...)'s compiled step."""
+    """{(cause, kind): reconciliation row} (shardgpt.analysis.theory.by_cause) of run(...)'s compiled step."""
     mesh, model = mesh_for(spec), MODELS[seq]
     shardings = train.state_shardings(model, TX, mesh, strategy)
     params = jax.eval_shape(lambda: train.init_params(model, jax.random.key(0)))

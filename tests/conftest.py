@@ -29,9 +29,11 @@ def trained_sort():
     """gpt-pico trained 300 steps on minGPT's sort task under dp=2: (model, task, state, trainer)."""
     import jax
 
-    from shardgpt import config, data, optim, sharding, train
-    from shardgpt.mesh import make_mesh
-    from shardgpt.model import GPT
+    from shardgpt.model import config
+    from shardgpt.model.gpt import GPT
+    from shardgpt.parallel import sharding
+    from shardgpt.parallel.mesh import make_mesh
+    from shardgpt.training import data, loop, optim, train
 
     task = data.SortTask()
     model = GPT(config.preset("gpt-pico", vocab_size=task.vocab_size, block_size=task.seq_len))
@@ -44,7 +46,7 @@ def trained_sort():
     batch_sharding = sharding.batch_sharding(mesh, "dp")
     recorder = []
 
-    class Record(train.Callback):
+    class Record(loop.Callback):
         def on_train_begin(self, trainer):
             recorder.append("begin")
 
@@ -54,7 +56,7 @@ def trained_sort():
         def on_train_end(self, trainer):
             recorder.append("end")
 
-    trainer = train.Trainer(
+    trainer = loop.Trainer(
         step_fn,
         state,
         lambda i: data.global_batch(task, i, 64, batch_sharding),

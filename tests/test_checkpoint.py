@@ -3,7 +3,6 @@ after kill -9), the NaN exit, refusing corrupt or foreign directories without de
 handing each callback the state its metrics came from."""
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -18,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import checkpoint, config, data, loss, optim, train
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT
+from shardgpt.cli import train as cli
+from shardgpt.io import checkpoint
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import data, loop, loss, optim, train
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "experiments" / "train.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
 
 # A deliberately corrupted restore leaves tensorstore callbacks aimed at orbax's closed event loop; they fail
 # later, harmlessly, in whichever test is running then.
@@ -254,7 +253,7 @@ def test_callbacks_get_the_state_that_produced_their_metrics():
 
     seen = []
 
-    class Record(train.Callback):
+    class Record(loop.Callback):
         def wants_state(self, step):
             return step % 3 == 2
 
@@ -263,7 +262,7 @@ def test_callbacks_get_the_state_that_produced_their_metrics():
             seen.append((step, metrics["loss"], got))
 
     start = train.TrainState(step=jnp.int32(0), params=jnp.int32(0), opt_state=())
-    trainer = train.Trainer(step_fn, start, lambda i: jnp.int32(1), 1, [Record()], progress=False)
+    trainer = loop.Trainer(step_fn, start, lambda i: jnp.int32(1), 1, [Record()], progress=False)
     final = trainer.run(7)
     assert int(final.step) == 7
     # Step t's metrics come from the state before it (params == t); a handed state is the one after it.

@@ -8,10 +8,11 @@ import json
 import math
 
 import pytest
-from _cli import cli
 
-from shardgpt import report
-from shardgpt.metrics import KINDS
+from shardgpt.analysis.metrics import KINDS
+from shardgpt.cli import flags
+from shardgpt.cli import run as cli
+from shardgpt.lab import plots, report
 
 # DESIGN.md's results schema: the keys every consumer of results.json may rely on.
 META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command", "date"}
@@ -96,24 +97,24 @@ def test_missing_matplotlib_exits_2_before_training_unless_no_plots(capsys, monk
 
 def test_an_error_during_a_run_keeps_its_traceback(monkeypatch):
     """Only input validation becomes a usage line: a failure inside a run is a bug and must show as one."""
-    from shardgpt import lab
+    from shardgpt.lab import runner
 
     def broken(spec, progress=True):
         raise ValueError("a bug inside the run")
 
-    monkeypatch.setattr(lab, "run", broken)
+    monkeypatch.setattr(runner, "run", broken)
     with pytest.raises(ValueError, match="a bug inside the run"):
         cli.main(["--steps", "1", "--generate", "0", "--out", ""])
 
 
 def test_optim_overrides_reach_the_optimizer():
-    from shardgpt import lab
+    from shardgpt.lab import runner
 
-    args = cli.parse_args(
+    args = flags.parse_args(
         cli.build_parser(), ["--optim.weight_decay=0", "--optim.b2", "0.99", "--steps", "20"]
     )
     (spec,) = cli.make_specs(args, 8, "cpu")[:1]
-    setup = lab.prepare(spec)
+    setup = runner.prepare(spec)
     assert (setup.optim.weight_decay, setup.optim.b2, setup.optim.total_steps) == (0.0, 0.99, 20)
     assert setup.optim.learning_rate == 3e-3  # --lr's default, the flags left alone keep theirs
 
@@ -190,7 +191,7 @@ def test_smoke_prints_the_table_and_writes_the_plots(smoke):
     assert "equivalent runs agree" in stdout and "6N + 12·L·H·Q·T (PaLM app. B)" in stdout
     assert "measured from the live arrays' shards; grads* derived from" in stdout  # every figure's source
     assert "temps and peak" in stdout and "from the compiled program" in stdout
-    for name in report.PLOTS:
+    for name in plots.PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
@@ -247,8 +248,10 @@ def test_init_from_a_checkpoint_starts_from_its_weights_and_generates(tmp_path):
     import jax
     import numpy as np
 
-    from shardgpt import config, data, loss, train, weights
-    from shardgpt.model import GPT
+    from shardgpt.io import weights
+    from shardgpt.model import config
+    from shardgpt.model.gpt import GPT
+    from shardgpt.training import data, loss, train
 
     task = data.SortTask()
     cfg = config.preset("gpt-pico", n_layer=1, vocab_size=task.vocab_size, block_size=task.seq_len)

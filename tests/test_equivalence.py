@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _runs import SINGLE, initial_state, run
 
-from shardgpt import sharding
+from shardgpt.parallel import sharding
 
 
 def test_reference_learns_so_the_comparison_is_not_vacuous():

@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import config, data, metrics, train
-from shardgpt.generate import Generator, Sampling, decode_windows, generate, generate_text, sample
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT, init_cache, unstack_layers
+from shardgpt.analysis import metrics
+from shardgpt.generation.generate import Generator, Sampling, decode_windows, generate, generate_text, sample
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT, init_cache, unstack_layers
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import data, train
 
 CFG = config.preset("gpt-pico", vocab_size=50, block_size=32)
 MODEL = GPT(CFG)
@@ -234,7 +236,7 @@ def test_unrolled_model_generates_the_same_tokens(params):
 def test_matmul_weights_are_cast_once_per_call_and_nothing_else():
     """Dense kernels and biases go to the compute dtype before the decode loop; LayerNorm params and the
     embedding tables stay fp32, as the model reads them (so the cast changes no value it computes)."""
-    from shardgpt.generate import matmul_weights_in
+    from shardgpt.generation.generate import matmul_weights_in
 
     params = train.init_params(GPT(config.preset("gpt-pico", scan_layers=False)), jax.random.key(0))
     cast = jax.tree_util.tree_leaves_with_path(matmul_weights_in(params, "bfloat16"))

@@ -1,18 +1,14 @@
-"""experiments/gpu_bench.py on CPU: --tiny writes every field of results.json, with sensible values, and a
-run past its budget, or asking for cuDNN without a GPU, records why each part did not run."""
+"""The one-GPU benchmark (experiments/gpu_bench.py) on CPU: --tiny writes every field of results.json, with
+sensible values, and a run past its budget, or asking for cuDNN without a GPU, records why each part did not
+run."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "gpu_bench", Path(__file__).resolve().parents[1] / "experiments" / "gpu_bench.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from shardgpt.bench import gpu as bench
+from shardgpt.bench import gpu_parts as parts
 
 META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command", "date", "model", "n_params"}
 META_KEYS |= {"seq", "dtype", "budget_s", "wall_s", "tiny", "sizes", "xla_flags"}
@@ -43,9 +39,9 @@ def test_tiny_writes_every_field(tiny):
         written["copy"]["status"] == "ok"
         and written["copy"]["bytes_per_s"] == written["copy_bandwidth_bytes_per_s"]
     )
-    assert [set(r) for r in written["train"]] == [set(bench.TRAIN_KEYS)] * 2
-    assert [set(r) for r in written["decode"]] == [set(bench.DECODE_KEYS)] * 2
-    assert set(written["naive"]) == set(bench.NAIVE_KEYS)
+    assert [set(r) for r in written["train"]] == [set(parts.TRAIN_KEYS)] * 2
+    assert [set(r) for r in written["decode"]] == [set(parts.DECODE_KEYS)] * 2
+    assert set(written["naive"]) == set(parts.NAIVE_KEYS)
     # Every figure names its source, and none derived is labelled measured.
     rows = written["train"] + written["decode"] + [written["naive"]]
     figures = {k for r in rows for k, v in r.items() if isinstance(v, float)}
@@ -66,7 +62,7 @@ def test_tiny_train_rows_are_sensible(tiny):
         _positive(r, "first_loss", "last_loss", "temp_bytes", "wall_s")
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_time_s"])
         assert r["peak_flops"] is None and r["mfu"] is None  # no peak is known for a CPU
-        assert r["goal_mfu"] == bench.GOAL_MFU and r["reference_mfu"] is None  # references are gpt2's
+        assert r["goal_mfu"] == parts.GOAL_MFU and r["reference_mfu"] is None  # references are gpt2's
 
 
 def test_tiny_decode_and_naive_are_sensible(tiny):
@@ -105,19 +101,19 @@ def test_past_the_budget_everything_is_skipped_with_its_reason(tmp_path):
         "cudnn attention needs an NVIDIA GPU, not cpu",
     }
     assert all(r["status"] == "skipped" for r in results["train"] + results["decode"] + [results["naive"]])
-    assert len(results["train"]) == 4 and set(results["train"][0]) == set(bench.TRAIN_KEYS)
+    assert len(results["train"]) == 4 and set(results["train"][0]) == set(parts.TRAIN_KEYS)
     assert "n/a" in (tmp_path / "table.txt").read_text()
 
 
 def test_a_failing_part_records_its_error_and_the_run_goes_on(tmp_path):
-    run = bench.Budget({"meta": {}}, tmp_path, budget_s=60)
+    run = parts.Budget({"meta": {}}, tmp_path, budget_s=60)
     row = run.attempt({"error": None}, lambda: 1 / 0)
     assert row["status"] == "error" and row["error"].startswith("ZeroDivisionError"), row
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["wall_s"] >= 0
 
 
 def test_train_matrix_runs_the_headline_then_one_change_at_a_time():
-    order = bench.train_matrix(["unrolled", "scan"], ["cudnn", "xla"], [16, 32, 8])
+    order = parts.train_matrix(["unrolled", "scan"], ["cudnn", "xla"], [16, 32, 8])
     assert len(order) == 12 and len(set(order)) == 12
     assert order[:5] == [
         ("unrolled", "cudnn", 16),

@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import config, data, hlo, loss, sharding, train
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT, head_DxV
+from shardgpt.analysis import hlo
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT, head_DxV
+from shardgpt.parallel import sharding
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import data, loss, train
 
 CHUNK = 4
 RNG = np.random.default_rng(0)

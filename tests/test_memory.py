@@ -13,14 +13,18 @@ from typing import NamedTuple
 import jax
 import pytest
 
-from shardgpt import config, metrics, optim, plan, sharding, spmd, train
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT
+from shardgpt.analysis import metrics
+from shardgpt.lab import plan
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT
+from shardgpt.parallel import sharding
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import optim, shard_map_step, train
 
 DP, BATCH, SEQ = 8, 8, 16
 CONFIG = config.ModelConfig(n_layer=4, n_head=8, n_embd=512, vocab_size=64, block_size=SEQ)
 TX = optim.make_optimizer(optim.OptimConfig())
-MAKE = {"gspmd": train.make_train_step, "shard_map": spmd.make_train_step}
+MAKE = {"gspmd": train.make_train_step, "shard_map": shard_map_step.make_train_step}
 MiB = 2**20
 
 # XLA:CPU has no bf16 collectives: its float-normalization-bf16 pass widens every bf16 all-gather to f32

@@ -1,7 +1,7 @@
 import jax
 import pytest
 
-from shardgpt.mesh import describe, make_mesh, parse_mesh_spec
+from shardgpt.parallel.mesh import describe, make_mesh, parse_mesh_spec
 
 
 def test_parse_fills_omitted_axes_and_rest():

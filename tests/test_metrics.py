@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import metrics
-from shardgpt.config import ModelConfig
+from shardgpt.analysis import metrics
+from shardgpt.model.config import ModelConfig
 
 X = np.arange(128 * 4, dtype=np.float32).reshape(128, 4)  # split over 8 devices: f32[16,4] = 256 bytes each
 
@@ -181,7 +181,7 @@ def test_zero_expected_bytes_follow_the_stage():
 
 
 def test_theory_counts_the_textbook_collectives():
-    from shardgpt import theory
+    from shardgpt.analysis import theory
 
     config = ModelConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=50, block_size=16)
     leaf = theory.Leaf(("blocks", "mlp", "up", "kernel"), 3, True, 1024, 1024, 512, {
@@ -238,7 +238,7 @@ def test_an_all_reduce_only_sliced_reads_as_a_reduce_scatter():
 
 
 def test_group_sizes_in_every_form_xla_prints():
-    from shardgpt.hlo import _group_size
+    from shardgpt.analysis.hlo import _group_size
 
     assert _group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%a") == 4
     assert _group_size("replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%a") == 2
@@ -278,7 +278,7 @@ ENTRY %main (a: f32[2,4], b: f32[4], c: f32[8,4], i: s32[]) -> (f32[4,4], f32[2,
 
 
 def test_combined_and_async_collectives_are_attributed_element_by_element():
-    from shardgpt import attribution, hlo
+    from shardgpt.analysis import attribution, hlo
 
     ops = {op.name: op for op in hlo.collective_ops(COMBINED_HLO)}
     gather, reduce = ops["ag"], ops["ar"]
@@ -299,7 +299,7 @@ def test_combined_and_async_collectives_are_attributed_element_by_element():
 
 
 def test_reconciliation_notes_where_compiled_and_theory_differ():
-    from shardgpt import attribution
+    from shardgpt.analysis import attribution
 
     compiled = {
         ("grad_reduce", "reduce-scatter"): {"count": 1, "bytes": 256, "sliced_bytes": 256, "ops": {"x": 256}},

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from _runs import by_cause, run, unattributed_share
 
-from shardgpt import hlo, microbatch, train
+from shardgpt.analysis import hlo
+from shardgpt.parallel import layout, microbatch
 
 MESH, DP, M = "dp=2,tp=4", 2, 4
 CASES = [(impl, s) for impl in ("gspmd", "shard_map") for s in ("dp", "zero3")]
@@ -70,7 +71,7 @@ def test_microbatches_must_divide_each_dp_shard():
         microbatch.check(16, 0, 2)
     mesh = _runs.mesh_for(MESH)
     with pytest.raises(ValueError, match="does not divide the per-dp batch"):
-        train.check_batch(_runs.MODEL, mesh, "dp", 16, _runs.TASK.seq_len, microbatches=16)
+        layout.check_batch(_runs.MODEL.config, mesh, "dp", 16, _runs.TASK.seq_len, microbatches=16)
 
 
 def test_split_keeps_each_dp_shards_rows_together():

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import config
-from shardgpt.model import GPT
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT
 
 TOKENS = np.array([[1, 5, 2, 7, 3, 0, 4, 6], [6, 6, 1, 0, 2, 3, 3, 5]], np.int32)
 

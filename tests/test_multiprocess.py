@@ -1,7 +1,7 @@
-"""Two processes x 4 CPU devices (jax.distributed over localhost, started by shardgpt.distributed.launch)
-equal one process x 8: training (both impls, dp and zero3; the equivalence tests' 1e-5), per-process batch
-rows, the tp groups' placement, generation, and checkpoints saved by one set-up and restored by the other.
-The launcher stops every worker when one fails."""
+"""Two processes x 4 CPU devices (jax.distributed over localhost, started by
+shardgpt.parallel.distributed.launch) equal one process x 8: training (both impls, dp and zero3; the
+equivalence tests' 1e-5), per-process batch rows, the tp groups' placement, generation, and checkpoints saved
+by one set-up and restored by the other. The launcher stops every worker when one fails."""
 
 import json
 import os
@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from _multiprocess_worker import MESH, NEW_TOKENS, PROMPTS, RUNS, digest
 
-from shardgpt import checkpoint, distributed, generate, shard_hooks, train
-from shardgpt.mesh import make_mesh
+from shardgpt.generation import generate
+from shardgpt.io import checkpoint
+from shardgpt.parallel import distributed, shard_hooks
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import train
 
 WORKER = Path(__file__).resolve().parent / "_multiprocess_worker.py"
 
@@ -144,7 +147,7 @@ def test_the_gloo_guard_reduce_scatters_the_same_values():
 
 
 def test_the_cli_refuses_mixed_flags_and_a_split_that_does_not_divide(capsys):
-    from _cli import cli
+    from shardgpt.cli import run as cli
 
     with pytest.raises(SystemExit):
         cli.main(["--processes", "2", "--coordinator", "localhost:1234"])

@@ -1,6 +1,5 @@
 """GPipe over 4 CPU devices equals the 4 stages applied in sequence on one device, forward and gradients,
-with the collective-permute count the module docstring states; so does the interleaved schedule with 2
-stages a device.
+with the collective-permute count the module docstring states.
 
 Tolerances (fp32): outputs within 1e-6 and gradients within 1e-5 absolute; the pipeline runs the same ops
 on the same rows in the same order, so only XLA's fusion choices can move the rounding.
@@ -15,7 +14,8 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import hlo, pipeline
+from shardgpt.analysis import hlo
+from shardgpt.parallel import pipeline
 
 PP, B, D = 4, 2, 8  # stages (devices), rows per microbatch, width
 
@@ -87,42 +87,6 @@ def test_gpipe_equals_the_stages_in_sequence(microbatches):
     assert _sends(grads, w, x) == 2 * ticks, "docstring: M + pp - 1 permutes each way"
 
 
-def _circular(w_VxSxDxD, x_MxBxD):
-    """Device s holds layers s and s + PP: the (V, PP) reshape of the 2 PP layers, split on PP."""
-    body = lambda w_, x_: pipeline.circular(_stage, w_, x_, "pp")[None]
-    mapped = jax.shard_map(body, mesh=_mesh(PP), in_specs=(P(None, "pp"), P()), out_specs=P("pp"))
-    return mapped(w_VxSxDxD, x_MxBxD)[-1]
-
-
-def _circular_loss(w_VxSxDxD, x_MxBxD):
-    def body(w_, x_):
-        y_ = pipeline.circular(_stage, w_, x_, "pp")
-        last = jax.lax.axis_index("pp") == PP - 1
-        return jax.lax.psum(jnp.where(last, _loss(y_), 0.0), "pp")
-
-    mapped = jax.shard_map(body, mesh=_mesh(PP), in_specs=(P(None, "pp"), P()), out_specs=P())
-    return mapped(w_VxSxDxD, x_MxBxD)
-
-
-@pytest.mark.parametrize("microbatches", [4])  # gpipe's test covers M=8's longer fill and drain
-def test_circular_equals_the_stages_in_sequence(microbatches):
-    """V = 2 repeats: 2 PP layers; at M > PP microbatches wait in stage 0's buffer before going round."""
-    w, x = _inputs(microbatches, pp=2 * PP)
-    w_VxSxDxD = w.reshape(2, PP, D, D)
-    forward = jax.jit(_circular)
-    np.testing.assert_allclose(forward(w_VxSxDxD, x), _sequential(w, x), rtol=0, atol=1e-6)
-    ticks = 2 * microbatches + PP - 1
-    assert _sends(forward, w_VxSxDxD, x) == ticks, "docstring: one collective-permute per tick, v M + pp - 1"
-
-    grads = jax.jit(jax.grad(_circular_loss, argnums=(0, 1)))
-    expected = jax.grad(lambda w, x: _loss(_sequential(w, x)), argnums=(0, 1))(w, x)
-    dw_VxSxDxD, dx_MxBxD = grads(w_VxSxDxD, x)
-    got = (dw_VxSxDxD.reshape(w.shape), dx_MxBxD)
-    for got_, want, name in zip(got, expected, ("d/dw", "d/dx"), strict=True):
-        np.testing.assert_allclose(got_, want, rtol=0, atol=1e-5, err_msg=f"M={microbatches} {name}")
-    assert _sends(grads, w_VxSxDxD, x) == 2 * ticks, "docstring: v M + pp - 1 permutes each way"
-
-
 def test_one_stage_is_a_loop_over_microbatches():
     w, x = _inputs(3, pp=1)
     forward = jax.jit(functools.partial(_pipelined, pp=1))
@@ -136,7 +100,6 @@ def test_one_stage_is_a_loop_over_microbatches():
         ((6, 4, 4, 8), "choose pp in 1, 2, 3, 6"),
         ((8, 4, 2, 8), "--microbatches M must be >= pp"),
         ((8, 4, 4, 6), "does not divide the per-dp batch 6"),
-        ((12, 4, 4, 8, 2), "choose pp in 1, 2, 3, 6"),
     ],
 )
 def test_check_names_the_fix(args, fix):
@@ -147,5 +110,4 @@ def test_check_names_the_fix(args, fix):
 
 def test_bubble_fraction():
     assert pipeline.bubble_fraction(4, 4) == 3 / 7
-    assert pipeline.bubble_fraction(4, 8, repeats=2) == 3 / 19
     assert pipeline.bubble_fraction(1, 4) == 0

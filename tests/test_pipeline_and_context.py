@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from _runs import BATCH, MODELS, SINGLE, SP_SEQ, STEPS, TX, batch, by_cause, initial_state, off_theory, run
 
-from shardgpt import attribution, distributed, lab, pipeline, report, spmd, train
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT
+from shardgpt.analysis import attribution
+from shardgpt.lab import report, runner
+from shardgpt.model.gpt import GPT
+from shardgpt.parallel import distributed, pipeline
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import shard_map_step, train
 
 MODEL = MODELS[SP_SEQ]
 CASES = [
@@ -60,7 +63,7 @@ def test_the_load_balanced_ring_trains_like_one_device():
     mesh = make_mesh("cp=2,dp=4")
     shardings = train.state_shardings(model, TX, mesh, "zero1")
     state = distributed.place(initial_state(SP_SEQ), shardings.state)
-    step = spmd.make_train_step(model, TX, mesh, "zero1", shardings)
+    step = shard_map_step.make_train_step(model, TX, mesh, "zero1", shardings)
     losses = []
     for i in range(STEPS):
         state, metrics = step(state, batch(i, mesh, SP_SEQ))
@@ -92,7 +95,7 @@ BAD = [
 @pytest.mark.parametrize("fields, message", BAD)
 def test_bad_pipeline_and_context_input_is_refused_before_compiling(fields, message):
     with pytest.raises(ValueError, match=message.replace("+", r"\+")):
-        lab.prepare(lab.RunSpec(**{"steps": 2, "batch": 16, **fields}))
+        runner.prepare(runner.RunSpec(**{"steps": 2, "batch": 16, **fields}))
 
 
 def test_the_bubble_is_measured_from_the_slope_of_step_time_over_ticks():
@@ -111,7 +114,7 @@ def test_the_bubble_is_measured_from_the_slope_of_step_time_over_ticks():
 
 
 def test_generation_is_skipped_on_pp_and_cp_meshes_with_the_reason():
-    assert lab.generation_skipped(make_mesh("dp=2,tp=4")) is None
-    assert "skipped on pp=2" in lab.generation_skipped(make_mesh("pp=2,dp=4"))
-    assert "skipped on cp=4" in lab.generation_skipped(make_mesh("cp=4,dp=2"))
+    assert runner.generation_skipped(make_mesh("dp=2,tp=4")) is None
+    assert "skipped on pp=2" in runner.generation_skipped(make_mesh("pp=2,dp=4"))
+    assert "skipped on cp=4" in runner.generation_skipped(make_mesh("cp=4,dp=2"))
     assert attribution.CAUSES["ring_kv"] and attribution.CAUSES["pp_send"]

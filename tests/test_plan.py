@@ -7,9 +7,9 @@ import json
 
 import jax
 import pytest
-from _cli import cli
 
-from shardgpt import plan
+from shardgpt.cli import run as cli
+from shardgpt.lab import plan
 
 BUDGET = "4MiB"
 PLAN = ["--plan", "--model", "gpt-pico", "--mesh", "dp=8", "--strategy", "zero3", "--seq", "32"]
@@ -50,9 +50,11 @@ def test_plan_finds_the_largest_batch_that_fits(planned):
 
 def test_plan_state_is_exact_and_follows_the_zero_stage():
     """The state columns come from the layout alone: ZeRO-3 on dp=8 holds an eighth of every embed dim."""
-    from shardgpt import config, metrics, optim, train
-    from shardgpt.mesh import make_mesh
-    from shardgpt.model import GPT
+    from shardgpt.analysis import metrics
+    from shardgpt.model import config
+    from shardgpt.model.gpt import GPT
+    from shardgpt.parallel.mesh import make_mesh
+    from shardgpt.training import optim, train
 
     model, tx = GPT(config.preset("gpt-pico")), optim.make_optimizer(optim.OptimConfig())
     mesh = make_mesh("dp=8")

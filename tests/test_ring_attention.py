@@ -15,8 +15,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import hlo
-from shardgpt.ring_attention import kv_pass_bytes, passes_per_layer, ring_attention, zigzag_order
+from shardgpt.analysis import hlo
+from shardgpt.parallel.ring_attention import kv_pass_bytes, passes_per_layer, ring_attention, zigzag_order
 
 B, L_TOTAL, H, K = 2, 16, 2, 8
 TOL = dict(rtol=1e-5, atol=1e-5)

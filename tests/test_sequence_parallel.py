@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from _runs import SINGLE, SP_SEQ, by_cause, off_theory, run, unattributed_share
 
-from shardgpt import hlo, sharding
-from shardgpt.mesh import make_mesh
+from shardgpt.analysis import hlo
+from shardgpt.parallel import layout, sharding
+from shardgpt.parallel.mesh import make_mesh
 
 MESH, TP, N_LAYER = "dp=2,tp=4", 4, 2
 
@@ -40,9 +41,9 @@ def test_bad_sequence_parallel_input_is_refused_before_compiling():
     with pytest.raises(ValueError, match=r"unknown strategy 'zero9\+sp'"):
         sharding.canonical("zero9+sp")
     with pytest.raises(ValueError, match="this mesh has tp=1: use a mesh with tp > 1"):
-        sharding.check_sequence_parallel(make_mesh("dp=8"), "dp+sp", 12)
+        layout.check_sequence_parallel(make_mesh("dp=8"), "dp+sp", 12)
     with pytest.raises(ValueError, match="sequence length 11 is not divisible by tp=4"):
-        sharding.check_sequence_parallel(make_mesh(MESH), "zero1+sp", 11)
+        layout.check_sequence_parallel(make_mesh(MESH), "zero1+sp", 11)
 
 
 CASES = [("gspmd", "dp+sp"), ("shard_map", "dp+sp"), ("shard_map", "zero3+sp")]

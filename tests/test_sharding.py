@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from shardgpt import config, optim, sharding, train
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT, LOGICAL_AXES
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT, LOGICAL_AXES
+from shardgpt.parallel import sharding
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import optim, train
 
 # What DESIGN.md's table says `embed` maps to, per ZeRO stage and target.
 EMBED_ON_DP = {

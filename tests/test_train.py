@@ -5,9 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardgpt import config, data, loss, metrics, optim, sharding, train
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT
+from shardgpt.analysis import metrics
+from shardgpt.model import config
+from shardgpt.model.gpt import GPT
+from shardgpt.parallel import layout, sharding
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import data, loop, loss, optim, train
 
 
 def test_cross_entropy_ignores_masked_targets():
@@ -116,10 +119,10 @@ def test_bad_batches_raise_before_compiling():
     model = GPT(config.preset("gpt-pico", block_size=8))
     mesh = make_mesh("dp=4,tp=2")
     with pytest.raises(ValueError, match="sequence length 11 exceeds the model's block_size 8"):
-        train.check_batch(model, mesh, "dp", 8, 11)
+        layout.check_batch(model.config, mesh, "dp", 8, 11)
     with pytest.raises(ValueError, match=r"batch=6\) is not divisible by mesh axis dp=4"):
-        train.check_batch(model, mesh, "zero1", 6, 8)
-    train.check_batch(model, mesh, "zero1", 8, 8)
+        layout.check_batch(model.config, mesh, "zero1", 6, 8)
+    layout.check_batch(model.config, mesh, "zero1", 8, 8)
 
 
 @pytest.mark.parametrize("spec", ["dp=8", "dp=2,tp=4"])
@@ -158,13 +161,13 @@ def test_zero_stages_shrink_state_by_exactly_the_expected_bytes(spec):
 @pytest.mark.parametrize("impl", ["gspmd", "shard_map"])
 def test_out_of_range_token_ids_are_rejected_before_compiling(impl):
     """A plain gather clamps such ids and the vocab-parallel one zeroes them: both impls refuse them."""
-    from shardgpt import spmd
+    from shardgpt.training import shard_map_step
 
     task = data.SortTask()
     model = GPT(config.preset("gpt-pico", vocab_size=task.vocab_size, block_size=task.seq_len))
     tx, mesh = optim.make_optimizer(optim.OptimConfig()), make_mesh("dp=2,tp=4")
     shardings = train.state_shardings(model, tx, mesh, "zero1")
-    make = train.make_train_step if impl == "gspmd" else spmd.make_train_step
+    make = train.make_train_step if impl == "gspmd" else shard_map_step.make_train_step
     step = make(model, tx, mesh, "zero1", shardings)
     inputs, targets = task.rows(0, range(8))
     bad_inputs, bad_targets = inputs.copy(), targets.copy()
@@ -191,7 +194,9 @@ def test_donation_warning_is_silenced_on_cpu_steps_only():
     import sys
     import warnings
 
-    code = "import warnings, shardgpt.lab; print(any('donated' in str(f[1]) for f in warnings.filters))"
+    code = (
+        "import warnings, shardgpt.lab.runner; print(any('donated' in str(f[1]) for f in warnings.filters))"
+    )
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False", "importing shardgpt must not hide the donation warning"
 
@@ -216,11 +221,11 @@ def test_progress_without_a_terminal_prints_a_few_lines_not_frames(capsys):
         return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0)}
 
     state = train.TrainState(step=jnp.int32(0), params={}, opt_state=())
-    trainer = train.Trainer(step, state, lambda i: None, tokens_per_step=10, description="t")
+    trainer = loop.Trainer(step, state, lambda i: None, tokens_per_step=10, description="t")
     trainer.run(95)
     err = capsys.readouterr().err  # captured: not a terminal
     lines = err.strip().splitlines()
-    assert "\r" not in err and len(lines) == train.PROGRESS_LINES + 1, err  # every 9th step, and the last
+    assert "\r" not in err and len(lines) == loop.PROGRESS_LINES + 1, err  # every 9th step, and the last
     assert lines[-1].startswith("t: step 95/95, loss 1.0000")
     trainer.run(5)  # a resumed run counts on from its first step, as checkpoints and logs do
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("t: step 100/100")

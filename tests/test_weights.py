@@ -12,10 +12,13 @@ import pytest
 import safetensors.numpy
 from flax import traverse_util
 
-from shardgpt import lab, sharding, train, weight_files, weights
-from shardgpt.mesh import make_mesh
-from shardgpt.model import GPT
-from shardgpt.optim import OptimConfig, make_optimizer
+from shardgpt.io import weight_files, weights
+from shardgpt.lab import runner
+from shardgpt.model.gpt import GPT
+from shardgpt.parallel import sharding
+from shardgpt.parallel.mesh import make_mesh
+from shardgpt.training import train
+from shardgpt.training.optim import OptimConfig, make_optimizer
 
 # Tiny and awkward on purpose: vocab 50 is a multiple of nothing, so padding rows are exercised.
 N_LAYER, N_HEAD, N_EMBD, VOCAB, BLOCK = 2, 8, 64, 50, 16
@@ -392,10 +395,10 @@ def test_nanogpt_pt_brings_its_heads_and_exact_gelu(tmp_path):
         shardgpt_logits(params, config, one_device(), "dp", tokens), expected, atol=ATOL
     )
     # --init-from needs no --model.n_head, even beside a preset of another width; --model.X still wins
-    spec = lab.RunSpec(
+    spec = runner.RunSpec(
         init_from=str(path), model="gpt-micro", mesh="dp=8", overrides=(("dtype", "bfloat16"),)
     )
-    assert lab.prepare(spec).config == config.replace(dtype="bfloat16")
+    assert runner.prepare(spec).config == config.replace(dtype="bfloat16")
     explicit = weights.config_from_state_dict(state_dict, 4, hints=hints, gelu_approximate=True)
     assert (explicit.n_head, explicit.gelu_approximate) == (4, True)
     with pytest.raises(ValueError, match="n_embd=128 but the tensors say 64"):
@@ -425,10 +428,10 @@ def test_hf_directory_brings_its_config(tmp_path, activation, exact):
     np.testing.assert_allclose(
         shardgpt_logits(params, config, one_device(), "dp", tokens), expected, atol=ATOL
     )
-    spec = lab.RunSpec(
+    spec = runner.RunSpec(
         init_from=str(path), model="gpt-micro", mesh="dp=8", overrides=(("dtype", "bfloat16"),)
     )
-    assert lab.prepare(spec).config == config.replace(dtype="bfloat16")
+    assert runner.prepare(spec).config == config.replace(dtype="bfloat16")
 
 
 def test_hf_directory_errors_say_what_is_wrong(tmp_path):
@@ -439,7 +442,7 @@ def test_hf_directory_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "no-weights").mkdir()
     (tmp_path / "no-weights" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"config.json and model.safetensors; it has \['config.json'\]"):
-        lab.prepare(lab.RunSpec(init_from=str(tmp_path / "no-weights"), mesh="dp=8"))
+        runner.prepare(runner.RunSpec(init_from=str(tmp_path / "no-weights"), mesh="dp=8"))
     with pytest.raises(ValueError, match="activation_function 'relu' is not supported"):
         weight_files.read_weight_file(hf_directory(tmp_path / "relu", sd, activation_function="relu"))
     with pytest.raises(ValueError, match="model_type 'llama'; only gpt2"):
@@ -457,9 +460,9 @@ def test_init_from_overrides_beat_run_flags(tmp_path):
     path = tmp_path / "plain.safetensors"
     safetensors.numpy.save_file(gpt2_state_dict(seed=9), path)
     overrides = (("n_head", "8"), ("dtype", "bfloat16"), ("scan_layers", "false"))
-    spec = lab.RunSpec(init_from=str(path), mesh="dp=8", dtype="float32", scan=True, overrides=overrides)
-    config = lab.prepare(spec).config
+    spec = runner.RunSpec(init_from=str(path), mesh="dp=8", dtype="float32", scan=True, overrides=overrides)
+    config = runner.prepare(spec).config
     assert (config.n_head, config.dtype, config.scan_layers) == (N_HEAD, "bfloat16", False)
     # A plain file says nothing of its heads, and gpt-micro's width differs: still asked for.
     with pytest.raises(ValueError, match="give its head count with --model.n_head=H"):
-        lab.prepare(lab.RunSpec(init_from=str(path), model="gpt-micro", mesh="dp=8"))
+        runner.prepare(runner.RunSpec(init_from=str(path), model="gpt-micro", mesh="dp=8"))

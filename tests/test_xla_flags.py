@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shardgpt import xla_flags
+from shardgpt.parallel import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +31,9 @@ def test_the_platform_is_judged_before_jax_starts():
 def _xla_flags_after(argv: list[str], environ: dict[str, str]) -> str:
     """XLA_FLAGS as experiments/run.py leaves them for `argv`, in a process that never imports jax."""
     code = (
-        "import os, sys; sys.path.insert(0, 'experiments'); import run; "
-        "args = run.parse_args(run.build_parser(), sys.argv[1:]); "
-        "run._set_xla_flags(args.devices, args.plan, args.gpu_flags); "
+        "import os, sys; from shardgpt.cli import flags, run; "
+        "args = flags.parse_args(run.build_parser(), sys.argv[1:]); "
+        "flags.set_xla_flags(args.devices, args.plan, args.gpu_flags); "
         "assert 'jax' not in sys.modules; print(os.environ['XLA_FLAGS'])"
     )
     env = {**os.environ, **environ}

@@ -1,0 +1,210 @@
+"""Theory beside practice: the collectives one training step needs, per cause, from the layout.
+
+Each param's per-device layout comes from the rule tables (`train.StateShardings`); with the batch and the
+model config it gives, per cause of shardgpt.analysis.attribution, the textbook collectives (Megatron's f and
+g, Megatron-SP's gathers and scatters, the vocab-parallel embedding and cross-entropy, ZeRO's reductions and
+gathers): structured rows {(cause, kind): {"count", "bytes"}}, per device per step, bytes as result buffers
+(hlo.py's convention). Counts are one op per tensor per layer and microbatch, before XLA combines any."""
+
+import dataclasses
+import math
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from shardgpt.analysis import attribution, hlo
+from shardgpt.model.config import ModelConfig
+from shardgpt.parallel import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One param as the rules lay it out on one device."""
+
+    path: tuple[str, ...]
+    layers: int  # stacked over `layers` (nn.scan): this device's layers (n_layer / pp); else 1
+    in_block: bool  # a transformer block's (remat re-gathers these for the backward pass)
+    local_bytes: int  # fp32 bytes of the params layout with dp's split undone (what a gather yields)
+    read_bytes: int  # the same in the dtype the model reads it in (Dense weights: the compute dtype)
+    grad_shard_bytes: int  # fp32 bytes of its gradient in the grads layout
+    on_dp: dict[str, bool]  # target -> does that target's layout split it over the data axis
+    on_tp: bool = False  # do the params split it over tp (Megatron's heads, mlp, vocab)
+
+
+def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "dp") -> list[Leaf]:
+    """Every param of `params` (arrays or ShapeDtypeStructs) with its per-device layout, one slice per
+    layer for the stacked blocks, from `shardings` (train.StateShardings)."""
+    flat = traverse_util.flatten_dict(params)
+    specs = {
+        "params": traverse_util.flatten_dict(shardings.state.params),
+        "grads": traverse_util.flatten_dict(shardings.grads),
+        "opt_state": traverse_util.flatten_dict(_adam_moment(shardings.state.opt_state, params)),
+    }
+    compute = jnp.dtype(config.dtype).itemsize
+    out = []
+    for path, leaf in flat.items():
+        where = specs["params"][path]
+        # Scanned: one stacked leaf for every layer, of which pp leaves this device its stage's.
+        layers = where.shard_shape(leaf.shape)[0] if path[0] == "blocks" else 1
+        whole = where.update(spec=_without(where.spec, data_axis))
+        local = math.prod(whole.shard_shape(leaf.shape)) * 4 // layers
+        # Dense kernels and biases are read in the compute dtype; LayerNorms and embeddings in fp32.
+        dense = path[-1] in ("kernel", "bias") and not any(p.startswith("ln_") for p in path)
+        grad = math.prod(specs["grads"][path].shard_shape(leaf.shape)) * 4 // layers
+        on_dp = {t: data_axis in sharding.spec_axes(specs[t][path].spec) for t in specs}
+        in_block = path[0] == "blocks" or path[0].startswith("block_")
+        read = local * compute // 4 if dense else local
+        on_tp = "tp" in sharding.spec_axes(where.spec)
+        out.append(Leaf(path, layers, in_block, local, read, grad, on_dp, on_tp))
+    return out
+
+
+def _without(spec, axis: str):
+    drop = lambda e: (
+        tuple(a for a in e if a != axis) or None if isinstance(e, tuple) else (None if e == axis else e)
+    )
+    return jax.sharding.PartitionSpec(*(drop(e) for e in spec))
+
+
+def _adam_moment(opt_shardings: Any, params: Any) -> Any:
+    """The first params-shaped subtree of the optimizer state's shardings (Adam's mu): where the update
+    of each param is computed."""
+    target = jax.tree.structure(params)
+    found = []
+
+    def visit(node):
+        if not found and jax.tree.structure(node) == target:
+            found.append(node)
+            return True
+        return False
+
+    jax.tree.map(lambda _: None, opt_shardings, is_leaf=visit)
+    return found[0]
+
+
+def expected(
+    config: ModelConfig,
+    strategy: str,
+    mesh_shape: dict[str, int],
+    param_leaves: list[Leaf],
+    batch: int,
+    seq: int,
+    microbatches: int = 1,
+    impl: str = "shard_map",
+) -> dict[tuple[str, str], dict[str, int]]:
+    """{(cause, kind): {"count", "bytes"}}: the collectives one training step needs per device, from the
+    layout and the textbook constructions (Megatron, Megatron-SP, ZeRO, GPipe, ring attention or, under
+    GSPMD, K/V gathered over cp); counts as one op per tensor per layer and pass, before XLA combines any.
+
+    A pass is one microbatch through the blocks: M of them, or with pp the pipeline's M + pp - 1 ticks
+    (each of this device's n_layer / pp layers per tick, bubble ticks included). The embedding, head and
+    loss run per microbatch, or with pp once on the whole local batch.
+    """
+    size = lambda axis: mesh_shape.get(axis, 1)
+    dp, tp, pp, cp, m = size("dp"), size("tp"), size("pp"), size("cp"), microbatches
+    passes, whole_times = (m + pp - 1, 1) if pp > 1 else (m, m)
+    layers = config.n_layer // pp
+    item, length = jnp.dtype(config.dtype).itemsize, seq // cp
+    rows = batch // dp // m  # one microbatch's rows on one device
+    act = rows * length * config.n_embd * item  # one layer's output for one microbatch
+    whole = batch // dp * length * config.n_embd  # elements of the whole local batch's layer output
+    out: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
+
+    def add(cause, kind, count, nbytes):
+        out[(cause, kind)]["count"] += count
+        out[(cause, kind)]["bytes"] += nbytes
+
+    per_layer = layers * passes
+    uses = lambda leaf: leaf.layers * passes if leaf.in_block else whole_times  # reads of a param a step
+    if tp > 1:
+        embed32, head = whole * 4, whole * item  # the embedding's rows are fp32 (its table is read so)
+        if sharding.is_sequence_parallel(strategy):  # each all-reduce becomes a gather and a scatter
+            add("embed", "reduce-scatter", whole_times, embed32 // tp)
+            add("embed", "all-gather", whole_times, embed32)  # its backward
+            for block in ("attn", "mlp"):
+                for phase in ("fwd", "bwd"):
+                    add(f"{block}.{phase}", "all-gather", per_layer, per_layer * act)
+                    add(f"{block}.{phase}", "reduce-scatter", per_layer, per_layer * act // tp)
+            add("head", "all-gather", whole_times, head)
+            add("head", "reduce-scatter", whole_times, head // tp)
+        else:
+            add("embed", "all-reduce", whole_times, embed32)
+            for cause in ("attn.fwd", "attn.bwd", "mlp.fwd", "mlp.bwd"):
+                add(cause, "all-reduce", per_layer, per_layer * act)
+            add("head", "all-reduce", whole_times, head)
+        add("cross_entropy", "all-reduce", 3 * whole_times, 3 * batch // dp * length * 4)  # max, sum, target
+        if sharding.is_sequence_parallel(strategy):
+            # A param tp does not split, read beside a sequence slice, has its gradient summed over tp at
+            # each use (LayerNorms, row-parallel biases, wpe), in the dtype it is read in.
+            for leaf in param_leaves:
+                if not leaf.on_tp:
+                    add("grad_reduce", "all-reduce", uses(leaf), uses(leaf) * leaf.read_bytes)
+    if cp > 1:
+        kv = rows * length * (config.n_head // tp) * config.head_dim * item  # one of K, V: local positions
+        if impl == "shard_map":  # ring attention: cp - 1 passes of K and V stacked, each way
+            passes_kv = 2 * (cp - 1) * per_layer
+            add("ring_kv", "collective-permute", passes_kv, passes_kv * 2 * kv)
+        else:  # K and V gathered whole along the sequence; their cotangents reduce-scattered back
+            add("kv_gather", "all-gather", 2 * per_layer, 2 * per_layer * kv * cp)
+            add("kv_gather", "reduce-scatter", 2 * per_layer, 2 * per_layer * kv)
+    if pp > 1:  # GPipe: one send a tick forward, one back
+        add("pp_send", "collective-permute", 2 * passes, 2 * passes * act)
+    for leaf in param_leaves if dp * pp * cp > 1 else ():
+        reads = uses(leaf)
+        # Partial sums to add over cp, and over pp where only some stages use the param (not their own).
+        others = cp > 1 or (pp > 1 and not leaf.in_block)
+        if dp > 1 and leaf.on_dp["grads"]:  # ZeRO-2/3: each use's gradient into its shard
+            add("grad_reduce", "reduce-scatter", reads, reads * leaf.grad_shard_bytes)
+            if others:
+                add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.grad_shard_bytes)
+        elif dp > 1 or others:
+            add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.local_bytes)
+        if dp > 1 and leaf.on_dp["params"]:
+            add("zero3_gather.fwd", "all-gather", reads, reads * leaf.read_bytes)
+            if leaf.in_block and leaf.path[-1] != "bias":  # a bias's backward never reads it
+                add("zero3_gather.bwd", "all-gather", reads, reads * leaf.read_bytes)
+        elif dp > 1 and leaf.on_dp["opt_state"]:
+            add("param_gather", "all-gather", leaf.layers, leaf.layers * leaf.local_bytes)
+    if dp * pp * cp > 1:
+        add("loss", "all-reduce", 1, 8)  # (loss sum, token count) in fp32
+    return dict(out)
+
+
+def norm_reductions(update_shardings: Any, mesh_shape: dict[str, int]) -> dict:
+    """The global norm's reductions: one fp32 scalar psum per distinct set of axes (of size > 1) that
+    the update layout splits params over (shard_map_step._global_norm's construction)."""
+    active = lambda spec: tuple(a for a in sharding.spec_axes(spec) if mesh_shape.get(a, 1) > 1)
+    count = len({active(s.spec) for s in jax.tree.leaves(update_shardings)} - {()})
+    return {("optimizer", "all-reduce"): {"count": count, "bytes": 4 * count}} if count else {}
+
+
+def by_cause(
+    hlo_text: str,
+    config: ModelConfig,
+    strategy: str,
+    mesh_shape: dict[str, int],
+    params: Any,
+    shardings: Any,
+    batch: int,
+    seq: int,
+    microbatches: int = 1,
+    impl: str = "shard_map",
+    platform: str | None = None,
+) -> list[dict[str, Any]]:
+    """attribution.reconcile() for one compiled training step: results.json's `collectives_by_cause`.
+    `platform` ("cpu", "gpu"...) lets a note say where XLA:CPU ran a bf16 collective in fp32."""
+    param_leaves = leaves(config, params, shardings)
+    rows = expected(config, strategy, mesh_shape, param_leaves, batch, seq, microbatches, impl)
+    rows |= norm_reductions(_adam_moment(shardings.state.opt_state, params), mesh_shape)
+    compiled = attribution.compiled_by_cause(hlo.collective_ops(hlo_text), mesh_shape)
+    reconciled = attribution.reconcile(compiled, rows)
+    if platform == "cpu" and config.dtype == "bfloat16":
+        for row in reconciled:
+            if not row["note"] and row["ratio"] is not None and 1.5 < row["ratio"] <= 2.05:
+                row["note"] = (
+                    "XLA:CPU runs bf16 collectives in fp32 (2x theory's bytes); GPUs and TPUs keep bf16"
+                )
+    return reconciled

@@ -1,0 +1,351 @@
+"""Compare sharding strategies side by side: flags -> run specs -> shardgpt.lab -> table, results.json, plots.
+
+With no flags: every strategy on dp=2,tp=4 (8 simulated CPU devices when no accelerator is present), gpt-pico
+on the sort task, then a generation benchmark. jax is imported only after the flags are parsed, since
+--devices and the multi-host settings must take effect before jax initialises. `experiments/run.py` and
+the `shardgpt-run` command call `main`.
+"""
+
+import argparse
+import importlib.util
+import shlex
+import sys
+from pathlib import Path
+
+from shardgpt.cli import flags
+from shardgpt.cli.flags import STRATEGIES, say
+
+DEFAULT_GENERATE = 32
+SCRIPT = "experiments/run.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; dotted --model.FIELD=VALUE overrides are parsed apart (see parse_args)."""
+    p = argparse.ArgumentParser(
+        prog=flags.prog(SCRIPT),
+        description=__doc__.split("\n")[0],
+        epilog="Overrides: --model.FIELD=VALUE for any ModelConfig field (e.g. --model.n_layer=4), "
+        "--optim.FIELD=VALUE for any OptimConfig field (learning_rate, warmup_steps, total_steps, "
+        "min_lr_ratio, weight_decay, b1, b2, grad_clip; e.g. --optim.weight_decay=0).",
+    )
+    what = p.add_argument_group("what to compare")
+    what.add_argument(
+        "--mesh", action="append", help="mesh spec, repeatable (default: dp=2,tp=4 on 8 devices, else dp=-1)"
+    )
+    pick = what.add_mutually_exclusive_group()
+    pick.add_argument("--strategy", help=f"comma list of {', '.join(STRATEGIES)}, fsdp (default: all)")
+    pick.add_argument(
+        "--compare",
+        action="store_true",
+        help="every strategy on every mesh, and each one +sp where tp > 1 and the sequence splits over tp "
+        "(without --strategy or --compare: the four strategies)",
+    )
+    what.add_argument(
+        "--sp",
+        action="store_true",
+        help="Megatron sequence parallelism: every strategy as its +sp variant (needs tp > 1 dividing the "
+        "sequence)",
+    )
+    what.add_argument("--impl", choices=("gspmd", "shard_map", "both"), default="gspmd")
+    what.add_argument(
+        "--plan",
+        action="store_true",
+        help="will it fit: compile only (nothing allocated, no step run) and print each strategy's memory "
+        "per device, and with --device-memory the largest batch that fits",
+    )
+    what.add_argument(
+        "--device-memory",
+        metavar="SIZE",
+        help="--plan: memory of one device, e.g. 80GiB (default: the accelerator's own, if one is present)",
+    )
+    flags.add_model_flags(p)
+    loop = p.add_argument_group("training and measurement")
+    loop.add_argument("--steps", type=int, default=100)
+    loop.add_argument("--batch", type=int, default=64, help="global batch size")
+    loop.add_argument(
+        "--microbatches",
+        type=microbatch_counts,
+        default="1",
+        metavar="M",
+        help="gradient accumulation: the batch as M microbatches inside each step, or a comma list of M "
+        "to compare (M must divide the per-dp batch; default 1)",
+    )
+    loop.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (= --optim.learning_rate)")
+    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument(
+        "--warmup", type=int, help="steps left out of the median step time (default: 5, fewer than --steps)"
+    )
+    loop.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help=f"benchmark generating N tokens after training (default {DEFAULT_GENERATE}; 0: off)",
+    )
+    loop.add_argument(
+        "--out", default="results", metavar="DIR", help="results.json and plots (default results/)"
+    )
+    loop.add_argument(
+        "--no-plots", action="store_true", help="write results.json only (no matplotlib needed)"
+    )
+    loop.add_argument("--profile", metavar="DIR", help="jax.profiler trace of a few steps per run")
+    loop.add_argument(
+        "--explain",
+        metavar="RUN",
+        help="print one run's collectives by cause beside theory, with the ops behind each row, from --out's "
+        "results.json (RUN: its name as the table prints it, a unique part of it, or its index) and exit",
+    )
+    flags.add_device_flags(p)
+    return p
+
+
+def check_outputs(args: argparse.Namespace):
+    """Fail before training, not after it: --out and --profile writable, matplotlib present for plots."""
+    if args.out:
+        flags.check_writable("--out", args.out)
+        if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(
+                "the plots need matplotlib, which is not installed: pip install matplotlib "
+                "(or shardgpt[experiments]), or pass --no-plots"
+            )
+    if args.profile:
+        flags.check_writable("--profile", args.profile)
+
+
+def microbatch_counts(text: str) -> list[int]:
+    """--microbatches "1,2,4" -> [1, 2, 4]; anything but positive integers exits 2 (argparse)."""
+    try:
+        counts = [int(m) for m in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"takes positive integers, e.g. 4 or 1,2,4 (got {text!r})")
+    return counts
+
+
+def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> list:
+    """One RunSpec per (model, mesh, strategy, microbatches, impl), in that order. --compare's +sp variants
+    are marked in `args.optional_specs`: validate() drops those a mesh or sequence cannot run."""
+    from shardgpt.lab.runner import RunSpec
+    from shardgpt.parallel.mesh import parse_mesh_spec
+
+    meshes = args.mesh or ["dp=2,tp=4" if num_devices == 8 else "dp=-1"]
+    strategies = STRATEGIES if args.compare or not args.strategy else args.strategy.split(",")
+    strategies = [
+        s.strip() + ("+sp" if args.sp and not s.strip().endswith("+sp") else "") for s in strategies
+    ]
+    per_mesh = {}
+    for mesh in meshes:
+        per_mesh[mesh] = list(strategies)
+        # Sizes from the spec alone: --plan lays meshes over simulated CPU devices, not the default backend's.
+        if args.compare and not args.sp and parse_mesh_spec(mesh, num_devices).get("tp", 1) > 1:
+            per_mesh[mesh] += [f"{s}+sp" for s in strategies]
+    impls = ("gspmd", "shard_map") if args.impl == "both" else (args.impl,)
+    dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
+    common = dict(
+        overrides=args.overrides, optim=args.optim, task=args.task, seq=args.seq, steps=args.steps,
+        batch=args.batch, dtype=dtype, attention=args.attention, scan=args.scan, remat=args.remat, lr=args.lr,
+        seed=args.seed, warmup=args.warmup, generate=args.generate or 0, init_from=args.init_from,
+        profile=args.profile,
+    )  # fmt: skip
+    models = [m.strip() for m in args.model.split(",")]
+    grid = [
+        (n, m, s, k, i)
+        for n in models
+        for m in meshes
+        for s in per_mesh[m]
+        for k in args.microbatches
+        for i in impls
+    ]
+    specs = [RunSpec(model=n, mesh=m, strategy=s, microbatches=k, impl=i, **common) for n, m, s, k, i in grid]
+    # Dropped with a note where they cannot run: --compare's +sp variants, and GSPMD on a pp mesh under
+    # --impl both (the pipeline is shard_map's).
+    args.optional_specs = {
+        spec
+        for spec in specs
+        if (args.compare and not args.sp and spec.strategy.endswith("+sp"))
+        or (
+            args.impl == "both" and spec.impl == "gspmd" and parse_mesh_spec(spec.mesh, num_devices)["pp"] > 1
+        )
+    }
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; exits with status 2 and a one-line reason on bad input."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = flags.parse_args(parser, argv)
+    if args.explain is not None:
+        try:
+            print(explain(args.out, args.explain))
+        except ValueError as e:
+            parser.error(str(e))
+        return 0
+    launched = flags.launch_if_asked("shardgpt.cli.run", parser, args, argv)
+    if launched is not None:
+        return launched
+    flags.set_xla_flags(args.devices, args.plan, args.gpu_flags)
+    try:  # only validation is caught: an error during a run is a bug, and keeps its traceback
+        work = validate_plan(args) if args.plan else validate(args)
+    except (ValueError, FileNotFoundError) as e:  # the library's validation errors say what to change
+        parser.error(str(e).splitlines()[0])
+    return plan(*work, args, argv) if args.plan else compare(work, args, argv)
+
+
+def explain(out: str, which: str) -> str:
+    """report.explain for the run of `out`/results.json named (exactly, or by a unique part) or numbered
+    `which`; ValueError saying what to give where none or several match."""
+    import json
+
+    from shardgpt.lab import report
+
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise ValueError(
+            f"--explain reads {path}, which does not exist: run the comparison first, or give --out"
+        )
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--explain: {path} is not a results.json of run.py ({e})") from None
+    names = [r["name"] for r in runs]
+    if which.isdigit() and int(which) < len(runs):
+        return report.explain(runs[int(which)])
+    matches = [r for r in runs if r["name"] == which] or [r for r in runs if which in r["name"]]
+    if len(matches) > 1 and len(gspmd := [r for r in matches if r["impl"] == "gspmd"]) == 1:
+        matches = gspmd  # "dp=2,tp=4 dp" names the GSPMD run, not also "... dp shard_map"
+    if len(matches) != 1:
+        found = "several runs match" if matches else "no run matches"
+        raise ValueError(
+            f"--explain {which!r}: {found}; the runs in {path}: {'; '.join(names)} (or 0-{len(runs) - 1})"
+        )
+    return report.explain(matches[0])
+
+
+def prepare_all(specs: list, args: argparse.Namespace, prepare) -> list:
+    """`prepare(spec)` for every spec (ValueError on bad input), less --compare's +sp variants that a mesh
+    or sequence cannot run: those leave `specs` with a note saying why."""
+    prepared, skipped = [], {}
+    for spec in list(specs):
+        try:
+            prepared.append(prepare(spec))
+        except ValueError as e:
+            if spec not in args.optional_specs:
+                raise
+            specs.remove(spec)
+            skipped.setdefault(spec.mesh, str(e).splitlines()[0])
+    for mesh, reason in skipped.items():
+        say(f"note: runs skipped on {mesh}: {reason}")
+    return prepared
+
+
+def validate(args: argparse.Namespace) -> list:
+    """Initialise jax (multi-host first), then check every spec and output path: nothing compiles."""
+    import jax
+
+    from shardgpt.lab import runner
+    from shardgpt.parallel import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    platform = jax.devices()[0].platform
+    if args.devices and platform != "cpu":
+        say(f"note: --devices ignored: {jax.device_count()} {platform} devices are present")
+    elif args.devices and jax.device_count() != args.devices * jax.process_count():
+        raise ValueError(f"--devices {args.devices}: jax was initialised with {jax.device_count()} devices")
+    if args.generate is None:
+        args.generate = DEFAULT_GENERATE
+    specs = make_specs(args, jax.device_count(), platform)
+    for setup in prepare_all(specs, args, runner.prepare):  # every spec validated before the first compile
+        flags.note_tp_across_hosts(setup.mesh)
+    if jax.process_index() == 0:
+        check_outputs(args)
+    return specs
+
+
+def validate_plan(args: argparse.Namespace) -> tuple[list, int | None]:
+    """--plan: (planners, device memory in bytes or None), every one validated; nothing compiles.
+
+    Planning compiles for the CPU backend's simulated devices whatever else is present, in the
+    accelerators' compute dtype (bfloat16) unless --dtype says otherwise.
+    """
+    import jax
+
+    from shardgpt.lab import plan
+
+    if args.init_from or args.task != "sort":
+        raise ValueError("--plan takes a preset (--model) and --seq, not --init-from or --task")
+    budget = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    if budget is None and jax.devices()[0].platform != "cpu":
+        budget = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    devices = jax.devices("cpu")
+    specs = make_specs(args, len(devices), "accelerator")
+    planners = prepare_all(specs, args, lambda spec: plan.Planner.prepare(spec, devices))
+    check_outputs(args)
+    return planners, budget
+
+
+def plan(planners: list, budget: int | None, args: argparse.Namespace, argv: list[str]) -> int:
+    """Compile every planner's step (abstract arrays only), print the ranked table, write results.json."""
+    import time
+
+    from shardgpt.lab import plan as planning
+    from shardgpt.lab import runner
+
+    started = time.perf_counter()
+    n = len(planners[0].mesh.devices.flat)
+    print(f"planning {len(planners)} run(s) on {n} simulated CPU devices: compile only, nothing allocated")
+    if budget is None:
+        print("note: no --device-memory: fits and max batch are not computed")
+    rows = []
+    for planner in planners:
+        row = planning.plan(planner, budget)
+        print(f"{row['name']}: {row['compiles']} compile(s), {row['wall_s']:.1f} s", file=sys.stderr)
+        rows.append(row)
+    rows = planning.rank(rows)
+    print("\n" + planning.table(rows, "cpu"))
+    print(f"wall time {time.perf_counter() - started:.0f} s for {sum(r['compiles'] for r in rows)} compiles")
+    if args.out:
+        meta = runner.meta(shlex.join(["python", SCRIPT, *argv]))
+        paths = planning.write(rows, meta, args.out, plots=not args.no_plots)
+        print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
+    """Train and measure every spec, then print the table and write results.json (and the plots)."""
+    import jax
+
+    from shardgpt.analysis import metrics
+    from shardgpt.lab import report, runner
+
+    kind, platform = jax.devices()[0].device_kind, jax.devices()[0].platform
+    peak = metrics.peak_flops(kind)
+    first = specs[0]
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    say(
+        f"{jax.device_count()} x {kind} ({platform}{processes}), jax {jax.__version__}; {len(specs)} "
+        f"run(s) of {runner.model_label(first)} on {first.task}, batch {first.batch}, {first.steps} steps, "
+        f"{first.dtype}"
+    )
+    peak_text = f"{peak:.3g} FLOP/s per device" if peak else "unknown for this device (MFU n/a)"
+    say(f"MFU from FLOPs/token = {runner.FLOPS_SOURCE}; peak: {peak_text}")
+    runs = []
+    for spec in specs:
+        result = runner.run(spec, progress=jax.process_index() == 0)
+        say(
+            f"{result['name']}: compile {result['compile_s']:.2f} s, step {1e3 * result['step_time_s']:.2f} "
+            f"ms, {result['tokens_per_s']:,.0f} tokens/s, final loss {result['final_loss']:.6f}"
+        )
+        runs.append(result)
+    command = shlex.join(["python", SCRIPT, *argv])
+    results = {"meta": runner.meta(command), "runs": runs, "agreement": report.agreement(runs)}
+    say("\n" + report.table(results))
+    if jax.process_index() == 0 and args.out:
+        paths = report.write(results, args.out, plots=not args.no_plots)
+        say(f"\nwrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

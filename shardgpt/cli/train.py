@@ -1,0 +1,353 @@
+"""Train one (mesh, strategy, impl) to --steps, with checkpoints, resume onto any mesh, and a NaN guard.
+
+    python experiments/train.py --task chars:README.md --model gpt-micro --mesh dp=2,tp=4 --strategy zero3 \\
+        --steps 300 --ckpt-dir ckpt --save-every 50
+    python experiments/train.py ... --resume --mesh dp=8 --strategy zero1   # continues, resharded
+
+Every --eval-every steps it prints the loss on held-out data (the task's val split) and, on a chars task,
+a text sample.
+
+Exit status: 0 done, 2 bad input (one line, before anything compiles), 3 a NaN or inf loss or grad norm.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from shardgpt.cli import flags
+from shardgpt.cli.flags import say
+
+SCRIPT = "experiments/train.py"
+EXIT_NON_FINITE = 3
+SAMPLE_CHARS = 200  # characters generated at each evaluation of a chars task
+SAMPLING = dict(temperature=1.0, top_k=10)  # minGPT's chargpt samples so
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """run.py's model and device flags, plus one run's layout, length and checkpoints."""
+    p = argparse.ArgumentParser(
+        prog=flags.prog(SCRIPT),
+        description=__doc__.split("\n")[0],
+        epilog="Overrides: --model.FIELD=VALUE and --optim.FIELD=VALUE, as in the run command.",
+    )
+    what = p.add_argument_group("layout")
+    what.add_argument("--mesh", default=None, help="mesh spec (default: dp=2,tp=4 on 8 devices, else dp=-1)")
+    what.add_argument(
+        "--strategy",
+        default="dp",
+        help=f"one of {', '.join(flags.STRATEGIES)}, fsdp; +sp for sequence parallelism (e.g. zero1+sp)",
+    )
+    what.add_argument("--sp", action="store_true", help="Megatron sequence parallelism (= --strategy S+sp)")
+    what.add_argument("--impl", choices=("gspmd", "shard_map"), default="gspmd")
+    flags.add_model_flags(p)
+    run_flags = p.add_argument_group("training")
+    run_flags.add_argument(
+        "--steps", type=int, default=100, help="total steps to reach (a resumed run stops there)"
+    )
+    run_flags.add_argument("--batch", type=int, default=64, help="global batch size")
+    run_flags.add_argument(
+        "--microbatches",
+        type=int,
+        default=1,
+        metavar="M",
+        help="gradient accumulation: each step's batch as M microbatches (M divides the per-dp batch)",
+    )
+    run_flags.add_argument(
+        "--lr", type=float, default=3e-3, help="peak learning rate (= --optim.learning_rate)"
+    )
+    run_flags.add_argument("--seed", type=int, default=0)
+    run_flags.add_argument(
+        "--eval-every", type=int, default=100, metavar="N",
+        help="held-out loss (and a text sample on chars tasks) every N steps and at the end; 0: never",
+    )  # fmt: skip
+    run_flags.add_argument(
+        "--eval-batches", type=int, default=4, metavar="B", help="held-out batches per evaluation"
+    )
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--ckpt-dir", metavar="DIR", help="checkpoints and metrics.jsonl (default: none)")
+    ckpt.add_argument("--save-every", type=int, default=100, metavar="K", help="save every K steps")
+    ckpt.add_argument("--keep", type=int, default=3, metavar="N", help="keep the last N checkpoints")
+    ckpt.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from DIR's latest checkpoint (resharded if needed), or start if it holds none yet",
+    )
+    p.add_argument(
+        "--export", metavar="PATH", help="write GPT-2-named weights at the end (.safetensors or .npz)"
+    )
+    flags.add_device_flags(p)
+    return p
+
+
+@dataclasses.dataclass
+class Job:
+    """What validation resolved: the lab setup, the run's description, and the checkpoint to resume."""
+
+    spec: object
+    setup: object
+    description: dict
+    checkpointer: object = None
+    resume_step: int | None = None
+
+
+def validate(args: argparse.Namespace) -> Job:
+    """Initialise jax, resolve the run, open and check the checkpoint directory: nothing compiles."""
+    import jax
+
+    from shardgpt.io import checkpoint
+    from shardgpt.lab import runner
+    from shardgpt.parallel import distributed, sharding
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from shardgpt.parallel.mesh import describe
+
+    if args.save_every < 1 or args.keep < 1 or args.eval_batches < 1:
+        raise ValueError(
+            f"--save-every, --keep and --eval-batches must be >= 1 (got {args.save_every}, {args.keep}, "
+            f"{args.eval_batches})"
+        )
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0 (0: no evaluation), got {args.eval_every}")
+    if args.export:
+        if Path(args.export).suffix not in (".safetensors", ".npz"):
+            raise ValueError(f"--export {args.export}: give a .safetensors or .npz path")
+        flags.check_writable("--export", str(Path(args.export).resolve().parent))
+    if args.resume and not args.ckpt_dir:
+        raise ValueError("--resume needs --ckpt-dir DIR: the directory to continue from")
+    platform = jax.devices()[0].platform
+    spec = runner.RunSpec(
+        mesh=args.mesh or ("dp=2,tp=4" if jax.device_count() == 8 else "dp=-1"),
+        strategy=args.strategy + ("+sp" if args.sp and not args.strategy.endswith("+sp") else ""),
+        impl=args.impl, model=args.model, overrides=args.overrides, optim=args.optim,
+        task=args.task, seq=args.seq, steps=args.steps, batch=args.batch, microbatches=args.microbatches,
+        dtype=args.dtype or ("float32" if platform == "cpu" else "bfloat16"), attention=args.attention,
+        scan=args.scan, remat=args.remat, lr=args.lr, seed=args.seed, init_from=args.init_from,
+    )  # fmt: skip
+    setup = runner.prepare(spec)
+    flags.note_tp_across_hosts(setup.mesh)
+    if args.eval_every:
+        setup.task.rows(0, range(1), "val")  # a missing held-out split (bin:DIR without val.bin) fails now
+    description = {
+        "model": dataclasses.asdict(setup.config),
+        "strategy": setup.strategy,
+        "mesh": describe(setup.mesh),
+        "impl": spec.impl,
+        "optim": dataclasses.asdict(setup.optim),
+        "seed": spec.seed,
+        "task": spec.task,
+        "seq": setup.task.seq_len,
+        "batch": spec.batch,
+        "microbatches": spec.microbatches,
+    }
+    job = Job(spec, setup, description)
+    if args.ckpt_dir:
+        job.checkpointer = checkpoint.Checkpointer(args.ckpt_dir, keep=args.keep)
+        latest = job.checkpointer.latest_step()
+        if latest is not None and not args.resume:  # a fresh run would prune and overwrite that one's files
+            raise ValueError(
+                f"{args.ckpt_dir} already holds checkpoints up to step {latest}: pass --resume to continue "
+                "that run, or choose another --ckpt-dir"
+            )
+    if args.resume:
+        job.resume_step = job.checkpointer.latest_step()
+        if job.resume_step is None:  # so one command serves a job's first start and every restart
+            say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
+            return job
+        saved = job.checkpointer.description(job.resume_step)
+        # +sp changes activations only: a strategy note moves state only when the base strategy differs.
+        same_layout = sharding.base_strategy(saved.get("strategy", "dp")) == sharding.base_strategy(
+            setup.strategy
+        )
+        for note in checkpoint.check_compatible(saved, description):
+            resharded = note.startswith(("mesh", "impl")) or (note.startswith("strategy") and not same_layout)
+            say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
+    return job
+
+
+def train(job: Job, args: argparse.Namespace) -> int:
+    """Restore or initialise the state, train to --steps, then save, export and sample; returns the status."""
+    from shardgpt.lab import runner
+    from shardgpt.training import loop
+    from shardgpt.training import train as training
+
+    s, spec, ckpt = job.setup, job.spec, job.checkpointer
+    if job.resume_step is not None:
+        target, shardings = training.abstract_state(s.model, s.tx, s.mesh, s.strategy)
+        state = ckpt.restore(target, job.resume_step)  # placed straight into the current mesh's layout
+        say(f"resumed from {ckpt.directory}/{job.resume_step} onto {job.description['mesh']} {s.strategy}")
+    else:
+        state, shardings = runner.initial_state(spec, s)
+    if int(state.step) >= spec.steps:
+        say(f"already at step {int(state.step)} of --steps {spec.steps}: nothing to train")
+    else:
+        try:
+            state = _train_to_the_end(job, args, state, shardings)
+        except loop.NonFiniteError as e:
+            if ckpt is not None:
+                ckpt.wait()  # a save in flight is a good state: name it once it is on disk
+            last = ckpt.latest_step() if ckpt else None
+            kept = f"; the last good checkpoint is step {last}" if last is not None else ""
+            print(f"{flags.prog(SCRIPT)}: error: {e}{kept}", file=sys.stderr)
+            return _finish(ckpt, EXIT_NON_FINITE)
+    _conclude(job, args, state)
+    return _finish(ckpt, 0)
+
+
+def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
+    """The Trainer from the state's step to --steps, with the NaN guard, metrics log and checkpoints."""
+    import jax
+
+    from shardgpt.io import checkpoint
+    from shardgpt.lab import runner
+    from shardgpt.parallel import sharding
+    from shardgpt.training import data, loop, optim
+
+    s, spec, ckpt, first = job.setup, job.spec, job.checkpointer, int(state.step)
+    step_fn = s.make_step(s.model, s.tx, s.mesh, s.strategy, shardings, microbatches=spec.microbatches)
+    batch_sharding = sharding.batch_sharding(s.mesh, s.strategy)
+    batch_for = lambda i: data.global_batch(s.task, i, spec.batch, batch_sharding, s.config.vocab_size)
+    # In this order: the evaluation adds val_loss to the metrics that the log then writes.
+    callbacks = [Evaluate(job, args, shardings)] if args.eval_every else []
+    if ckpt is not None and jax.process_index() == 0:
+        callbacks.append(MetricsLog(ckpt.directory / "metrics.jsonl", optim.schedule(s.optim), first))
+    callbacks.append(loop.StopOnNonFinite())
+    if ckpt is not None:
+        callbacks.append(checkpoint.SaveEvery(ckpt, args.save_every, job.description))
+    name = runner.run_name(spec)
+    trainer = loop.Trainer(
+        step_fn, state, batch_for, spec.batch * s.task.seq_len, callbacks,
+        progress=jax.process_index() == 0, description=name,
+    )  # fmt: skip
+    state = trainer.run(spec.steps - first)
+    losses = [h["loss"] for h in trainer.history]
+    say(f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f})")
+    return state
+
+
+def _conclude(job: Job, args: argparse.Namespace, state):
+    """Save the final state (unless just saved) and write --export."""
+    from shardgpt.io import weights
+
+    if job.checkpointer is not None:
+        job.checkpointer.save(state, job.description)
+    if args.export:
+        say(f"wrote {weights.export_params(state.params, job.setup.config, args.export)}")
+
+
+class Evaluate:
+    """Every --eval-every steps and at the last: the held-out loss (metrics' val_loss) and a text sample.
+
+    The held-out batches are the val split's first --eval-batches, the same at every evaluation, so the
+    losses compare; they are built once and kept on the devices.
+    """
+
+    def __init__(self, job: Job, args: argparse.Namespace, shardings):
+        from shardgpt.parallel import sharding
+        from shardgpt.training import data
+        from shardgpt.training import train as training
+
+        s = job.setup
+        self.job, self.every, self.last = job, args.eval_every, args.steps
+        self.loss = training.make_eval_loss(s.model, s.mesh, s.strategy, shardings)
+        batch_sharding = sharding.batch_sharding(s.mesh, s.strategy)
+        self.batches = [
+            data.global_batch(s.task, i, job.spec.batch, batch_sharding, s.config.vocab_size, split="val")
+            for i in range(args.eval_batches)
+        ]
+        self.sample = isinstance(s.task, data.CharTask)
+
+    def on_train_begin(self, trainer): ...
+
+    def wants_state(self, step: int) -> bool:
+        return (step + 1) % self.every == 0 or step + 1 == self.last
+
+    def on_step_end(self, trainer, step, metrics, state=None):
+        import math
+
+        import jax
+
+        from shardgpt.generation import generate
+
+        if state is None or not self.wants_state(step) or not math.isfinite(metrics["loss"]):
+            return  # not an evaluation step (another callback's), or a NaN step that StopOnNonFinite ends
+        metrics["val_loss"] = self.loss(state.params, self.batches)
+        say(f"step {step + 1}: held-out loss {metrics['val_loss']:.4f} (train {metrics['loss']:.4f})")
+        if self.sample:  # generated on the training mesh (every process takes part): one row per dp shard
+            s = self.job.setup
+            prompt = s.task.splits["val"][:8]
+            room = s.config.block_size + 1 - len(prompt)
+            (tokens, *_) = generate.generate(  # a fixed key per step: a resumed run prints the same sample
+                s.model, state.params, [prompt] * s.mesh.shape["dp"], min(SAMPLE_CHARS, room),
+                mesh=s.mesh, strategy=s.strategy, sampling=generate.Sampling(**SAMPLING),
+                key=jax.random.key(step),
+            )  # fmt: skip
+            say(f"sample:\n{s.task.decode(tokens)}\n")
+
+    def on_train_end(self, trainer): ...
+
+
+class MetricsLog:
+    """DIR/metrics.jsonl: one JSON object per step (step counted from 1, loss, grad_norm, tokens_per_s, lr).
+
+    On resume the lines of steps that run again are dropped first, so the file reads as one run.
+    """
+
+    def __init__(self, path: Path, lr_schedule, first: int):
+        self.path, self.lr = path, lr_schedule
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= first]
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+    def on_train_begin(self, trainer): ...
+
+    def wants_state(self, step: int) -> bool:
+        return False
+
+    def on_step_end(self, trainer, step, metrics, state=None):
+        record = {"step": step + 1, **metrics, "lr": float(self.lr(step))}
+        with self.path.open("a") as log:  # a line at a time: a kill loses at most the line being written
+            log.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, trainer): ...
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut by a kill: dropped
+
+
+def _finish(ckpt, status: int) -> int:
+    if ckpt is not None:
+        ckpt.close()  # wait for saves in flight: a checkpoint is only latest once complete
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train one run; exit 2 with a one-line reason on bad input, 3 on a NaN or inf."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = flags.parse_args(parser, argv)
+    launched = flags.launch_if_asked("shardgpt.cli.train", parser, args, argv)
+    if launched is not None:
+        return launched
+    flags.set_xla_flags(args.devices, plan=False, gpu_flags=args.gpu_flags)  # before jax is imported
+    from shardgpt.io.checkpoint import CheckpointError
+
+    try:  # only validation is caught: an error while training keeps its traceback
+        job = validate(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e).splitlines()[0])
+    try:
+        return train(job, args)
+    except CheckpointError as e:  # a corrupt checkpoint found while restoring: nothing was deleted
+        print(f"{flags.prog(SCRIPT)}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

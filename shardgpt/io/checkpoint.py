@@ -1,0 +1,225 @@
+"""Checkpoints on orbax's CheckpointManager: async, atomic, keep N, restored straight into the current layout.
+
+Each step's checkpoint holds the TrainState and the run's description as JSON (model config, strategy, mesh,
+impl, optimizer, seed, task). Batches are a function of the step, so the step is the data position.
+Restore always passes target shardings built from the *current* mesh and strategy (train.abstract_state):
+resharding onto another mesh, strategy or device count is the ordinary path, not a special one.
+"""
+
+import gc
+import inspect
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from shardgpt.training import loop, train
+
+_STEP = re.compile(r"^\d+$")
+_TMP = ".orbax-checkpoint-tmp"  # orbax writes here first and renames when complete: latest_step skips these
+OWN_FILES = {"metrics.jsonl"}  # experiments/train.py's log lives beside the steps
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used as asked; nothing in it has been changed."""
+
+
+class NonFiniteState(RuntimeError):
+    """A state holding a NaN or inf: Checkpointer.save refuses it."""
+
+
+def check_directory(directory: str | Path):
+    """Raise CheckpointError unless `directory` is absent, empty or holds only checkpoint steps.
+
+    Orbax deletes old steps (keep N) and stale temporaries: pointed at a foreign directory it could delete
+    someone's numbered folders, so anything unexpected is refused before a manager opens it.
+    """
+    where = Path(directory)
+    if where.exists() and not where.is_dir():
+        raise CheckpointError(f"checkpoint directory {where} is a file: give a directory")
+    if not where.exists():
+        return
+    for entry in where.iterdir():
+        name = entry.name
+        if name in OWN_FILES or _TMP in name or name.startswith("_CHECKPOINT_METADATA"):
+            continue
+        if not (_STEP.match(name) and entry.is_dir()):
+            raise CheckpointError(
+                f"{where} is not a shardgpt checkpoint directory (it holds {name!r}): choose an empty or new "
+                "directory; nothing was changed"
+            )
+        if not (entry / "meta").is_dir() or not (entry / "state").is_dir():
+            raise CheckpointError(
+                f"{entry} is not a shardgpt checkpoint (no meta/ and state/ inside): remove it by hand or "
+                "choose another directory; nothing was changed"
+            )
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def is_finite(state: train.TrainState) -> bool:
+    """True when every float leaf of the state (params and optimizer moments) is finite."""
+    return bool(_all_finite(state))
+
+
+def _collect_quietly():
+    """A failed orbax restore leaves its other reads suspended (coroutines never resumed); each would print
+    pages of TensorStore spec when finalised, so close them now, quietly."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+    try:
+        gc.collect()
+        for obj in gc.get_objects():
+            if inspect.iscoroutine(obj) and obj.cr_frame is not None and "orbax" in obj.cr_code.co_filename:
+                try:
+                    obj.close()
+                except Exception:  # the read's own failure, already reported by the restore
+                    pass
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+class Checkpointer:
+    """Save TrainStates asynchronously into `directory` (the last `keep` kept); restore into any layout."""
+
+    def __init__(self, directory: str | Path, keep: int | None = 3, async_save: bool = True):
+        if keep is not None and keep < 1:
+            raise CheckpointError(f"--keep must be >= 1, got {keep}")
+        check_directory(directory)
+        self.directory = Path(directory).resolve()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # a save killed midway leaves a temporary: never a step
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._saved: set[int] = set()
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (its state.step), or None."""
+        return self.manager.latest_step()
+
+    def save(self, state: train.TrainState, description: dict) -> int:
+        """Start saving `state` under its own step, with `description`; returns the step.
+
+        The device-to-host copy happens now; the write continues in the background (async). A state with
+        a NaN or inf is refused (NonFiniteState) so the last good checkpoint stays the latest.
+        """
+        step = int(state.step)
+        if not is_finite(state):
+            raise NonFiniteState(f"step {step}: the state holds NaN or inf; not saved")
+        if step in self._saved or step in self.manager.all_steps():
+            return step  # saved already (maybe still in flight), or by the run this one resumes: same state
+        json.dumps(description)  # fail now, not in the background thread
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description))
+        self.manager.save(step, args=args)
+        self._saved.add(step)
+        return step
+
+    def description(self, step: int | None = None) -> dict:
+        """The run description saved with `step` (default: the latest)."""
+        step = self._step(step)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many kinds; the user needs the path and the reason
+            raise CheckpointError(f"{self.directory}/{step}: cannot read its description ({e})") from e
+        if not isinstance(restored.meta, dict) or "model" not in restored.meta:
+            raise CheckpointError(f"{self.directory}/{step}: not a shardgpt checkpoint (no model in meta)")
+        return restored.meta
+
+    def restore(self, target: train.TrainState, step: int | None = None) -> train.TrainState:
+        """The state saved at `step` (default: the latest), placed as `target` says.
+
+        `target` is train.abstract_state(...)'s tree of ShapeDtypeStructs carrying the *current* mesh's
+        shardings, so each device reads only its own slices, whatever mesh or strategy saved them.
+        """
+        step = self._step(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        try:
+            return self.manager.restore(step, args=args).state
+        except Exception as e:  # orbax raises many kinds: the user needs the path and the first line
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _collect_quietly()
+        raise CheckpointError(
+            f"{self.directory}/{step}: cannot restore the state ({reason[:300]}); the checkpoint is corrupt "
+            "or from another model; nothing was deleted"
+        )
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            at = "" if step is None else f" at step {step}"
+            raise CheckpointError(f"no checkpoint{at} in {self.directory}")
+        return step
+
+    def wait(self):
+        """Block until every save in flight is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self):
+        """Finish pending saves and release the manager; call before the process exits."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# Model fields that change how a step computes, not what the state holds: they may differ on resume.
+COMPUTE_FIELDS = ("dtype", "attention", "remat", "ring_layout")
+
+
+def check_compatible(saved: dict, current: dict) -> list[str]:
+    """Raise CheckpointError if the saved model differs from the current one (compute fields aside); else
+    return notes on what else changed (mesh, strategy, impl: resharded on restore)."""
+    old, new = saved.get("model", {}), current.get("model", {})
+    differ = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in COMPUTE_FIELDS
+    )
+    if differ:
+        fields = ", ".join(f"{k}: saved {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
+        raise CheckpointError(
+            f"the checkpoint holds another model ({fields}): resume with the saved model's flags, "
+            "or use another --ckpt-dir"
+        )
+    notes = [
+        f"model.{k}: saved {old.get(k)!r}, now {new.get(k)!r}"
+        for k in COMPUTE_FIELDS
+        if old.get(k) != new.get(k)
+    ]
+    for key in ("mesh", "strategy", "impl", "task", "seed", "batch", "microbatches"):
+        if saved.get(key, 1 if key == "microbatches" else None) != current.get(key):
+            notes.append(f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}")
+    old_optim, new_optim = saved.get("optim", {}), current.get("optim", {})
+    for key in sorted(old_optim.keys() | new_optim.keys()):
+        if old_optim.get(key) != new_optim.get(key):
+            notes.append(f"optim.{key}: saved {old_optim.get(key)!r}, now {new_optim.get(key)!r}")
+    return notes
+
+
+class SaveEvery(loop.Callback):
+    """Save the state every `every` steps (by state.step) through a Checkpointer; finite states only."""
+
+    def __init__(self, checkpointer: Checkpointer, every: int, description: dict):
+        self.checkpointer, self.every, self.description = checkpointer, every, description
+        self.saved: list[int] = []
+
+    def wants_state(self, step: int) -> bool:
+        return (step + 1) % self.every == 0  # state.step == step + 1 after the step
+
+    def on_step_end(self, trainer, step, metrics, state=None):
+        if state is None or not self.wants_state(step):
+            return
+        if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")):
+            return  # the NaN guard stops the run; the last good checkpoint stays the latest
+        try:
+            self.saved.append(self.checkpointer.save(state, self.description))
+        except NonFiniteState:  # finite metrics, yet an update overflowed: stop as the NaN guard would
+            raise loop.NonFiniteError(step + 1, metrics, "state (params or optimizer moments)") from None

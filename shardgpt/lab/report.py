@@ -1,0 +1,344 @@
+"""Reporting lab results: the equivalence check, the text tables and results.json (plots.py draws the PNGs).
+
+Works on plain results dicts (DESIGN.md's schema), so it needs no jax and can re-render a saved run.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shardgpt.analysis.attribution import CAUSES, UNATTRIBUTED
+from shardgpt.analysis.attribution import TOLERANCE as THEORY_TOLERANCE
+from shardgpt.analysis.hlo import KINDS, SLICED_ALL_REDUCE
+from shardgpt.lab.plots import write_plots
+
+# Runs that differ only in mesh, strategy (+sp too), impl or microbatches compute the same function; only
+# the order of floating-point reductions differs (~1e-7 relative in fp32). bf16 rounds every partial sum to
+# 8 mantissa bits, so its bound is loose: a wrong gradient still misses it by far.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+# Judged window. Training amplifies rounding differences exponentially (measured here: gpt-pico on sort, fp32,
+# they pass 1e-4 near step 30 at lr 1e-3 and 3e-3), so later steps are reported, not judged; a real bug (a
+# missing reduction, a mis-sharded moment) shows from step 2. Grad norms are judged too: Adam's update is
+# blind to the gradients' scale, so a mis-scaled reduction barely moves the losses.
+CHECKED_STEPS = 10
+# Config fields that change how, not what, the model computes.
+_EXECUTION_ONLY = ("attention", "scan_layers", "remat", "ring_layout")
+
+
+def _equivalence_key(run: dict[str, Any]) -> str:
+    config = {k: v for k, v in run.get("config", {}).items() if k not in _EXECUTION_ONLY}
+    fields = ("model", "task", "dtype", "seed", "batch", "seq", "steps", "lr", "optim")
+    return json.dumps([config, [run.get(f) for f in fields]], sort_keys=True, default=str)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def agreement(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups of runs that should be equivalent (same model, task, dtype, seed...), checked against the first.
+
+    A run disagrees when its loss or grad norm at any of the first CHECKED_STEPS steps, or its final loss
+    if that is not finite, is off the reference's by more than TOLERANCE (relative) for the dtype. A run that
+    agrees there but whose final loss does not "drifts": the step where it first parts is reported.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(_equivalence_key(run), []).append(run)
+    checks = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        ref = members[0]
+        tolerance = TOLERANCE.get(ref["dtype"], 5e-2)
+        early, final, drift = {}, {}, {}
+        for r in members:
+            losses = [_rel(a, b) for a, b in zip(r["losses"], ref["losses"], strict=False)]
+            norms = [
+                _rel(a, b) for a, b in zip(r.get("grad_norms", ()), ref.get("grad_norms", ()), strict=False)
+            ]
+            early[r["name"]] = max(losses[:CHECKED_STEPS] + norms[:CHECKED_STEPS], default=0.0)
+            final[r["name"]] = _rel(r["final_loss"], ref["final_loss"])
+            drift[r["name"]] = next((i for i, d in enumerate(losses, 1) if not d <= tolerance), None)
+        # `not d <= tol` rather than `d > tol`: NaN compares False with everything and must disagree.
+        disagree = [n for n in early if not early[n] <= tolerance or final[n] != final[n]]
+        checks.append(
+            {
+                "runs": [r["name"] for r in members],
+                "reference": ref["name"],
+                "dtype": ref["dtype"],
+                "tolerance": tolerance,
+                "checked_steps": min(CHECKED_STEPS, len(ref["losses"])),
+                "max_rel_diff": max(early.values()),
+                "final_max_rel_diff": max(final.values()),
+                "disagree": disagree,
+                "drift": {n: drift[n] for n in early if n not in disagree and final[n] > tolerance},
+                "ok": not disagree,
+            }
+        )
+    return checks
+
+
+def _size(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "n/a"
+    for unit in ("B", "K", "M", "G"):
+        if abs(nbytes) < 1024 or unit == "G":
+            return f"{nbytes:.3g}{unit}" if unit != "B" and abs(nbytes) < 1000 else f"{nbytes:.0f}{unit}"
+        nbytes /= 1024
+
+
+def grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned others, widths fitted to the content."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row):
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in pairs]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(header), "-" * len(fmt(header)), *map(fmt, rows)]
+
+
+GENERATE_COLUMNS = {
+    "batch": "batch",
+    "prompt_len": "prompt",
+    "new_tokens": "new",
+    "tokens_per_s": "tokens/s",
+    "compiles": "compiles",
+    "naive_tokens_per_s": "naive tokens/s",
+    "recompute_tokens_per_s": "recompute tokens/s",
+    "greedy_matches_recompute": "matches recompute",
+}
+
+
+def table(results: dict[str, Any]) -> str:
+    """The report: throughput and memory, collectives with their theory, generation, then the checks."""
+    runs = results["runs"]
+    checks = agreement(runs)
+    verdict = {name: "ok" for c in checks for name in c["runs"]}
+    verdict |= {name: f"drifts@{step}" for c in checks for name, step in c["drift"].items()}
+    verdict |= {name: "DISAGREES" for c in checks for name in c["disagree"]}
+    rows = []
+    for r in runs:
+        mem, ideal = r["memory"], r.get("expected_memory", {})
+        cells = [
+            f"{_size(mem[f'{k}_bytes_per_device'])} ({_size(ideal.get(f'{k}_bytes_per_device'))})"
+            for k in ("params", "grads", "opt_state")
+        ]
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        compiled = [_size(mem.get(f"{k}_bytes_per_device")) for k in ("temp", "peak")]
+        timing = [f"{r['compile_s']:.2f}", f"{1e3 * r['step_time_s']:.2f}", f"{r['tokens_per_s']:,.0f}"]
+        rows.append(
+            [r["name"], str(r.get("microbatches", 1)), *timing]
+            + [mfu, *cells, *compiled, f"{r['final_loss']:.6f}", verdict.get(r["name"], "-")]
+        )
+    header = ["run", "M", "compile s", "step ms", "tokens/s", "MFU", "params", "grads*", "opt state", "temps"]
+    out = grid([*header, "peak", "final loss", "agrees"], rows)
+    out += [
+        "M: microbatches per step (gradient accumulation inside the one jitted step)",
+        "memory per device: params and opt state measured from the live arrays' shards; grads* derived from",
+        "  the layout (they never persist); (in brackets) the ZeRO paper's ideal (theory); temps and peak",
+        "  from the compiled program (XLA's memory_analysis; on CPU peak = args + outputs - aliased + temps)",
+    ]
+    device_peaks = [(r["name"], r["memory"].get("device_peak_bytes")) for r in runs]
+    if any(peak is not None for _, peak in device_peaks):
+        out.append(
+            "  live device peak (memory_stats, since the process started): "
+            + ", ".join(f"{name} {_size(peak)}" for name, peak in device_peaks)
+        )
+
+    out += ["", "collectives per device per step, read from the compiled HLO: result bytes in N ops"]
+    rows = [[r["name"], *(_collective(r["collectives"][k]) for k in KINDS)] for r in runs]
+    out += grid(["run", *KINDS], rows)
+    if any(r["collectives"].get(SLICED_ALL_REDUCE, {}).get("count") for r in runs):
+        out.append(
+            f"  {SLICED_ALL_REDUCE}: a reduce-scatter as XLA:CPU compiles it (an all-reduce whose every use "
+            "is a dynamic slice); bytes of the all-reduce"
+        )
+    if any(r.get("collectives_by_cause") for r in runs):
+        out += ["", "collectives by cause beside theory (per device per step; rows off theory by > 5%):"]
+        out += [line for r in runs for line in _reconciliation_lines(r)]
+        out.append("  the full table of one run: experiments/run.py --explain RUN (--out DIR: the results)")
+
+    bubbles = pipeline_bubbles(runs)
+    if bubbles:
+        out += [
+            "",
+            "pipeline (GPipe in shard_map): the bubble, theory (pp - 1) / (M + pp - 1) beside measured",
+        ]
+        out += bubble_table(bubbles)
+    generated = [r for r in runs if r.get("generate")]
+    skipped = [r for r in runs if r.get("generate_skipped")]
+    if generated or skipped:
+        rows = [[r["name"], *(_number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
+        out += ["", "generation (KV cache; naive = re-jit per length; recompute = full forward per token)"]
+        out += grid(["run", *GENERATE_COLUMNS.values()], rows) if generated else []
+        out += [f"  {r['name']}: generation {r['generate_skipped']}" for r in skipped]
+
+    first = runs[0] if runs else {}
+    peak = first.get("peak_flops")
+    source = results.get("meta", {}).get("flops_per_token_source", "6N + 12·L·H·Q·T (PaLM app. B)")
+    out += [
+        "",
+        f"step time: median of the timed steps after {first.get('steps', 0) - first.get('timed_steps', 0)}"
+        " warm-up; step t+1 is dispatched before step t's loss is read (async dispatch respected)",
+        f"MFU = tokens/s x FLOPs/token / (peak x devices); FLOPs/token = {source}"
+        f" = {first.get('flops_per_token', 0):,.0f}; peak used: "
+        + (f"{peak:.3g} FLOP/s per device (bf16 datasheet)" if peak else "none known for this device -> n/a"),
+    ]
+    out += [line for c in checks for line in _check_lines(c)]
+    return "\n".join(out)
+
+
+def bubble_table(bubbles: Sequence[dict[str, Any]]) -> list[str]:
+    """pipeline_bubbles' rows as a text table, with how the measurement is made."""
+    percent = lambda x: "n/a" if x is None else f"{x:.1%}"
+    rows = [
+        [b["name"], str(b["pp"]), str(b["microbatches"]), str(b["ticks"]), f"{1e3 * b['step_time_s']:.2f}"]
+        + [percent(b["bubble_theory"]), percent(b["bubble_measured"])]
+        for b in bubbles
+    ]
+    out = grid(["run", "pp", "M", "ticks", "step ms", "bubble (theory)", "bubble (measured)"], rows)
+    return out + [
+        "  measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks",
+        "  across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough",
+    ]
+
+
+def pipeline_bubbles(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pp run's bubble: theory beside a measurement. The tick time is the least-squares slope of step
+    time over ticks (M + pp - 1) across the runs that differ only in M at the same microbatch size (rows
+    per microbatch), so per-tick work is equal; measured = (pp - 1) x tick time / step time. None where
+    fewer than two such runs exist."""
+    piped = [r for r in runs if r.get("pipeline")]
+    key = lambda r: (
+        r["name"].split(" M=")[0],
+        r["model"],
+        r["impl"],
+        r["seq"],
+        r["batch"] // r["microbatches"],
+    )
+    groups: dict = {}
+    for r in piped:
+        groups.setdefault(json.dumps(key(r), default=str), []).append(r)
+    out = []
+    for r in piped:
+        group = groups[json.dumps(key(r), default=str)]
+        ticks = [g["pipeline"]["ticks"] for g in group]
+        measured = None
+        if len(set(ticks)) > 1:
+            times = [g["step_time_s"] for g in group]
+            mt, mtime = sum(ticks) / len(ticks), sum(times) / len(times)
+            slope = sum((t - mt) * (y - mtime) for t, y in zip(ticks, times, strict=True)) / sum(
+                (t - mt) ** 2 for t in ticks
+            )
+            measured = (r["pipeline"]["pp"] - 1) * slope / r["step_time_s"]
+        out.append(
+            {"name": r["name"], "step_time_s": r["step_time_s"], **r["pipeline"], "bubble_measured": measured}
+        )
+    return out
+
+
+def _check_lines(c: dict[str, Any]) -> list[str]:
+    within = f"within {c['tolerance']:g} relative ({c['dtype']})"
+    if not c["ok"]:
+        return [
+            f"DISAGREE: {', '.join(c['disagree'])} vs {c['reference']}: should be equivalent, but losses or "
+            f"grad norms over the first {c['checked_steps']} steps differ by up to {c['max_rel_diff']:.2g}, "
+            f"not {within}"
+        ]
+    lines = [
+        f"equivalent runs agree: {len(c['runs'])} runs' losses and grad norms over the first "
+        f"{c['checked_steps']} steps {within}, max difference {c['max_rel_diff']:.2g}"
+    ]
+    if c["drift"]:
+        parted = ", ".join(f"{name} at step {step}" for name, step in c["drift"].items())
+        lines += [
+            f"  then they drift apart ({parted}): final losses differ by up to "
+            f"{c['final_max_rel_diff']:.2g} relative;",
+            "  training amplifies the rounding differences of another reduction order (not judged)",
+        ]
+    else:
+        lines.append(f"  and so do their final losses (max difference {c['final_max_rel_diff']:.2g})")
+    return lines
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    return "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+
+
+def _reconciliation_lines(run: dict[str, Any]) -> list[str]:
+    """One line per run: how much of its bytes theory accounts for, then each row off by more than 5%."""
+    rows = run.get("collectives_by_cause") or []
+    compiled = sum(r["bytes"] for r in rows)
+    lost = sum(r["bytes"] for r in rows if r["cause"] == UNATTRIBUTED)
+    off = [
+        r
+        for r in rows
+        if r["ratio"] is None
+        and r["bytes"]
+        or r["ratio"] is not None
+        and abs(r["ratio"] - 1) > THEORY_TOLERANCE
+    ]
+    head = (
+        f"  {run['name']}: {_size(compiled)} compiled, theory {_size(sum(r['theory_bytes'] for r in rows))}"
+    )
+    head += f", unattributed {_size(lost)}" if lost else ", all attributed"
+    lines = [head + ("; every cause within 5% of theory" if not off else "")]
+    for r in off:
+        got, want = (
+            f"{_size(r['bytes'])} in {r['count']}",
+            f"{_size(r['theory_bytes'])} in {r['theory_count']}",
+        )
+        note = f": {r['note']}" if r["note"] else ""
+        lines.append(f"    {r['cause']} {r['kind']}: {got} vs theory {want} ({_ratio(r)}){note}")
+    return lines
+
+
+def explain(run: dict[str, Any]) -> str:
+    """The whole reconciliation table of one run, then the op names behind each row's compiled bytes."""
+    rows = run.get("collectives_by_cause")
+    if not rows:
+        return f"{run['name']}: no collectives_by_cause in this record (written before they were recorded)"
+    table = [
+        [r["cause"], r["kind"], str(r["count"]), _size(r["bytes"]), str(r["theory_count"]),
+         _size(r["theory_bytes"]), _ratio(r), r["note"]]
+        for r in rows
+    ]  # fmt: skip
+    header = ["cause", "kind", "ops", "bytes", "theory ops", "theory bytes", "ratio", "why they differ"]
+    out = [
+        f"{run['name']} ({run.get('model', '')}, batch {run.get('batch')}, seq {run.get('seq')}): collectives"
+    ]
+    out += ["per device per step, compiled (read from the HLO) beside theory (from the layout)", ""]
+    out += grid(header, table)
+    out += ["", "causes:"] + [
+        f"  {cause}: {what}" for cause, what in CAUSES.items() if any(r["cause"] == cause for r in rows)
+    ]
+    out += ["", "the ops behind each row (op_name after the jit prefix [mesh axes]: bytes per step):"]
+    for r in rows:
+        for name, nbytes in r["ops"].items():
+            out.append(f"  {r['cause']} {r['kind']}: {name}: {_size(nbytes)}")
+    return "\n".join(out)
+
+
+def _collective(entry: dict[str, int]) -> str:
+    return "-" if not entry["count"] else f"{_size(entry['bytes'])} in {entry['count']}"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return "n/a" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write(results: dict[str, Any], out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """Write out_dir/results.json and (unless `plots` is False) the PNG plots; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return [path, *(write_plots(results["runs"], out) if plots else [])]

@@ -1,0 +1,374 @@
+"""The GPT (flax.linen, minGPT architecture); every param and key activation carries logical axis names.
+
+Shape key, used in names throughout: B batch, L sequence length (queries), S key/cache length, D n_embd,
+H heads, K head dim, F mlp width, V padded vocab, N layers.
+"""
+
+import contextlib
+import contextvars
+import functools
+import math
+from collections.abc import Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from shardgpt.model.config import ModelConfig
+
+# The closed vocabulary of logical axis names (DESIGN.md); sharding rules map these to mesh axes.
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
+
+BxLxD = ("batch", "length", "embed")
+BxLxHxK = ("batch", "length", "heads", "kv")
+
+
+class Hooks:
+    """How the model reads params and crosses shards. This default is the global view (GSPMD, one device):
+    every hook is the identity. shard_map_step.py installs one that runs the model on per-device shards inside
+    jax.shard_map (Megatron's collectives, ZeRO-3's gathers), so one model definition serves both impls.
+    """
+
+    # A jax.checkpoint policy to remat every block with even when config.remat is off (ZeRO-3 under
+    # shard_map: save all but the gathered params, so the backward pass gathers them again).
+    remat_policy = None
+
+    def compute_shape(self, shape: tuple[int, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+        """The shape this device computes with, for a global shape with these logical names."""
+        return shape
+
+    def param(
+        self, module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype=None
+    ):
+        """module.param with logical names, read as `dtype` (None: fp32, as stored); `shape` is the compute
+        shape (see compute_shape)."""
+        value = module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+        return value if dtype is None else value.astype(dtype)
+
+    def copy_to_shards(self, x):
+        """Megatron's f, before a layer whose weights are split: identity forward, all-reduce backward."""
+        return x
+
+    def reduce_from_shards(self, y, contracted: tuple[str, ...]):
+        """Megatron's g, after contracting `contracted` dims: all-reduce where those are split."""
+        return y
+
+    def embed(self, table_VxD, ids):
+        """Rows of the embedding table: a vocab-parallel lookup where the vocab is split.
+
+        An id outside the table gives a zero row, as the vocab-parallel lookup does (a plain gather would
+        clamp it); ids are validated where data enters, so this only keeps the two impls equal.
+        """
+        return jnp.take(table_VxD, ids, axis=0, mode="fill", fill_value=0)
+
+    def split_length(self, x_BxLxD):
+        """This device's part of the sequence where sequence parallelism splits it (the whole x here)."""
+        return x_BxLxD
+
+    def vocab_ids(self, n: int):
+        """Global vocab ids of this device's n logits (they differ from arange where vocab is split)."""
+        return jnp.arange(n)
+
+    def attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation):
+        """Causal attention. Under GSPMD with the sequence split over cp, K and V are gathered whole along
+        it (each device attends its own queries to every key: MaxText's default); elsewhere the constraint
+        is the layout they already have."""
+        kv_names = ("batch", None, "heads", "kv")
+        k_BxLxHxK, v_BxLxHxK = constrain(k_BxLxHxK, kv_names), constrain(v_BxLxHxK, kv_names)
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=implementation
+        )
+
+    # True where the stacked blocks run as pipeline stages (shard_map_step's pp): GPT then calls run_blocks.
+    pipelined = False
+
+    def run_blocks(self, block: nn.Module, stacked_params, x_BxLxD, remat: bool):
+        """The stacked blocks applied by an unbound `block` to x, where `pipelined` (parallel.pipeline)."""
+        raise NotImplementedError
+
+
+_GLOBAL_VIEW = Hooks()
+_HOOKS: contextvars.ContextVar[Hooks | None] = contextvars.ContextVar("shardgpt_model_hooks", default=None)
+
+
+def _hooks() -> Hooks:
+    return _HOOKS.get() or _GLOBAL_VIEW
+
+
+@contextlib.contextmanager
+def use_hooks(hooks: Hooks) -> Iterator[None]:
+    """Trace the model with `hooks` installed (shard_map_step.py does, inside its shard_map)."""
+    token = _HOOKS.set(hooks)
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
+
+
+def constrain(x, names: tuple[str, ...]):
+    """Constrain an activation to its logical names' sharding; loud where flax would be silent.
+
+    flax drops a logical constraint when no mesh is set, so a program lowered outside `jax.set_mesh`
+    would quietly differ from the one that runs: with rules active and no mesh, raise instead.
+    """
+    if nn.get_logical_axis_rules() and jax.sharding.get_abstract_mesh().empty:
+        raise RuntimeError(
+            "activation sharding rules are set but no mesh is: trace the model under jax.set_mesh(mesh) "
+            "(train.make_train_step's jitted step carries its mesh)"
+        )
+    return nn.with_logical_constraint(x, names)
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype=None):
+    """A float32 param with its logical axis names attached where it is created, read through the hooks
+    as `dtype` (None: fp32)."""
+    return _hooks().param(module, name, init, shape, names, dtype)
+
+
+_normal = nn.initializers.normal  # minGPT's N(0, std) init
+_zeros, _ones = nn.initializers.zeros_init(), nn.initializers.ones_init()
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias), contracting x's trailing `in_axes` dims; the kernel keeps every named dim."""
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    std: float
+    config: ModelConfig
+    use_bias: bool | None = None  # None: the config's choice
+
+    @nn.compact
+    def __call__(self, x, weights_only: bool = False):
+        """y = x @ kernel (+ bias); with `weights_only`, (kernel, bias or None) as read, for a caller that
+        fuses several projections into one matmul."""
+        hooks, n_in = _hooks(), len(self.in_axes)
+        features = hooks.compute_shape(self.features, self.out_axes)
+        names = (*self.in_axes, *self.out_axes)
+        dtype = jnp.dtype(self.config.dtype)
+        # Read in the compute dtype: a weight gathered over dp (ZeRO-3) is cast as a shard, then gathered.
+        kernel = _param(self, "kernel", _normal(self.std), x.shape[-n_in:] + features, names, dtype)
+        bias = None
+        if self.config.use_bias if self.use_bias is None else self.use_bias:
+            bias = _param(self, "bias", _zeros, features, self.out_axes, dtype)
+        if weights_only:
+            return kernel, bias
+        # Row-parallel (contracting a split dim) sums the shards' partial products before the bias.
+        y = hooks.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
+        return y if bias is None else y + bias
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over `embed`, computed in fp32 whatever the compute dtype."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        d = x_BxLxD.shape[-1]
+        x = x_BxLxD.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        scale = _param(self, "scale", _ones, (d,), ("embed",))
+        y = (x - mean) * jax.lax.rsqrt(var + self.config.ln_eps) * scale
+        if self.config.use_bias:
+            y = y + _param(self, "bias", _zeros, (d,), ("embed",))
+        return y.astype(self.config.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention; with a KV cache it writes this call's keys at `positions` first."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, cache):
+        cfg = self.config
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # minGPT's scaled init of residual projections
+        heads = functools.partial(Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg)
+        x_BxLxD = _hooks().copy_to_shards(x_BxLxD)  # once for q, k and v: one backward all-reduce
+        # q, k and v in one matmul, so x's gradient is one dot's: GSPMD reduces a tp-split x's gradient
+        # once, not three partial sums one by one (3x Megatron's f bytes: shardgpt.analysis.attribution).
+        weights = [heads(name=name)(x_BxLxD, weights_only=True) for name in ("query", "key", "value")]
+        kernel_Dx3xHxK = jnp.stack([kernel for kernel, _ in weights], axis=1)
+        qkv_BxLx3xHxK = jnp.tensordot(x_BxLxD.astype(cfg.dtype), kernel_Dx3xHxK, 1)
+        if cfg.use_bias:
+            qkv_BxLx3xHxK = qkv_BxLx3xHxK + jnp.stack([bias for _, bias in weights])
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (constrain(qkv_BxLx3xHxK[:, :, i], BxLxHxK) for i in range(3))
+        if cache is None:
+            with jax.named_scope("attention"):
+                out_BxLxHxK = _hooks().attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.attention)
+        else:
+            out_BxLxHxK, cache = _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache)
+        out_BxLxHxK = constrain(out_BxLxHxK, BxLxHxK)
+        proj = Dense((cfg.n_embd,), ("heads", "kv"), ("embed",), residual_std, cfg, name="out")
+        return constrain(proj(out_BxLxHxK), BxLxD), cache
+
+
+def _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache):
+    """Write this call's keys/values into the fixed-shape cache at each row's positions, then attend to
+    every cached position at or before the query's (later slots hold stale or padding entries)."""
+    k_BxSxHxK, v_BxSxHxK = cache
+    start_B = positions_BxL[:, 0]
+
+    def write(buffer_SxHxK, new_LxHxK, start):
+        return jax.lax.dynamic_update_slice(buffer_SxHxK, new_LxHxK.astype(buffer_SxHxK.dtype), (start, 0, 0))
+
+    k_BxSxHxK = jax.vmap(write)(k_BxSxHxK, k_BxLxHxK, start_B)
+    v_BxSxHxK = jax.vmap(write)(v_BxSxHxK, v_BxLxHxK, start_B)
+    slots_S = jnp.arange(k_BxSxHxK.shape[1])
+    mask_Bx1xLxS = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
+    with jax.named_scope("cached_attention"):
+        out_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxSxHxK.astype(q_BxLxHxK.dtype), v_BxSxHxK.astype(q_BxLxHxK.dtype), mask=mask_Bx1xLxS
+        )
+    return out_BxLxHxK, (k_BxSxHxK, v_BxSxHxK)
+
+
+class MLP(nn.Module):
+    """Column-parallel up-projection, GELU, row-parallel down-projection (minGPT's 4x width)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.config
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        x_BxLxD = _hooks().copy_to_shards(x_BxLxD)
+        h_BxLxF = Dense((cfg.mlp_dim,), ("embed",), ("mlp",), 0.02, cfg, name="up")(x_BxLxD)
+        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
+        h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.gelu_approximate)
+        return Dense((cfg.n_embd,), ("mlp",), ("embed",), residual_std, cfg, name="down")(h_BxLxF)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, cache):
+        cfg = self.config
+        attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(
+            LayerNorm(cfg, name="ln_1")(x_BxLxD), positions_BxL, cache
+        )
+        x_BxLxD = x_BxLxD + attn_BxLxD
+        x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(LayerNorm(cfg, name="ln_2")(x_BxLxD))
+        return constrain(x_BxLxD, BxLxD), cache
+
+
+class GPT(nn.Module):
+    """tokens_BxL -> logits_BxLxV. With a KV cache (see `init_cache`) it also returns the updated cache.
+
+    `logits_at_BxM` (indices into L) applies the head only at those positions: logits_BxMxV. With
+    `head=False` it returns the final LayerNorm's output x_BxLxD instead, for a loss that applies the head
+    itself (`head_DxV` reads its weight; shardgpt.training.loss).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions_BxL=None, cache=None, logits_at_BxM=None, head: bool = True):
+        cfg, hooks = self.config, _hooks()
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        vocab_embed, length_embed = ("vocab", "embed"), ("length", "embed")
+        wte_shape = hooks.compute_shape((cfg.padded_vocab_size, cfg.n_embd), vocab_embed)
+        wte_VxD = _param(self, "wte", _normal(0.02), wte_shape, vocab_embed)
+        wpe_shape = hooks.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
+        wpe_LxD = _param(self, "wpe", _normal(0.02), wpe_shape, length_embed)
+        with jax.named_scope("embed"):  # scopes name each collective's cause (shardgpt.analysis.attribution)
+            # The tables in their compute layout (embed whole: ZeRO-3 gathers them here), else GSPMD splits
+            # the lookups over the tables' dp-sharded embed dim and gathers the activations instead.
+            wte_VxD, wpe_LxD = constrain(wte_VxD, vocab_embed), constrain(wpe_LxD, length_embed)
+            # This device's positions first (+sp, cp): wpe's gradient, not the lookup's, is then summed.
+            pos_BxLxD = wpe_LxD[hooks.split_length(positions_BxL)]
+            x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
+            x_BxLxD = constrain(x_BxLxD, BxLxD)
+
+        block = Block
+        if cfg.remat or hooks.remat_policy is not None:
+            policy = None if cfg.remat else hooks.remat_policy  # None: recompute all of the block
+            block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
+        if hooks.pipelined and cache is None:  # pp: this device's stage of the stacked layers (pipeline.py)
+            x_BxLxD = hooks.run_blocks(
+                Block(cfg, parent=None), self.variables["params"]["blocks"], x_BxLxD, cfg.remat
+            )
+        elif cfg.scan_layers:
+            # One traced block, params stacked on a leading `layers` axis: compile time flat in depth.
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxLxD, cache = blocks(cfg, name="blocks")(x_BxLxD, positions_BxL, cache)
+        else:
+            layer_caches = []
+            for i in range(cfg.n_layer):
+                layer_cache = None if cache is None else cache[i]
+                x_BxLxD, layer_cache = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, layer_cache)
+                layer_caches.append(layer_cache)
+            cache = None if cache is None else tuple(layer_caches)
+
+        if logits_at_BxM is not None:  # e.g. a prefill needs only each prompt's last position
+            x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxM[:, :, None], axis=1)
+        x_BxLxD = LayerNorm(cfg, name="ln_f")(x_BxLxD)
+        with jax.named_scope("head"):
+            x_BxLxD = hooks.copy_to_shards(x_BxLxD)
+            if not head:
+                return x_BxLxD if cache is None else (x_BxLxD, cache)
+            if cfg.tie_embeddings:
+                logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, wte_VxD.astype(cfg.dtype))
+            else:
+                proj = Dense(
+                    (cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, False, name="lm_head"
+                )
+                logits_BxLxV = proj(x_BxLxD)
+            logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            # Padding ids get no probability: loss, sampling and users all see the unpadded distribution.
+            real_V = hooks.vocab_ids(logits_BxLxV.shape[-1]) < cfg.vocab_size
+            logits_BxLxV = jnp.where(real_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
+        return logits_BxLxV if cache is None else (logits_BxLxV, cache)
+
+
+def head_DxV(params, config: ModelConfig):
+    """The LM head's weight in the compute dtype, as GPT applies it: lm_head's kernel, or wte transposed
+    when the embeddings are tied."""
+    weight_DxV = params["wte"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+    return weight_DxV.astype(config.dtype)
+
+
+def cache_shape(config: ModelConfig, batch: int) -> tuple[int, ...]:
+    """Shape of each of the cache's key and value arrays: (layers, batch, max_len, heads, kv)."""
+    return (config.n_layer, batch, config.block_size, config.n_head, config.head_dim)
+
+
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+
+
+def init_cache(config: ModelConfig, batch: int):
+    """An empty KV cache in the compute dtype, laid out for the model's layer loop.
+
+    Scanned: one (keys, values) pair stacked over layers (CACHE_AXES), which nn.scan slices and restacks
+    in place. Unrolled: a tuple of per-layer (keys, values) pairs (CACHE_AXES[1:]), so a decode step never
+    restacks (copies) the whole cache.
+    """
+    shape = cache_shape(config, batch)
+    if config.scan_layers:
+        zeros = jnp.zeros(shape, config.dtype)
+        return zeros, zeros
+    layer = jnp.zeros(shape[1:], config.dtype)
+    return tuple((layer, layer) for _ in range(config.n_layer))
+
+
+def unstack_layers(params, n_layer: int):
+    """Scanned params (each layer's stacked under "blocks") -> the unrolled layout ("block_0", ...)."""
+    unrolled = {name: value for name, value in params.items() if name != "blocks"}
+    for i in range(n_layer):
+        unrolled[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+    return unrolled

@@ -1,0 +1,89 @@
+"""Will one run lay out on its mesh? Every check of a run against its mesh, raised before any compile with
+the fix in the message: the axes (pp needs shard_map and stacked layers; cp and +sp both split the
+sequence), the batch (dp, microbatches, filling the pipeline), the sequence (+sp over tp, cp's chunks)
+and the context. The param shapes are checked where their shardings are built (sharding.tree_shardings).
+"""
+
+from jax.sharding import Mesh
+
+from shardgpt.model.config import ModelConfig
+from shardgpt.parallel import microbatch, pipeline, sharding
+
+
+def check(
+    mesh: Mesh,
+    strategy: str,
+    impl: str,
+    config: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    microbatches: int,
+) -> None:
+    """Every check below for one run: ValueError naming what to change, or None."""
+    check_mesh_axes(mesh, strategy, impl, config)
+    check_batch(config, mesh, strategy, batch_size, seq_len, microbatches)
+
+
+def check_mesh_axes(mesh: Mesh, strategy: str, impl: str, config: ModelConfig) -> None:
+    """Raise before compiling where pp or cp cannot run: pp needs shard_map (GPipe is written there) and the
+    stacked layers; cp does not combine with +sp (both split the sequence)."""
+    pp, cp = mesh.shape.get("pp", 1), mesh.shape.get("cp", 1)
+    n_layer, scan_layers = config.n_layer, config.scan_layers
+    if pp > 1 and impl != "shard_map":
+        raise ValueError(
+            f"pp={pp}: the pipeline (GPipe's schedule) is written in shard_map: use --impl shard_map, or a "
+            "mesh without pp"
+        )
+    if pp > 1 and not scan_layers:
+        raise ValueError(f"pp={pp} splits the stacked layers into stages: drop --no-scan")
+    if pp > 1 and n_layer % pp:
+        raise ValueError(f"n_layer {n_layer} does not split into pp={pp} equal stages: choose pp dividing it")
+    if cp > 1 and sharding.is_sequence_parallel(strategy):
+        raise ValueError(
+            f"{sharding.canonical(strategy)} on cp={cp}: +sp and cp both split the sequence: drop one"
+        )
+
+
+def check_batch(
+    config: ModelConfig, mesh: Mesh, strategy: str, batch_size: int, seq_len: int, microbatches: int = 1
+):
+    """Raise before compiling when the batch cannot run: too long for the context, not divisible by dp (or
+    its dp shards by `microbatches`), a sequence that +sp cannot split over tp or cp over cp, or a pipeline
+    that M microbatches cannot fill (pipeline.check)."""
+    if seq_len > config.block_size:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds the model's block_size {config.block_size}: "
+            f"shorten the sequence or set model.block_size >= {seq_len}"
+        )
+    spec = sharding.batch_sharding(mesh, strategy).spec
+    sharding.check_divisible("batch", (batch_size, seq_len), ("batch", "length"), spec, mesh)
+    check_sequence_parallel(mesh, strategy, seq_len)
+    data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
+    microbatch.check(batch_size, microbatches, mesh.shape[data_axis])
+    cp, zigzag = mesh.shape.get("cp", 1), config.ring_layout == "zigzag"
+    if cp > 1 and seq_len % (2 * cp if zigzag else cp):
+        parts = f"2 x cp = {2 * cp} chunks (ring_layout zigzag)" if zigzag else f"cp={cp}"
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by {parts}: choose --seq a multiple of "
+            f"{2 * cp if zigzag else cp} (a chars:PATH task; sort's length is odd), or another cp"
+        )
+    if (pp := mesh.shape.get("pp", 1)) > 1:
+        pipeline.check(config.n_layer, pp, microbatches, batch_size // mesh.shape[data_axis])
+
+
+def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int) -> None:
+    """Raise before compiling when "+sp" cannot run: no tp axis to split over, or a sequence it does not
+    divide."""
+    if not sharding.is_sequence_parallel(strategy):
+        return
+    tp, name = mesh.shape.get("tp", 1), sharding.canonical(strategy)
+    if tp == 1:
+        raise ValueError(
+            f"{name}: sequence parallelism splits the sequence over tp, and this mesh "
+            "has tp=1: use a mesh with tp > 1 (e.g. dp=2,tp=4) or drop +sp"
+        )
+    if seq_len % tp:
+        raise ValueError(
+            f"{name}: sequence length {seq_len} is not divisible by tp={tp}: choose "
+            f"--seq a multiple of {tp} (a chars:PATH task; sort's length is odd), or a tp dividing {seq_len}"
+        )

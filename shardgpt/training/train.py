@@ -1,0 +1,253 @@
+"""TrainState, the loss, state created sharded from birth, and GSPMD's pure train step, jitted once.
+
+The loop that drives a step, its callbacks and progress, is loop.py's Trainer."""
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardgpt.model.gpt import GPT, head_DxV
+from shardgpt.parallel import layout, microbatch, sharding
+from shardgpt.training import data, loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that lives on device between steps; the optimizer and model are closed over."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def loss_sum(model: GPT, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(token-loss sum, token count) of `batch`: the forward pass, then the head fused with the chunked
+    cross-entropy (shardgpt.training.loss), so the whole batch's logits never exist. Trace under the logical
+    rules."""
+    cfg = model.config
+    with jax.named_scope("forward"):  # the backward pass's ops are named transpose(jvp(forward))
+        x_BxLxD = model.apply({"params": params}, batch["inputs"], head=False)
+        return loss.head_cross_entropy_sum(x_BxLxD, head_DxV(params, cfg), batch["targets"], cfg.vocab_size)
+
+
+@flax.struct.dataclass
+class StateShardings:
+    """The state's shardings, and the params' logical names they were derived from."""
+
+    state: TrainState
+    grads: Any
+    params_axes: Any = flax.struct.field(pytree_node=False)
+
+
+def param_axes(model: GPT) -> Any:
+    """Logical axis names (one P of names per param) read from an abstract init: nothing is allocated."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def init_params(model: GPT, rng: jax.Array) -> Any:
+    """The model's freshly initialised params (unboxed); wrap in jax.eval_shape for shapes only."""
+    return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def param_shardings(model: GPT, mesh: Mesh, strategy: str, target: str = "params") -> Any:
+    """NamedShardings of a params-shaped tree under `strategy`'s rules for `target`, validated."""
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    return sharding.tree_shardings(abstract, param_axes(model), mesh, sharding.rules(strategy, target))
+
+
+def state_shardings(
+    model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str
+) -> StateShardings:
+    """NamedShardings of every state leaf (and of the grads) for `strategy` on `mesh`, validated."""
+    axes = param_axes(model)
+    abstract = jax.eval_shape(lambda: _init(model, tx, jax.random.key(0)))
+    opt_axes = sharding.param_subtree_axes(abstract.opt_state, axes)
+    shard = lambda target, tree, tree_axes: sharding.tree_shardings(
+        tree, tree_axes, mesh, sharding.rules(strategy, target)
+    )
+    # One abstract init serves every target: params, grads and opt_state differ only in their rules.
+    state = TrainState(
+        step=NamedSharding(mesh, P()),
+        params=shard("params", abstract.params, axes),
+        opt_state=shard("opt_state", abstract.opt_state, opt_axes),
+    )
+    return StateShardings(state=state, grads=shard("grads", abstract.params, axes), params_axes=axes)
+
+
+def _init(model: GPT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = init_params(model, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def init_state(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str, seed: int = 0):
+    """(state, shardings): every leaf is created directly in its sharding; nothing is replicated first."""
+    shardings = state_shardings(model, tx, mesh, strategy)
+    init = jax.jit(lambda rng: _init(model, tx, rng), out_shardings=shardings.state)
+    return init(jax.random.key(seed)), shardings
+
+
+def abstract_state(
+    model: GPT, tx: optax.GradientTransformation, mesh: Mesh, strategy: str
+) -> tuple[TrainState, StateShardings]:
+    """(state, shardings) with every leaf a jax.ShapeDtypeStruct carrying its sharding: nothing allocated.
+
+    Lowering a step on it compiles the real program, so its memory can be read without running it.
+    """
+    shardings = state_shardings(model, tx, mesh, strategy)
+    shapes = jax.eval_shape(lambda: _init(model, tx, jax.random.key(0)))
+    place = lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where)
+    return jax.tree.map(place, shapes, shardings.state), shardings
+
+
+def check_host_batch(model: GPT, batch: dict):
+    """Raise on token ids outside the vocabulary in a host (numpy) batch, before it reaches the device.
+
+    Device arrays are left alone (reading them back would stall the pipeline): data.global_batch checks
+    its rows as it builds them.
+    """
+    vocab = model.config.vocab_size
+    if not isinstance(batch["inputs"], jax.Array):
+        data.check_ids(batch["inputs"], vocab, "batch inputs")
+    if not isinstance(batch["targets"], jax.Array):
+        data.check_ids(batch["targets"], vocab, "batch targets", allow_ignore=True)
+
+
+class MeshBound:
+    """A jitted function that is traced under its mesh whether it is called or lowered.
+
+    Activation constraints need a mesh in context (model.constrain raises without one), so binding it
+    here makes `step.jitted.lower(...)` in a test compile the very program that training runs. With
+    `quiet_donation` (CPU meshes: XLA:CPU implements no donation) the "donated buffers were not usable"
+    warning is silenced for this function's calls only; on GPU and TPU it means the state is held twice.
+    """
+
+    def __init__(self, jitted: Callable, mesh: Mesh, quiet_donation: bool = False):
+        self.jitted, self.mesh, self.quiet_donation = jitted, mesh, quiet_donation
+
+    @contextlib.contextmanager
+    def _context(self):
+        with jax.set_mesh(self.mesh), warnings.catch_warnings():
+            if self.quiet_donation:
+                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            yield
+
+    def __call__(self, *args):
+        with self._context():
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        """jax.jit's lower, under the mesh; `.compile()` the result to get the executable."""
+        with self._context():
+            return self.jitted.lower(*args)
+
+
+def make_train_step(
+    model: GPT,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    strategy: str,
+    shardings: StateShardings,
+    microbatches: int = 1,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure train step, jitted once with the strategy's in/out shardings and the state donated.
+
+    With `microbatches` M > 1 the batch runs as M microbatches inside the step (shardgpt.parallel.microbatch).
+    """
+    layout.check_mesh_axes(mesh, strategy, "gspmd", model.config)
+    activation_rules = sharding.rules(strategy, "activations")
+    batch_sharding = sharding.batch_sharding(mesh, strategy)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params, batch, rules):  # (token-loss sum, token count): summed over microbatches
+            with nn.logical_axis_rules(rules):
+                return loss_sum(model, params, batch)
+
+        if microbatches == 1:
+            (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch, activation_rules
+            )
+        else:
+            (total, count), grads = microbatch.gspmd_value_and_grad(
+                loss_fn, state.params, batch, microbatches, mesh, activation_rules, shardings.grads
+            )
+        with jax.named_scope("grad_reduce"):
+            # The mean over every non-ignored token of the batch (never a mean of microbatch means).
+            scale = 1 / jnp.maximum(count, 1)
+            mean, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
+            # The grad rules decide the reduction: all-reduce (dp, zero1) or reduce-scatter (zero2, zero3).
+            grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {"loss": mean, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings.state, {"inputs": batch_sharding, "targets": batch_sharding}),
+        out_shardings=(shardings.state, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+    return bind_step(jitted, model, mesh, strategy, microbatches)
+
+
+def make_eval_loss(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings) -> Callable:
+    """`eval_loss(params, batches)`: the mean cross-entropy over all non-ignored tokens of `batches`.
+
+    One forward per batch, jitted once with the state's param shardings, so it serves either impl's state
+    (both lay params out by the same rules) without moving them.
+    """
+    activation_rules = sharding.rules(strategy, "activations")
+    batch_sharding = sharding.batch_sharding(mesh, strategy)
+
+    def batch_loss_sum(params, batch):
+        with nn.logical_axis_rules(activation_rules):
+            return loss_sum(model, params, batch)
+
+    jitted = MeshBound(
+        jax.jit(
+            batch_loss_sum,
+            in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
+            out_shardings=NamedSharding(mesh, P()),
+        ),
+        mesh,
+    )
+
+    def eval_loss(params, batches: Sequence[dict]) -> float:
+        sums = []
+        for batch in batches:
+            check_host_batch(model, batch)
+            sums.append(jitted(params, batch))  # dispatched back to back; read once at the end
+        totals = jax.device_get(sums)
+        return sum(float(t) for t, _ in totals) / max(sum(int(c) for _, c in totals), 1)
+
+    return eval_loss
+
+
+def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str, microbatches: int = 1) -> Callable:
+    """`step(state, batch)`: the batch checked on the host, then `jitted` run under its mesh.
+
+    The step's `.jitted` (a MeshBound) lowers the same program for tests and benchmarks.
+    """
+    jitted = MeshBound(jitted, mesh, quiet_donation=mesh.devices.flat[0].platform == "cpu")
+
+    def step(state, batch):
+        layout.check_batch(
+            model.config, mesh, strategy, *batch["inputs"].shape, microbatches
+        )  # before any compile
+        check_host_batch(model, batch)
+        return jitted(state, batch)
+
+    step.jitted = jitted
+    return step
