@@ -55,12 +55,22 @@ def test_the_compared_program_carries_the_activation_shardings():
         assert any(form in program for form in forms), f"no {what} activation constraint in the program"
 
 
-def test_tracing_the_model_under_rules_without_a_mesh_fails_loudly():
+def test_the_layout_comes_from_the_plan_passed_in_never_from_ambient_rules():
+    """A model traced under flax's global rules but given no plan computes on one device's view (no
+    constraint: the rules are not read); given a GSPMDPlan, its own mesh and rules place the activations
+    with no mesh in context."""
     import flax.linen as nn
     import jax.numpy as jnp
 
+    from shardgpt.parallel.gspmd_plan import GSPMDPlan
+    from shardgpt.parallel.mesh import make_mesh
+
     params = initial_state().params
-    tokens = jnp.zeros((2, 4), jnp.int32)
-    with nn.logical_axis_rules(sharding.rules("dp", "activations")):
-        with pytest.raises(RuntimeError, match="no mesh is"):
-            jax.jit(lambda p: _runs.MODEL.apply({"params": p}, tokens))(params)
+    tokens = jnp.zeros((8, 4), jnp.int32)
+    rules = sharding.rules("dp", "activations")
+    with nn.logical_axis_rules(rules):
+        ambient = jax.jit(lambda p: _runs.MODEL.apply({"params": p}, tokens)).lower(params).as_text()
+    assert "sharding_constraint" not in ambient and "Sharding" not in ambient, "ambient rules were read"
+    planned = _runs.MODEL.clone(plan=GSPMDPlan(make_mesh("dp=8"), rules))
+    program = jax.jit(lambda p: planned.apply({"params": p}, tokens)).lower(params).as_text()
+    assert "sharding_constraint" in program or "Sharding" in program, "the plan's constraints are missing"

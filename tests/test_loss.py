@@ -7,16 +7,17 @@ gradients 1e-6 of the largest gradient entry (only the order of the sums differs
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from shardgpt.analysis import hlo
 from shardgpt.model import config
-from shardgpt.model.gpt import GPT, head_DxV
+from shardgpt.model.gpt import GPT
 from shardgpt.parallel import sharding
+from shardgpt.parallel.gspmd_plan import GSPMDPlan
 from shardgpt.parallel.mesh import make_mesh
 from shardgpt.training import data, loss, train
 
@@ -36,13 +37,24 @@ def _reference(tie: bool):
     """(model, params, ((loss sum, count), grads) of the loss on whole logits)."""
     model = GPT(config.preset("gpt-pico", n_layer=1, vocab_size=50, block_size=16, tie_embeddings=tie))
     params = jax.jit(lambda rng: train.init_params(model, rng))(jax.random.key(0))
-    whole = lambda p: loss.cross_entropy_sum(model.apply({"params": p}, INPUTS), TARGETS)
+    whole = lambda p: _optax_sum(model.apply({"params": p}, INPUTS), TARGETS)
     return model, params, _value_and_grad(whole)(params)
 
 
+def _optax_sum(logits_BxLxV, targets_BxL):
+    """The reference, independent of loss.py: optax's cross-entropy on the whole logits (the model masks
+    the padded ids), summed over the targets that count, and their number."""
+    keep_BxL = targets_BxL != data.IGNORE_INDEX
+    labels_BxL = jnp.where(keep_BxL, targets_BxL, 0)
+    per_token_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), labels_BxL
+    )
+    return jnp.sum(jnp.where(keep_BxL, per_token_BxL, 0)), keep_BxL.sum().astype(jnp.float32)
+
+
 def _chunked(model, params):
-    x_BxLxD = model.apply({"params": params}, INPUTS, head=False)
-    return loss.head_cross_entropy_sum(x_BxLxD, head_DxV(params, model.config), TARGETS, 50, CHUNK)
+    x_BxLxD, head_DxV = model.apply({"params": params}, INPUTS, head=False)
+    return loss.head_cross_entropy_sum(x_BxLxD, head_DxV, TARGETS, 50, model.plan, CHUNK)
 
 
 def _assert_same(got, expected, what: str):
@@ -71,9 +83,8 @@ def test_chunked_head_loss_on_a_mesh_reduces_the_head_gradient_once():
     model, params, expected = _reference(tie=False)
     mesh = make_mesh("dp=2,tp=4")
 
-    def chunked(p):
-        with nn.logical_axis_rules(sharding.rules("zero3", "activations")):
-            return _chunked(model, p)
+    planned = model.clone(plan=GSPMDPlan(mesh, sharding.rules("zero3", "activations")))
+    chunked = lambda p: _chunked(planned, p)
 
     with jax.set_mesh(mesh):
         compiled = jax.jit(jax.value_and_grad(chunked, has_aux=True)).lower(params).compile()

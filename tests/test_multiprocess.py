@@ -18,7 +18,7 @@ from _multiprocess_worker import MESH, NEW_TOKENS, PROMPTS, RUNS, digest
 
 from shardgpt.generation import generate
 from shardgpt.io import checkpoint
-from shardgpt.parallel import distributed, shard_hooks
+from shardgpt.parallel import distributed, shard_map_plan
 from shardgpt.parallel.mesh import make_mesh
 from shardgpt.training import train
 
@@ -131,19 +131,20 @@ def test_launch_refuses_a_split_that_does_not_divide():
 
 
 def test_the_gloo_guard_reduce_scatters_the_same_values():
-    """shard_hooks._reduce_scatter with a chunk limit (all-reduce, then this device's slice) equals
+    """shard_map_plan._reduce_scatter with a chunk limit (all-reduce, then this device's slice) equals
     psum_scatter."""
     mesh = make_mesh("dp=8")
     x = jnp.arange(8 * 128 * 3, dtype=jnp.float32).reshape(8 * 128, 3)  # each device: 128 rows to scatter
 
     def both(x_):
-        return shard_hooks._reduce_scatter(x_, "dp", 0, None), shard_hooks._reduce_scatter(x_, "dp", 0, 0)
+        scatter = shard_map_plan._reduce_scatter
+        return scatter(x_, "dp", 0, None), scatter(x_, "dp", 0, 0)
 
     P = jax.sharding.PartitionSpec
     mapped = jax.shard_map(both, mesh=mesh, in_specs=P("dp"), out_specs=(P("dp"), P("dp")))
     plain, guarded = jax.jit(mapped)(x)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(guarded))
-    assert shard_hooks.scatter_limit(mesh) is None, "one process: no guard"
+    assert shard_map_plan.scatter_limit(mesh) is None, "one process: no guard"
 
 
 def test_the_cli_refuses_mixed_flags_and_a_split_that_does_not_divide(capsys):

@@ -16,6 +16,7 @@ from shardgpt.io import weight_files, weights
 from shardgpt.lab import runner
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import sharding
+from shardgpt.parallel.gspmd_plan import GSPMDPlan
 from shardgpt.parallel.mesh import make_mesh
 from shardgpt.training import train
 from shardgpt.training.optim import OptimConfig, make_optimizer
@@ -102,8 +103,9 @@ def reference_logits(sd, tokens, n_head, layout, exact_gelu, eps=1e-5):
 
 def shardgpt_logits(params, config, mesh, strategy, tokens):
     """Our logits for the real vocab, run under the mesh with the strategy's activation rules."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(strategy, "activations")):
-        logits = jax.jit(GPT(config).apply)({"params": params}, jnp.asarray(tokens))
+    model = GPT(config, GSPMDPlan(mesh, sharding.rules(strategy, "activations")))
+    with jax.set_mesh(mesh):
+        logits = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
     return np.asarray(logits)[..., : config.vocab_size]
 
 

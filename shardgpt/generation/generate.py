@@ -12,7 +12,6 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardgpt.model.gpt import CACHE_AXES, GPT, init_cache, unstack_layers
 from shardgpt.parallel import distributed, sharding
+from shardgpt.parallel.gspmd_plan import GSPMDPlan
 from shardgpt.parallel.mesh import spans_processes
 from shardgpt.training import data, train
 
@@ -152,9 +152,10 @@ class Generator:
         self.prefill_chunk = min(prefill_chunk, cfg.block_size)
         # Decoding runs the layers unrolled whatever the training layout: a scan inside the decode loop
         # pays its own loop overhead on every token (measured 1.8x slower per step on CPU for gpt-mini).
-        self.decode_model = GPT(cfg.replace(scan_layers=False))
-        self.traces = 0
         activations = sharding.rules(self.strategy, "activations")
+        # The decoder's plan: GSPMD's view of the mesh under the generation layout's activation rules.
+        self.decode_model = GPT(cfg.replace(scan_layers=False), GSPMDPlan(mesh, activations))
+        self.traces = 0
         buffer = sharding.batch_sharding(mesh, self.strategy)
         sharding.check_divisible(
             "generation batch", (batch_size, cfg.block_size), ("batch", "length"), buffer.spec, mesh
@@ -173,7 +174,7 @@ class Generator:
         )
         self._input_shardings = (buffer, vector, replicated)
         self._spans_processes = spans_processes(mesh)
-        self._cache_sharding, self._activations = cache_sharding, activations
+        self._cache_sharding = cache_sharding
         # Made once (~0.1 ms a call otherwise), by a jit: device_put cannot place host values on devices
         # of other processes.
         self._default_key = jax.jit(lambda: jax.random.key(0), out_shardings=replicated)()
@@ -201,48 +202,41 @@ class Generator:
                 done_B = done_B | (token_B == self.stop_token)
             return tokens_BxT, length_B, done_B
 
-        with nn.logical_axis_rules(self._activations):
-            cache = init_cache(self.decode_model.config, B)
-            cache = jax.lax.with_sharding_constraint(
-                cache, jax.tree.map(lambda _: self._cache_sharding, cache)
-            )
-            last_BxV, cache = self._prefill(apply, tokens_BxT, lengths_B, cache)
+        cache = init_cache(self.decode_model.config, B)
+        cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: self._cache_sharding, cache))
+        last_BxV, cache = self._prefill(apply, tokens_BxT, lengths_B, cache)
 
-            def cond(carry):
-                i, *_, done_B = carry
-                return (i < max_new_tokens - 1) & ~jnp.all(done_B)
+        def cond(carry):
+            i, *_, done_B = carry
+            return (i < max_new_tokens - 1) & ~jnp.all(done_B)
 
-            def body(carry):  # emit a token, then read it to get the next logits
-                i, tokens_BxT, length_B, last_BxV, cache, done_B = carry
-                tokens_BxT, length_B, done_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
-                position_B = length_B - 1
-                logits_Bx1xV, cache = apply(
-                    tokens_BxT[rows_B, position_B][:, None], position_B[:, None], cache
-                )
-                return i + 1, tokens_BxT, length_B, logits_Bx1xV[:, 0], cache, done_B
+        def body(carry):  # emit a token, then read it to get the next logits
+            i, tokens_BxT, length_B, last_BxV, cache, done_B = carry
+            tokens_BxT, length_B, done_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
+            position_B = length_B - 1
+            logits_Bx1xV, cache = apply(tokens_BxT[rows_B, position_B][:, None], position_B[:, None], cache)
+            return i + 1, tokens_BxT, length_B, logits_Bx1xV[:, 0], cache, done_B
 
-            i, done_B = jnp.int32(0), jnp.zeros((B,), bool)
-            prefix = jax.tree.map(lambda x: x[:, :0], cache)
-            for W in decode_windows(cfg.block_size):
-                # Grow the prefix by this phase's new (prefilled) slots; the last phase writes the prefix
-                # back into the whole cache instead, in place.
-                def grow(x, p, W=W):
-                    if W == x.shape[1]:
-                        return jax.lax.dynamic_update_slice_in_dim(x, p, 0, axis=1)
-                    return jnp.concatenate([p, x[:, p.shape[1] : W]], axis=1)
+        i, done_B = jnp.int32(0), jnp.zeros((B,), bool)
+        prefix = jax.tree.map(lambda x: x[:, :0], cache)
+        for W in decode_windows(cfg.block_size):
+            # Grow the prefix by this phase's new (prefilled) slots; the last phase writes the prefix
+            # back into the whole cache instead, in place.
+            def grow(x, p, W=W):
+                if W == x.shape[1]:
+                    return jax.lax.dynamic_update_slice_in_dim(x, p, 0, axis=1)
+                return jnp.concatenate([p, x[:, p.shape[1] : W]], axis=1)
 
-                prefix = jax.tree.map(grow, cache, prefix)
+            prefix = jax.tree.map(grow, cache, prefix)
 
-                def in_window(carry, W=W):  # every row's next write (its next token's position) fits
-                    _, _, length_B, _, _, done_B = carry
-                    return cond(carry) & (jnp.max(jnp.where(done_B, length_B - 1, length_B)) < W)
+            def in_window(carry, W=W):  # every row's next write (its next token's position) fits
+                _, _, length_B, _, _, done_B = carry
+                return cond(carry) & (jnp.max(jnp.where(done_B, length_B - 1, length_B)) < W)
 
-                carry = (i, tokens_BxT, lengths_B, last_BxV, prefix, done_B)
-                i, tokens_BxT, lengths_B, last_BxV, prefix, done_B = jax.lax.while_loop(
-                    in_window, body, carry
-                )
-            # The last token is emitted without a forward pass: nothing will read it.
-            tokens_BxT, lengths_B, _ = emit(i, tokens_BxT, lengths_B, last_BxV, done_B)
+            carry = (i, tokens_BxT, lengths_B, last_BxV, prefix, done_B)
+            i, tokens_BxT, lengths_B, last_BxV, prefix, done_B = jax.lax.while_loop(in_window, body, carry)
+        # The last token is emitted without a forward pass: nothing will read it.
+        tokens_BxT, lengths_B, _ = emit(i, tokens_BxT, lengths_B, last_BxV, done_B)
         return tokens_BxT, lengths_B
 
     def _prefill(self, apply, tokens_BxT, lengths_B, cache):

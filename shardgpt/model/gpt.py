@@ -4,11 +4,8 @@ Shape key, used in names throughout: B batch, L sequence length (queries), S key
 H heads, K head dim, F mlp width, V padded vocab, N layers.
 """
 
-import contextlib
-import contextvars
 import functools
 import math
-from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -23,19 +20,30 @@ BxLxD = ("batch", "length", "embed")
 BxLxHxK = ("batch", "length", "heads", "kv")
 
 
-class Hooks:
-    """How the model reads params and crosses shards. This default is the global view (GSPMD, one device):
-    every hook is the identity. shard_map_step.py installs one that runs the model on per-device shards inside
-    jax.shard_map (Megatron's collectives, ZeRO-3's gathers), so one model definition serves both impls.
+class Plan:
+    """How the model is laid out over devices and crosses between them: passed in (`GPT(config, plan)`),
+    never ambient, so a call says which layout it computes in. This base is the global view without a mesh
+    (one device): every hook is the identity. shardgpt.parallel gives the implementations' plans: GSPMD's
+    constrains activations by logical rules on its mesh; shard_map's runs the model on one device's shards
+    (Megatron's collectives, ZeRO-3's gathers). One model definition serves every implementation.
     """
 
     # A jax.checkpoint policy to remat every block with even when config.remat is off (ZeRO-3 under
     # shard_map: save all but the gathered params, so the backward pass gathers them again).
     remat_policy = None
 
+    def constrain(self, x, names: tuple[str, ...]):
+        """`x` laid out as its logical `names` say (block boundaries, q/k/v, logits); the identity here."""
+        return x
+
     def compute_shape(self, shape: tuple[int, ...], names: tuple[str, ...]) -> tuple[int, ...]:
         """The shape this device computes with, for a global shape with these logical names."""
         return shape
+
+    def global_size(self, n: int, name: str) -> int:
+        """The global size of a dim named `name` of which this device computes with `n` (compute_shape's
+        inverse)."""
+        return n
 
     def param(
         self, module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype=None
@@ -69,12 +77,25 @@ class Hooks:
         """Global vocab ids of this device's n logits (they differ from arange where vocab is split)."""
         return jnp.arange(n)
 
+    def vocab_max(self, x):
+        """The max of x across the vocab's shards (x: this device's max over its logits)."""
+        return x
+
+    def vocab_sum(self, x):
+        """The sum of x across the vocab's shards (x: this device's sum over its logits)."""
+        return x
+
+    def batch_shards(self) -> int:
+        """Into how many blocks the loss keeps a batch-summed gradient apart (one per device the batch is
+        split over, where a carry whole over them would be reduced once per loop step)."""
+        return 1
+
     def attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation):
         """Causal attention. Under GSPMD with the sequence split over cp, K and V are gathered whole along
         it (each device attends its own queries to every key: MaxText's default); elsewhere the constraint
         is the layout they already have."""
         kv_names = ("batch", None, "heads", "kv")
-        k_BxLxHxK, v_BxLxHxK = constrain(k_BxLxHxK, kv_names), constrain(v_BxLxHxK, kv_names)
+        k_BxLxHxK, v_BxLxHxK = self.constrain(k_BxLxHxK, kv_names), self.constrain(v_BxLxHxK, kv_names)
         return jax.nn.dot_product_attention(
             q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=implementation
         )
@@ -87,42 +108,23 @@ class Hooks:
         raise NotImplementedError
 
 
-_GLOBAL_VIEW = Hooks()
-_HOOKS: contextvars.ContextVar[Hooks | None] = contextvars.ContextVar("shardgpt_model_hooks", default=None)
+GLOBAL_VIEW = Plan()
 
 
-def _hooks() -> Hooks:
-    return _HOOKS.get() or _GLOBAL_VIEW
-
-
-@contextlib.contextmanager
-def use_hooks(hooks: Hooks) -> Iterator[None]:
-    """Trace the model with `hooks` installed (shard_map_step.py does, inside its shard_map)."""
-    token = _HOOKS.set(hooks)
-    try:
-        yield
-    finally:
-        _HOOKS.reset(token)
-
-
-def constrain(x, names: tuple[str, ...]):
-    """Constrain an activation to its logical names' sharding; loud where flax would be silent.
-
-    flax drops a logical constraint when no mesh is set, so a program lowered outside `jax.set_mesh`
-    would quietly differ from the one that runs: with rules active and no mesh, raise instead.
-    """
-    if nn.get_logical_axis_rules() and jax.sharding.get_abstract_mesh().empty:
-        raise RuntimeError(
-            "activation sharding rules are set but no mesh is: trace the model under jax.set_mesh(mesh) "
-            "(train.make_train_step's jitted step carries its mesh)"
-        )
-    return nn.with_logical_constraint(x, names)
+def mask_padded_vocab(logits_BxLxV, vocab_size: int, plan: Plan):
+    """Padding ids (past `vocab_size`) get the lowest logit: no probability for the loss, for sampling or
+    for users. `plan.vocab_ids` gives this device's ids where the vocab is split."""
+    v = logits_BxLxV.shape[-1]
+    if plan.global_size(v, "vocab") == vocab_size:  # no padding: nothing to mask
+        return logits_BxLxV
+    real_V = plan.vocab_ids(v) < vocab_size
+    return jnp.where(real_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
 
 
 def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype=None):
-    """A float32 param with its logical axis names attached where it is created, read through the hooks
-    as `dtype` (None: fp32)."""
-    return _hooks().param(module, name, init, shape, names, dtype)
+    """A float32 param with its logical axis names attached where it is created, read through the
+    module's plan as `dtype` (None: fp32)."""
+    return module.plan.param(module, name, init, shape, names, dtype)
 
 
 _normal = nn.initializers.normal  # minGPT's N(0, std) init
@@ -138,13 +140,14 @@ class Dense(nn.Module):
     std: float
     config: ModelConfig
     use_bias: bool | None = None  # None: the config's choice
+    plan: Plan = GLOBAL_VIEW
 
     @nn.compact
     def __call__(self, x, weights_only: bool = False):
         """y = x @ kernel (+ bias); with `weights_only`, (kernel, bias or None) as read, for a caller that
         fuses several projections into one matmul."""
-        hooks, n_in = _hooks(), len(self.in_axes)
-        features = hooks.compute_shape(self.features, self.out_axes)
+        plan, n_in = self.plan, len(self.in_axes)
+        features = plan.compute_shape(self.features, self.out_axes)
         names = (*self.in_axes, *self.out_axes)
         dtype = jnp.dtype(self.config.dtype)
         # Read in the compute dtype: a weight gathered over dp (ZeRO-3) is cast as a shard, then gathered.
@@ -155,7 +158,7 @@ class Dense(nn.Module):
         if weights_only:
             return kernel, bias
         # Row-parallel (contracting a split dim) sums the shards' partial products before the bias.
-        y = hooks.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
+        y = plan.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
         return y if bias is None else y + bias
 
 
@@ -163,6 +166,7 @@ class LayerNorm(nn.Module):
     """LayerNorm over `embed`, computed in fp32 whatever the compute dtype."""
 
     config: ModelConfig
+    plan: Plan = GLOBAL_VIEW
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -181,13 +185,17 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention; with a KV cache it writes this call's keys at `positions` first."""
 
     config: ModelConfig
+    plan: Plan = GLOBAL_VIEW
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, cache):
         cfg = self.config
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # minGPT's scaled init of residual projections
-        heads = functools.partial(Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg)
-        x_BxLxD = _hooks().copy_to_shards(x_BxLxD)  # once for q, k and v: one backward all-reduce
+        plan = self.plan
+        heads = functools.partial(
+            Dense, (cfg.n_head, cfg.head_dim), ("embed",), ("heads", "kv"), 0.02, cfg, plan=plan
+        )
+        x_BxLxD = plan.copy_to_shards(x_BxLxD)  # once for q, k and v: one backward all-reduce
         # q, k and v in one matmul, so x's gradient is one dot's: GSPMD reduces a tp-split x's gradient
         # once, not three partial sums one by one (3x Megatron's f bytes: shardgpt.analysis.attribution).
         weights = [heads(name=name)(x_BxLxD, weights_only=True) for name in ("query", "key", "value")]
@@ -195,15 +203,15 @@ class CausalSelfAttention(nn.Module):
         qkv_BxLx3xHxK = jnp.tensordot(x_BxLxD.astype(cfg.dtype), kernel_Dx3xHxK, 1)
         if cfg.use_bias:
             qkv_BxLx3xHxK = qkv_BxLx3xHxK + jnp.stack([bias for _, bias in weights])
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (constrain(qkv_BxLx3xHxK[:, :, i], BxLxHxK) for i in range(3))
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (plan.constrain(qkv_BxLx3xHxK[:, :, i], BxLxHxK) for i in range(3))
         if cache is None:
             with jax.named_scope("attention"):
-                out_BxLxHxK = _hooks().attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.attention)
+                out_BxLxHxK = plan.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.attention)
         else:
             out_BxLxHxK, cache = _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache)
-        out_BxLxHxK = constrain(out_BxLxHxK, BxLxHxK)
-        proj = Dense((cfg.n_embd,), ("heads", "kv"), ("embed",), residual_std, cfg, name="out")
-        return constrain(proj(out_BxLxHxK), BxLxD), cache
+        out_BxLxHxK = plan.constrain(out_BxLxHxK, BxLxHxK)
+        proj = Dense((cfg.n_embd,), ("heads", "kv"), ("embed",), residual_std, cfg, plan=plan, name="out")
+        return plan.constrain(proj(out_BxLxHxK), BxLxD), cache
 
 
 def _cached_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, cache):
@@ -230,70 +238,76 @@ class MLP(nn.Module):
     """Column-parallel up-projection, GELU, row-parallel down-projection (minGPT's 4x width)."""
 
     config: ModelConfig
+    plan: Plan = GLOBAL_VIEW
 
     @nn.compact
     def __call__(self, x_BxLxD):
         cfg = self.config
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        x_BxLxD = _hooks().copy_to_shards(x_BxLxD)
-        h_BxLxF = Dense((cfg.mlp_dim,), ("embed",), ("mlp",), 0.02, cfg, name="up")(x_BxLxD)
-        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
+        plan = self.plan
+        x_BxLxD = plan.copy_to_shards(x_BxLxD)
+        h_BxLxF = Dense((cfg.mlp_dim,), ("embed",), ("mlp",), 0.02, cfg, plan=plan, name="up")(x_BxLxD)
+        h_BxLxF = plan.constrain(h_BxLxF, ("batch", "length", "mlp"))
         h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=cfg.gelu_approximate)
-        return Dense((cfg.n_embd,), ("mlp",), ("embed",), residual_std, cfg, name="down")(h_BxLxF)
+        down = Dense((cfg.n_embd,), ("mlp",), ("embed",), residual_std, cfg, plan=plan, name="down")
+        return down(h_BxLxF)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     config: ModelConfig
+    plan: Plan = GLOBAL_VIEW
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, cache):
-        cfg = self.config
-        attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(
-            LayerNorm(cfg, name="ln_1")(x_BxLxD), positions_BxL, cache
+        cfg, plan = self.config, self.plan
+        attn_BxLxD, cache = CausalSelfAttention(cfg, plan, name="attn")(
+            LayerNorm(cfg, plan, name="ln_1")(x_BxLxD), positions_BxL, cache
         )
         x_BxLxD = x_BxLxD + attn_BxLxD
-        x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(LayerNorm(cfg, name="ln_2")(x_BxLxD))
-        return constrain(x_BxLxD, BxLxD), cache
+        x_BxLxD = x_BxLxD + MLP(cfg, plan, name="mlp")(LayerNorm(cfg, plan, name="ln_2")(x_BxLxD))
+        return plan.constrain(x_BxLxD, BxLxD), cache
 
 
 class GPT(nn.Module):
     """tokens_BxL -> logits_BxLxV. With a KV cache (see `init_cache`) it also returns the updated cache.
 
-    `logits_at_BxM` (indices into L) applies the head only at those positions: logits_BxMxV. With
-    `head=False` it returns the final LayerNorm's output x_BxLxD instead, for a loss that applies the head
-    itself (`head_DxV` reads its weight; shardgpt.training.loss).
+    `plan` says how it is laid out over devices (the base Plan: one device, no mesh). `logits_at_BxM`
+    (indices into L) applies the head only at those positions: logits_BxMxV. With `head=False` it returns
+    the final LayerNorm's output and the head's weight as read, (x_BxLxD, head_DxV), for a loss that
+    applies the head itself (shardgpt.training.loss).
     """
 
     config: ModelConfig
+    plan: Plan = GLOBAL_VIEW
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, cache=None, logits_at_BxM=None, head: bool = True):
-        cfg, hooks = self.config, _hooks()
+        cfg, plan = self.config, self.plan
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         vocab_embed, length_embed = ("vocab", "embed"), ("length", "embed")
-        wte_shape = hooks.compute_shape((cfg.padded_vocab_size, cfg.n_embd), vocab_embed)
+        wte_shape = plan.compute_shape((cfg.padded_vocab_size, cfg.n_embd), vocab_embed)
         wte_VxD = _param(self, "wte", _normal(0.02), wte_shape, vocab_embed)
-        wpe_shape = hooks.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
+        wpe_shape = plan.compute_shape((cfg.block_size, cfg.n_embd), length_embed)
         wpe_LxD = _param(self, "wpe", _normal(0.02), wpe_shape, length_embed)
         with jax.named_scope("embed"):  # scopes name each collective's cause (shardgpt.analysis.attribution)
             # The tables in their compute layout (embed whole: ZeRO-3 gathers them here), else GSPMD splits
             # the lookups over the tables' dp-sharded embed dim and gathers the activations instead.
-            wte_VxD, wpe_LxD = constrain(wte_VxD, vocab_embed), constrain(wpe_LxD, length_embed)
+            wte_VxD, wpe_LxD = plan.constrain(wte_VxD, vocab_embed), plan.constrain(wpe_LxD, length_embed)
             # This device's positions first (+sp, cp): wpe's gradient, not the lookup's, is then summed.
-            pos_BxLxD = wpe_LxD[hooks.split_length(positions_BxL)]
-            x_BxLxD = (hooks.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
-            x_BxLxD = constrain(x_BxLxD, BxLxD)
+            pos_BxLxD = wpe_LxD[plan.split_length(positions_BxL)]
+            x_BxLxD = (plan.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
+            x_BxLxD = plan.constrain(x_BxLxD, BxLxD)
 
         block = Block
-        if cfg.remat or hooks.remat_policy is not None:
-            policy = None if cfg.remat else hooks.remat_policy  # None: recompute all of the block
+        if cfg.remat or plan.remat_policy is not None:
+            policy = None if cfg.remat else plan.remat_policy  # None: recompute all of the block
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
-        if hooks.pipelined and cache is None:  # pp: this device's stage of the stacked layers (pipeline.py)
-            x_BxLxD = hooks.run_blocks(
-                Block(cfg, parent=None), self.variables["params"]["blocks"], x_BxLxD, cfg.remat
+        if plan.pipelined and cache is None:  # pp: this device's stage of the stacked layers (pipeline.py)
+            x_BxLxD = plan.run_blocks(
+                Block(cfg, plan, parent=None), self.variables["params"]["blocks"], x_BxLxD, cfg.remat
             )
         elif cfg.scan_layers:
             # One traced block, params stacked on a leading `layers` axis: compile time flat in depth.
@@ -305,42 +319,35 @@ class GPT(nn.Module):
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, cache = blocks(cfg, name="blocks")(x_BxLxD, positions_BxL, cache)
+            x_BxLxD, cache = blocks(cfg, plan, name="blocks")(x_BxLxD, positions_BxL, cache)
         else:
             layer_caches = []
             for i in range(cfg.n_layer):
                 layer_cache = None if cache is None else cache[i]
-                x_BxLxD, layer_cache = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, layer_cache)
+                x_BxLxD, layer_cache = block(cfg, plan, name=f"block_{i}")(
+                    x_BxLxD, positions_BxL, layer_cache
+                )
                 layer_caches.append(layer_cache)
             cache = None if cache is None else tuple(layer_caches)
 
         if logits_at_BxM is not None:  # e.g. a prefill needs only each prompt's last position
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxM[:, :, None], axis=1)
-        x_BxLxD = LayerNorm(cfg, name="ln_f")(x_BxLxD)
+        x_BxLxD = LayerNorm(cfg, plan, name="ln_f")(x_BxLxD)
         with jax.named_scope("head"):
-            x_BxLxD = hooks.copy_to_shards(x_BxLxD)
-            if not head:
-                return x_BxLxD if cache is None else (x_BxLxD, cache)
+            x_BxLxD = plan.copy_to_shards(x_BxLxD)
             if cfg.tie_embeddings:
-                logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, wte_VxD.astype(cfg.dtype))
+                head_DxV = wte_VxD.T.astype(cfg.dtype)
             else:
                 proj = Dense(
-                    (cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, False, name="lm_head"
+                    (cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, False, plan, name="lm_head"
                 )
-                logits_BxLxV = proj(x_BxLxD)
-            logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            # Padding ids get no probability: loss, sampling and users all see the unpadded distribution.
-            real_V = hooks.vocab_ids(logits_BxLxV.shape[-1]) < cfg.vocab_size
-            logits_BxLxV = jnp.where(real_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
+                head_DxV, _ = proj(x_BxLxD, weights_only=True)
+            if not head:
+                return (x_BxLxD, head_DxV) if cache is None else ((x_BxLxD, head_DxV), cache)
+            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(cfg.dtype), head_DxV)
+            logits_BxLxV = plan.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        logits_BxLxV = mask_padded_vocab(logits_BxLxV, cfg.vocab_size, plan)
         return logits_BxLxV if cache is None else (logits_BxLxV, cache)
-
-
-def head_DxV(params, config: ModelConfig):
-    """The LM head's weight in the compute dtype, as GPT applies it: lm_head's kernel, or wte transposed
-    when the embeddings are tied."""
-    weight_DxV = params["wte"].T if config.tie_embeddings else params["lm_head"]["kernel"]
-    return weight_DxV.astype(config.dtype)
 
 
 def cache_shape(config: ModelConfig, batch: int) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardgpt.parallel import sharding
@@ -70,16 +70,11 @@ def accumulate(value_and_grad: Callable, params: Any, microbatches: dict, init: 
 
 
 def gspmd_value_and_grad(
-    loss_fn: Callable,
-    params: Any,
-    batch: dict,
-    microbatches: int,
-    mesh: Mesh,
-    rules: tuple[tuple[str, str | None], ...],
-    grad_shardings: Any,
+    loss_fn: Callable, params: Any, batch: dict, microbatches: int, plan: Any, grad_shardings: Any
 ) -> tuple[tuple[jax.Array, jax.Array], Any]:
-    """((loss sum, token count), grads of the loss sum) of `loss_fn(params, microbatch, rules) -> (loss
-    sum, count)` summed over `microbatches` splits of `batch`, under GSPMD; grads in `grad_shardings`.
+    """((loss sum, token count), grads of the loss sum) of `loss_fn(params, microbatch, plan) -> (loss
+    sum, count)` summed over `microbatches` splits of `batch`, under GSPMD's `plan` (gspmd_plan.GSPMDPlan:
+    its mesh and rules); grads in `grad_shardings`.
 
     GSPMD reduces a gradient as soon as its sharding says it is whole, so a plain scan would all-reduce
     inside the loop. Instead each microbatch is split into one block per dp shard and the gradient is
@@ -88,16 +83,17 @@ def gspmd_value_and_grad(
     step's one reduction. Gradients whose layout splits them over dp (ZeRO-2/3) are summed over the blocks
     inside the loop instead: a reduce-scatter into their shard per microbatch (module docstring).
     """
-    data_axis = dict(rules)["batch"]
+    mesh, data_axis = plan.mesh, dict(plan.rules)["batch"]
     groups = mesh.shape[data_axis]
     values_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
     zero = jnp.zeros((), jnp.float32)
     if groups == 1:  # nothing to keep apart: accumulate in the grads' own layout
         init = ((zero, zero), jax.lax.with_sharding_constraint(zeros_like(params), grad_shardings))
-        value_and_grad = lambda p, m: values_and_grads(p, m, rules)
+        value_and_grad = lambda p, m: values_and_grads(p, m, plan)
         return accumulate(value_and_grad, params, split(batch, microbatches), init)
 
-    inner = tuple((name, None if name == "batch" else axis) for name, axis in rules)  # blocks carry dp
+    # The blocks carry dp: inside them the batch is split over nothing.
+    inner = plan.with_rules(tuple((name, None if name == "batch" else axis) for name, axis in plan.rules))
     whole = jax.tree.map(lambda s: data_axis not in sharding.spec_axes(s.spec), grad_shardings)
     per_block = jax.tree.map(
         lambda s, w: NamedSharding(mesh, P(data_axis, *s.spec)) if w else s, grad_shardings, whole

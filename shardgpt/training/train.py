@@ -1,4 +1,5 @@
-"""TrainState, the loss, state created sharded from birth, and GSPMD's pure train step, jitted once.
+"""State created sharded from birth, the loss of a batch, and GSPMD's implementation of the one train step
+(step.py), jitted once.
 
 The loop that drives a step, its callbacks and progress, is loop.py's Trainer."""
 
@@ -15,28 +16,23 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt.model.gpt import GPT, head_DxV
+from shardgpt.model.gpt import GPT
 from shardgpt.parallel import layout, microbatch, sharding
-from shardgpt.training import data, loss
+from shardgpt.parallel.gspmd_plan import GSPMDPlan
+from shardgpt.training import data, loss, step
+from shardgpt.training.step import TrainState
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that lives on device between steps; the optimizer and model are closed over."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
-def loss_sum(model: GPT, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(token-loss sum, token count) of `batch`: the forward pass, then the head fused with the chunked
-    cross-entropy (shardgpt.training.loss), so the whole batch's logits never exist. Trace under the logical
-    rules."""
-    cfg = model.config
+def loss_sum(model: GPT, params: Any, batch: dict, targets_BxL=None) -> tuple[jax.Array, jax.Array]:
+    """(token-loss sum, token count) of `batch` in the model's plan: the forward pass, then the head fused
+    with the chunked cross-entropy (shardgpt.training.loss), so the whole batch's logits never exist.
+    `targets_BxL` replaces the batch's own (cp: this device's positions)."""
+    targets_BxL = batch["targets"] if targets_BxL is None else targets_BxL
     with jax.named_scope("forward"):  # the backward pass's ops are named transpose(jvp(forward))
-        x_BxLxD = model.apply({"params": params}, batch["inputs"], head=False)
-        return loss.head_cross_entropy_sum(x_BxLxD, head_DxV(params, cfg), batch["targets"], cfg.vocab_size)
+        x_BxLxD, head_DxV = model.apply({"params": params}, batch["inputs"], head=False)
+        return loss.head_cross_entropy_sum(
+            x_BxLxD, head_DxV, targets_BxL, model.config.vocab_size, model.plan
+        )
 
 
 @flax.struct.dataclass
@@ -126,8 +122,8 @@ def check_host_batch(model: GPT, batch: dict):
 class MeshBound:
     """A jitted function that is traced under its mesh whether it is called or lowered.
 
-    Activation constraints need a mesh in context (model.constrain raises without one), so binding it
-    here makes `step.jitted.lower(...)` in a test compile the very program that training runs. With
+    Binding the mesh here makes `step.jitted.lower(...)` in a test compile the very program that training
+    runs, under the same mesh context as its calls. With
     `quiet_donation` (CPU meshes: XLA:CPU implements no donation) the "donated buffers were not usable"
     warning is silenced for this function's calls only; on GPU and TPU it means the state is held twice.
     """
@@ -152,6 +148,30 @@ class MeshBound:
             return self.jitted.lower(*args)
 
 
+class GSPMD(step.Implementation):
+    """The global arrays under the strategy's rules: the partitioner inserts every collective, the grads'
+    layout alone deciding whether they are all-reduced (dp, zero1) or reduce-scattered (zero2, zero3)."""
+
+    def __init__(self, model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings):
+        self.plan = GSPMDPlan(mesh, sharding.rules(strategy, "activations"))
+        self.model, self.shardings = model, shardings
+
+    def loss(self, params, batch, read=None, plan: GSPMDPlan | None = None):
+        return loss_sum(self.model.clone(plan=plan or self.plan), params, batch)
+
+    def accumulate(self, value_and_grad, params, batch, microbatches):
+        # Each dp shard's partial gradients apart in a leading dim until the loop ends (microbatch.py),
+        # whose loop takes the loss under its own rules: value_and_grad is rebuilt there.
+        del value_and_grad
+        loss = lambda p, b, plan: self.loss(p, b, None, plan)
+        return microbatch.gspmd_value_and_grad(
+            loss, params, batch, microbatches, self.plan, self.shardings.grads
+        )
+
+    def reduce(self, sums_2, grads):
+        return sums_2, jax.lax.with_sharding_constraint(grads, self.shardings.grads)
+
+
 def make_train_step(
     model: GPT,
     tx: optax.GradientTransformation,
@@ -160,39 +180,12 @@ def make_train_step(
     shardings: StateShardings,
     microbatches: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The pure train step, jitted once with the strategy's in/out shardings and the state donated.
-
-    With `microbatches` M > 1 the batch runs as M microbatches inside the step (shardgpt.parallel.microbatch).
-    """
+    """The one train step (step.build) in GSPMD's implementation, jitted once with the strategy's in/out
+    shardings and the state donated. With `microbatches` M > 1 the batch runs as M microbatches inside the
+    step (shardgpt.parallel.microbatch)."""
     layout.check_mesh_axes(mesh, strategy, "gspmd", model.config)
-    activation_rules = sharding.rules(strategy, "activations")
     batch_sharding = sharding.batch_sharding(mesh, strategy)
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        def loss_fn(params, batch, rules):  # (token-loss sum, token count): summed over microbatches
-            with nn.logical_axis_rules(rules):
-                return loss_sum(model, params, batch)
-
-        if microbatches == 1:
-            (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, batch, activation_rules
-            )
-        else:
-            (total, count), grads = microbatch.gspmd_value_and_grad(
-                loss_fn, state.params, batch, microbatches, mesh, activation_rules, shardings.grads
-            )
-        with jax.named_scope("grad_reduce"):
-            # The mean over every non-ignored token of the batch (never a mean of microbatch means).
-            scale = 1 / jnp.maximum(count, 1)
-            mean, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
-            # The grad rules decide the reduction: all-reduce (dp, zero1) or reduce-scatter (zero2, zero3).
-            grads = jax.lax.with_sharding_constraint(grads, shardings.grads)
-        with jax.named_scope("optimizer"):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": mean, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
+    train_step = step.build(GSPMD(model, mesh, strategy, shardings), tx, microbatches)
     jitted = jax.jit(
         train_step,
         in_shardings=(shardings.state, {"inputs": batch_sharding, "targets": batch_sharding}),
@@ -208,12 +201,11 @@ def make_eval_loss(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardi
     One forward per batch, jitted once with the state's param shardings, so it serves either impl's state
     (both lay params out by the same rules) without moving them.
     """
-    activation_rules = sharding.rules(strategy, "activations")
+    plan = GSPMDPlan(mesh, sharding.rules(strategy, "activations"))
     batch_sharding = sharding.batch_sharding(mesh, strategy)
 
     def batch_loss_sum(params, batch):
-        with nn.logical_axis_rules(activation_rules):
-            return loss_sum(model, params, batch)
+        return loss_sum(model.clone(plan=plan), params, batch)
 
     jitted = MeshBound(
         jax.jit(
@@ -242,12 +234,11 @@ def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str, microbatc
     """
     jitted = MeshBound(jitted, mesh, quiet_donation=mesh.devices.flat[0].platform == "cpu")
 
-    def step(state, batch):
-        layout.check_batch(
-            model.config, mesh, strategy, *batch["inputs"].shape, microbatches
-        )  # before any compile
+    def checked_step(state, batch):
+        # Before any compile: the batch's shape against the mesh, the host batch's ids against the vocab.
+        layout.check_batch(model.config, mesh, strategy, *batch["inputs"].shape, microbatches)
         check_host_batch(model, batch)
         return jitted(state, batch)
 
-    step.jitted = jitted
-    return step
+    checked_step.jitted = jitted
+    return checked_step

@@ -1,6 +1,7 @@
-"""The model on one device's shards, inside jax.shard_map: `ShardHooks` and the collectives they place.
+"""shard_map's plan: the model on one device's shards, inside jax.shard_map, and the collectives it places.
 
-shard_map_step.py's step installs these hooks (model.use_hooks) so the one model definition runs per device:
+The shard_map step passes a `ShardMapPlan` to the model and the loss, so the one model definition runs per
+device:
 Megatron's f and g around the column- and row-parallel layers and a vocab-parallel embedding over tp,
 Megatron-SP's gathers and scatters, ZeRO-3's per-layer gathers over dp (in the compute dtype) and ZeRO-2's
 per-layer reduce-scatters, ring attention over cp and GPipe's stages over pp. Per-device locals end in `_`;
@@ -17,7 +18,7 @@ from jax.extend.core.primitives import custom_vjp_call_p
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from shardgpt.model.gpt import Hooks
+from shardgpt.model.gpt import Plan
 from shardgpt.parallel import pipeline, ring_attention, sharding
 from shardgpt.parallel.mesh import spans_processes
 
@@ -108,7 +109,7 @@ def _save_all_but_gathers(primitive, *_, **params) -> bool:
 GRAD_SHARD = "{}_grad_shard"  # ZeRO-2: the zero param beside a whole one that receives its gradient shard
 
 
-class ShardHooks(Hooks):
+class ShardMapPlan(Plan):
     """The model on one device's shards, inside shard_map; what is split where comes from the rule tables.
 
     Params arrive split as sharding.rules(strategy, "params") says. An axis that also splits the batch (dp)
@@ -140,6 +141,9 @@ class ShardHooks(Hooks):
         # Pipeline parallelism: the stacked layers run as stages over pp, the batch as `microbatches`.
         self.stages = "pp" if "pp" in self.sizes else None
         self.pipelined, self.microbatches = self.stages is not None, microbatches
+
+    def global_size(self, n, name):
+        return n * self.sizes[self.split[name]] if name in self.split else n
 
     def _divide(self, shape, names, table):
         return tuple(
@@ -227,3 +231,15 @@ class ShardHooks(Hooks):
         if "vocab" not in self.split:
             return jnp.arange(n)
         return jax.lax.axis_index(self.split["vocab"]) * n + jnp.arange(n)
+
+    def vocab_max(self, x_):
+        if "vocab" not in self.split:
+            return x_
+        with jax.named_scope("vocab_ce_max"):
+            return jax.lax.pmax(x_, self.split["vocab"])
+
+    def vocab_sum(self, x_):
+        if "vocab" not in self.split:
+            return x_
+        with jax.named_scope("vocab_ce_sum"):
+            return jax.lax.psum(x_, self.split["vocab"])

@@ -1,0 +1,31 @@
+"""GSPMD's plan: the model written for the global arrays, its activations constrained by logical rules on
+a mesh, and XLA's partitioner inserting whatever collectives make the layouts meet.
+
+The mesh and the rules are the plan's own, passed in, never flax's ambient ones, so a call says which
+layout it computes in and a program lowered anywhere is the one that runs.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+from jax.sharding import Mesh
+
+from shardgpt.model.gpt import Plan
+
+
+class GSPMDPlan(Plan):
+    """The global view under `rules` (logical name -> mesh axis, sharding.rules' activations) on `mesh`."""
+
+    def __init__(self, mesh: Mesh, rules: Sequence[tuple[str, str | None]]):
+        self.mesh, self.rules = mesh, tuple(rules)
+
+    def constrain(self, x, names):
+        return nn.with_logical_constraint(x, names, rules=self.rules, mesh=self.mesh)
+
+    def batch_shards(self) -> int:
+        axis = dict(self.rules).get("batch")
+        return 1 if axis is None else self.mesh.shape[axis]
+
+    def with_rules(self, rules: Sequence[tuple[str, str | None]]) -> "GSPMDPlan":
+        """The same mesh under other rules (the microbatch loop's blocks keep the batch off dp)."""
+        return GSPMDPlan(self.mesh, rules)

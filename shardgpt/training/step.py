@@ -1,0 +1,98 @@
+"""One train step, written once: the microbatch loop, the loss sum and token count, the point where the
+gradients are reduced, the optimizer update and the metrics. An implementation supplies only how it places
+and communicates (`Implementation`): GSPMD's in train.py, shard_map's in shard_map_step.py.
+
+The step's phases carry named scopes, kept in the compiled HLO's op names (shardgpt.analysis.attribution
+reads them): `forward` (autodiff names the backward pass's ops `transpose(jvp(forward))`), `grad_reduce`
+and `optimizer`.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from shardgpt.model.gpt import Plan
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that lives on device between steps; the optimizer and model are closed over."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class Implementation:
+    """What differs between implementations, and nothing else. This base computes in the global view with
+    no communication of its own (GSPMD's partitioner, or a one-device run, places the collectives)."""
+
+    plan: Plan  # how the model and the loss are laid out (passed to both)
+
+    def loss(self, wrt: Any, batch: dict, read: Any) -> tuple[jax.Array, jax.Array]:
+        """(token-loss sum, token count) of `batch` as this device or program sees it, the model reading
+        `wrt` (differentiated) and `read` (not), as `differentiable` split the params."""
+        raise NotImplementedError
+
+    def differentiable(self, params: Any) -> tuple[Any, Any]:
+        """(wrt, read): what autodiff differentiates for `params`, and what the model reads beside it
+        undifferentiated (shard_map: ZeRO-2's whole params, whose gradients live only as shards)."""
+        return params, None
+
+    def accumulated(self, microbatches: int) -> int:
+        """How many microbatches the step's own loop adds up (a pipeline runs its microbatches itself)."""
+        return microbatches
+
+    def accumulate(self, value_and_grad: Callable, wrt: Any, batch: dict, microbatches: int):
+        """((sum, count), grads) of `value_and_grad` added up over `microbatches` splits of `batch`, each
+        device's partial gradients kept apart until `reduce`."""
+        raise NotImplementedError
+
+    def reduce(self, sums_2: jax.Array, grads: Any) -> tuple[jax.Array, Any]:
+        """The loss sums and the gradients summed over the devices holding partial ones, in the grads'
+        layout."""
+        return sums_2, grads
+
+    def to_update_layout(self, tree: Any, of: str) -> Any:
+        """`tree` (the grads, or the params: `of`) in the optimizer state's layout: what a device updates."""
+        return tree
+
+    def global_norm(self, grads: Any) -> jax.Array:
+        """The gradients' global L2 norm, whatever part of them a device holds."""
+        return optax.tree.norm(grads)
+
+    def to_param_layout(self, params: Any) -> Any:
+        """The updated params back in their own layout (ZeRO-1/2 gather what each device updated)."""
+        return params
+
+
+def build(impl: Implementation, tx: optax.GradientTransformation, microbatches: int = 1) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)` for `impl`, not yet placed (jit it, or shard_map
+    and jit it). `tx` takes the global norm as `tx.update(..., grad_norm=)` (optim.make_optimizer's)."""
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        wrt, read = impl.differentiable(state.params)
+        value_and_grad = jax.value_and_grad(lambda wrt, batch: impl.loss(wrt, batch, read), has_aux=True)
+        m = impl.accumulated(microbatches)
+        sums, grads = value_and_grad(wrt, batch) if m == 1 else impl.accumulate(value_and_grad, wrt, batch, m)
+        with jax.named_scope("grad_reduce"):
+            sums_2, grads = impl.reduce(jnp.stack(sums), grads)
+            # The mean over every non-ignored token of the batch (never a mean of microbatch means).
+            scale = 1 / jnp.maximum(sums_2[1], 1)
+            loss, grads = sums_2[0] * scale, jax.tree.map(lambda g: g * scale, grads)
+        with jax.named_scope("optimizer"):
+            grads, params = (
+                impl.to_update_layout(grads, "grads"),
+                impl.to_update_layout(state.params, "params"),
+            )
+            grad_norm = impl.global_norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, params, grad_norm=grad_norm)
+            params = impl.to_param_layout(optax.apply_updates(params, updates))
+        state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return state, {"loss": loss, "grad_norm": grad_norm}
+
+    return train_step
