@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,7 +51,9 @@ def _tree_equal(a, b) -> bool:
 
 
 def _files(where: Path) -> dict[str, int]:
-    return {str(p.relative_to(where)): p.stat().st_size for p in where.rglob("*") if p.is_file()}
+    """Every file's size, but the writers' lock (it records each writer's pid while it holds it)."""
+    files = (p for p in where.rglob("*") if p.is_file() and p.name != ".lock")
+    return {str(p.relative_to(where)): p.stat().st_size for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +244,47 @@ def test_foreign_or_corrupt_directory_is_a_clear_error_and_nothing_is_lost(kille
     reason = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot restore the state" in reason and "nothing was deleted" in reason, reason
     assert _files(corrupt) == before
+
+
+def test_one_writer_per_directory_and_readers_change_nothing(pico, host_state, tmp_path, capsys):
+    """A second writer (a Checkpointer, or train.py on the same --ckpt-dir) is refused naming the holder;
+    a reader restores while the writer holds the directory, and deletes nothing."""
+    model, tx = pico
+    mesh = make_mesh("dp=2,tp=4")
+    state = _state(model, tx, host_state, mesh, "dp")
+    writer = checkpoint.Checkpointer(tmp_path)
+    writer.save(state, {"model": {}})
+    writer.wait()
+    holder = f"being written by pid {os.getpid()}"
+    with pytest.raises(checkpoint.CheckpointError, match=holder):
+        checkpoint.Checkpointer(tmp_path)
+    assert holder in _exits_2([*BASE, "--ckpt-dir", str(tmp_path), "--resume"], capsys)
+    (tmp_path / "9").mkdir()  # a step folder without its items: a save in flight, to a reader
+    before = _files(tmp_path)
+    reader = checkpoint.Checkpointer(tmp_path, read_only=True)
+    target, _ = train.abstract_state(model, tx, mesh, "dp")
+    assert _tree_equal(reader.restore(target, 1), state)
+    with pytest.raises(checkpoint.CheckpointError, match="read-only"):
+        reader.save(state, {"model": {}})
+    reader.close()
+    writer.close()
+    assert _files(tmp_path) == before and (tmp_path / "9").is_dir()
+    (tmp_path / "9").rmdir()
+    checkpoint.Checkpointer(tmp_path).close()  # free again once the writer closed
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_note(tmp_path):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    record = {"host": socket.gethostname(), "pid": int(gone.stdout), "started": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / ".lock").write_text(json.dumps(record))  # what a kill -9 leaves: the record, not the lock
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    assert f"took over the lock of pid {record['pid']}" in ckpt.lock.note and "gone" in ckpt.lock.note
+    ckpt.close()
+    again = checkpoint.Checkpointer(tmp_path)  # a clean close leaves no record behind: no note
+    assert again.lock.note is None
+    again.close()
 
 
 def test_callbacks_get_the_state_that_produced_their_metrics():

@@ -104,6 +104,27 @@ def test_bin_task_reads_nanogpt_train_bin_windows(tmp_path):
         data.make_task(f"bin:{tmp_path / 'none'}")
 
 
+def test_bad_bin_data_is_refused_at_open_naming_the_file(tmp_path, monkeypatch):
+    """Every id is checked once when the task opens (in chunks: here 1,000 tokens a chunk), not when a
+    step's batch first reads it; odd-sized or empty files name the file."""
+    monkeypatch.setattr(data, "CHECK_CHUNK", 1000)
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 40}))
+    tokens = np.random.default_rng(0).integers(0, 40, 5000).astype(np.uint16)
+    tokens[3456] = 40  # past meta.pkl's vocab, in the fourth chunk
+    tokens.tofile(tmp_path / "train.bin")
+    with pytest.raises(ValueError, match=r"train.bin: token id 40 at offset 3456 .* \[0, 40\)"):
+        data.make_task(f"bin:{tmp_path}", seq_len=16)
+    tokens[3456] = 0
+    tokens.tofile(tmp_path / "train.bin")
+    task = data.make_task(f"bin:{tmp_path}", seq_len=16)
+    (tmp_path / "val.bin").write_bytes(b"\x01\x00\x02")  # a token and a half
+    with pytest.raises(ValueError, match="val.bin holds 3 bytes, not a whole number of uint16 tokens"):
+        task.rows(0, range(1), "val")
+    (tmp_path / "train.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="train.bin is empty"):
+        data.make_task(f"bin:{tmp_path}", seq_len=16)
+
+
 def test_global_batch_is_sharded_over_dp_and_equal_across_meshes():
     task = data.SortTask()
     mesh = make_mesh("dp=2,tp=4")

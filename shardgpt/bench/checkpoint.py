@@ -176,7 +176,7 @@ def bench_restore(s, state, where: Path, repeats: int) -> dict:
     from shardgpt.io import checkpoint
     from shardgpt.training import train
 
-    ckpt = checkpoint.Checkpointer(where, keep=1)
+    ckpt = checkpoint.Checkpointer(where, read_only=True)
     times, same = [], None
     for _ in range(repeats):
         target, _ = train.abstract_state(s.model, s.tx, s.mesh, s.strategy)

@@ -98,7 +98,7 @@ def validate(args: argparse.Namespace) -> Job:
 
     from shardgpt.io import checkpoint
     from shardgpt.lab import runner
-    from shardgpt.parallel import distributed, sharding
+    from shardgpt.parallel import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from shardgpt.parallel.mesh import describe
@@ -142,19 +142,37 @@ def validate(args: argparse.Namespace) -> Job:
         "microbatches": spec.microbatches,
     }
     job = Job(spec, setup, description)
-    if args.ckpt_dir:
-        job.checkpointer = checkpoint.Checkpointer(args.ckpt_dir, keep=args.keep)
-        latest = job.checkpointer.latest_step()
-        if latest is not None and not args.resume:  # a fresh run would prune and overwrite that one's files
-            raise ValueError(
-                f"{args.ckpt_dir} already holds checkpoints up to step {latest}: pass --resume to continue "
-                "that run, or choose another --ckpt-dir"
-            )
+    if not args.ckpt_dir:
+        return job
+    job.checkpointer = checkpoint.Checkpointer(args.ckpt_dir, keep=args.keep)
+    try:
+        _check_resume(job, args)
+    except Exception:
+        job.checkpointer.close()  # leaves the directory as found, its lock free and unrecorded
+        raise
+    return job
+
+
+def _check_resume(job: Job, args: argparse.Namespace):
+    """With a checkpoint directory open: refuse a fresh start over saved steps, find the step to resume
+    and say what differs from the saved run."""
+    from shardgpt.io import checkpoint
+    from shardgpt.parallel import sharding
+
+    setup, description = job.setup, job.description
+    if job.checkpointer.lock.note:  # a run that died holding the directory (kill -9, a lost node)
+        say(f"note: {args.ckpt_dir}: {job.checkpointer.lock.note}")
+    latest = job.checkpointer.latest_step()
+    if latest is not None and not args.resume:  # a fresh run would prune and overwrite that one's files
+        raise ValueError(
+            f"{args.ckpt_dir} already holds checkpoints up to step {latest}: pass --resume to continue "
+            "that run, or choose another --ckpt-dir"
+        )
     if args.resume:
         job.resume_step = job.checkpointer.latest_step()
         if job.resume_step is None:  # so one command serves a job's first start and every restart
             say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
-            return job
+            return
         saved = job.checkpointer.description(job.resume_step)
         # +sp changes activations only: a strategy note moves state only when the base strategy differs.
         same_layout = sharding.base_strategy(saved.get("strategy", "dp")) == sharding.base_strategy(
@@ -163,7 +181,6 @@ def validate(args: argparse.Namespace) -> Job:
         for note in checkpoint.check_compatible(saved, description):
             resharded = note.startswith(("mesh", "impl")) or (note.startswith("strategy") and not same_layout)
             say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
-    return job
 
 
 def train(job: Job, args: argparse.Namespace) -> int:
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(job, args)
     except CheckpointError as e:  # a corrupt checkpoint found while restoring: nothing was deleted
         print(f"{flags.prog(SCRIPT)}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return _finish(job.checkpointer, 2)
 
 
 if __name__ == "__main__":

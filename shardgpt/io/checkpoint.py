@@ -4,6 +4,9 @@ Each step's checkpoint holds the TrainState and the run's description as JSON (m
 impl, optimizer, seed, task). Batches are a function of the step, so the step is the data position.
 Restore always passes target shardings built from the *current* mesh and strategy (train.abstract_state):
 resharding onto another mesh, strategy or device count is the ordinary path, not a special one.
+
+One writer per directory: a writing Checkpointer holds the directory's lock (lock.py) from open to close, so
+a second writer is refused before it touches anything; a read-only one takes no lock and deletes nothing.
 """
 
 import gc
@@ -19,11 +22,15 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from shardgpt.io.lock import LOCK_FILE, DirectoryLock, LockedError
 from shardgpt.training import loop, train
 
 _STEP = re.compile(r"^\d+$")
 _TMP = ".orbax-checkpoint-tmp"  # orbax writes here first and renames when complete: latest_step skips these
-OWN_FILES = {"metrics.jsonl"}  # experiments/train.py's log lives beside the steps
+OWN_FILES = {
+    "metrics.jsonl",
+    LOCK_FILE,
+}  # the train command's log and the writers' lock live beside the steps
 
 
 class CheckpointError(ValueError):
@@ -34,11 +41,12 @@ class NonFiniteState(RuntimeError):
     """A state holding a NaN or inf: Checkpointer.save refuses it."""
 
 
-def check_directory(directory: str | Path):
+def check_directory(directory: str | Path, read_only: bool = False):
     """Raise CheckpointError unless `directory` is absent, empty or holds only checkpoint steps.
 
     Orbax deletes old steps (keep N) and stale temporaries: pointed at a foreign directory it could delete
-    someone's numbered folders, so anything unexpected is refused before a manager opens it.
+    someone's numbered folders, so anything unexpected is refused before a writing manager opens it. A
+    reader skips a step folder without its items (a save in flight, or one a kill cut short).
     """
     where = Path(directory)
     if where.exists() and not where.is_dir():
@@ -54,10 +62,11 @@ def check_directory(directory: str | Path):
                 f"{where} is not a shardgpt checkpoint directory (it holds {name!r}): choose an empty or new "
                 "directory; nothing was changed"
             )
-        if not (entry / "meta").is_dir() or not (entry / "state").is_dir():
+        if not read_only and (not (entry / "meta").is_dir() or not (entry / "state").is_dir()):
             raise CheckpointError(
-                f"{entry} is not a shardgpt checkpoint (no meta/ and state/ inside): remove it by hand or "
-                "choose another directory; nothing was changed"
+                f"{entry} holds no complete checkpoint (no meta/ and state/ inside: a save cut short, or "
+                "not shardgpt's): resume from another directory or restore an earlier step with a reader; "
+                "nothing was changed"
             )
 
 
@@ -90,17 +99,34 @@ def _collect_quietly():
 
 
 class Checkpointer:
-    """Save TrainStates asynchronously into `directory` (the last `keep` kept); restore into any layout."""
+    """Save TrainStates asynchronously into `directory` (the last `keep` kept); restore into any layout.
 
-    def __init__(self, directory: str | Path, keep: int | None = 3, async_save: bool = True):
+    A writer (the default) holds the directory's lock until `close`: a second writer gets CheckpointError
+    naming the holder. `read_only=True` opens it to restore only: no lock, no cleanup, no save.
+    """
+
+    def __init__(
+        self, directory: str | Path, keep: int | None = 3, async_save: bool = True, read_only: bool = False
+    ):
         if keep is not None and keep < 1:
             raise CheckpointError(f"--keep must be >= 1, got {keep}")
-        check_directory(directory)
-        self.directory = Path(directory).resolve()
+        self.directory, self.read_only, self.lock = Path(directory).resolve(), read_only, None
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory {self.directory}")
+        if not read_only:
+            check_directory(directory)  # before creating anything in it (the lock's file)
+            try:
+                self.lock = DirectoryLock(self.directory).acquire()
+            except LockedError as e:
+                raise CheckpointError(f"{e}: wait for it to finish, or use another directory") from None
+            except OSError as e:
+                raise CheckpointError(f"{self.directory}: cannot write there ({e.strerror or e})") from None
+        check_directory(directory, read_only)  # again under the lock: no writer can be mid-save now
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None if read_only else keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # a save killed midway leaves a temporary: never a step
+            cleanup_tmp_directories=not read_only,  # a save killed midway leaves a temporary: never a step
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._saved: set[int] = set()
@@ -116,6 +142,8 @@ class Checkpointer:
         a NaN or inf is refused (NonFiniteState) so the last good checkpoint stays the latest.
         """
         step = int(state.step)
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only: open a writer to save")
         if not is_finite(state):
             raise NonFiniteState(f"step {step}: the state holds NaN or inf; not saved")
         if step in self._saved or step in self.manager.all_steps():
@@ -167,9 +195,12 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self):
-        """Finish pending saves and release the manager; call before the process exits."""
+        """Finish pending saves, release the manager, then the directory's lock; call before exiting."""
         self.manager.wait_until_finished()
         self.manager.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 # Model fields that change how a step computes, not what the state holds: they may differ on resume.

@@ -154,14 +154,9 @@ class BinTask:
         train = pathlib.Path(self.path) / "train.bin"
         if not train.is_file():
             raise ValueError(f"no {train}: give bin:DIR with nanoGPT's prepared train.bin (uint16 tokens)")
-        tokens = np.memmap(train, dtype=np.uint16, mode="r")
-        if len(tokens) < self.seq_len + 1:
-            raise ValueError(
-                f"{train} has {len(tokens)} tokens; need more than seq_len={self.seq_len}: use a smaller "
-                "--seq"
-            )
-        object.__setattr__(self, "tokens", tokens)
-        object.__setattr__(self, "vocab_size", _meta_vocab(pathlib.Path(self.path) / "meta.pkl"))
+        vocab_size = _meta_vocab(pathlib.Path(self.path) / "meta.pkl")
+        object.__setattr__(self, "vocab_size", vocab_size)
+        object.__setattr__(self, "tokens", _open_tokens(train, self.seq_len, vocab_size))
 
     def rows(self, step: int, rows: range, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         tokens = self._val_tokens() if split == "val" else self.tokens
@@ -171,10 +166,37 @@ class BinTask:
         val = pathlib.Path(self.path) / "val.bin"
         if not val.is_file():
             raise ValueError(f"no {val}: held-out loss needs nanoGPT's val.bin beside train.bin")
-        tokens = np.memmap(val, dtype=np.uint16, mode="r")
-        if len(tokens) < self.seq_len + 1:
-            raise ValueError(f"{val} has {len(tokens)} tokens; need more than seq_len={self.seq_len}")
-        return tokens
+        if not hasattr(self, "_val"):  # opened (and checked) once
+            object.__setattr__(self, "_val", _open_tokens(val, self.seq_len, self.vocab_size))
+        return self._val
+
+
+CHECK_CHUNK = 1 << 24  # tokens per vectorised pass when checking a .bin file (32 MiB of uint16)
+
+
+def _open_tokens(path: pathlib.Path, seq_len: int, vocab_size: int) -> np.ndarray:
+    """A .bin file of uint16 tokens, memory-mapped, after checking all of it once: a whole number of
+    tokens, enough for one window, every id inside the vocabulary (in chunks: a large file takes seconds,
+    and a bad id is found before anything compiles, not at the step whose batch reads it)."""
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        what = "is empty" if size == 0 else f"holds {size} bytes, not a whole number of uint16 tokens"
+        raise ValueError(f"{path} {what}: the file is truncated or not nanoGPT's prepared .bin")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(
+            f"{path} has {len(tokens)} tokens; need more than seq_len={seq_len}: use a smaller --seq"
+        )
+    for start in range(0, len(tokens), CHECK_CHUNK):
+        chunk = tokens[start : start + CHECK_CHUNK]
+        if chunk.max() >= vocab_size:
+            offset = start + int(np.argmax(chunk >= vocab_size))
+            raise ValueError(
+                f"{path}: token id {int(tokens[offset])} at offset {offset} (token index) is outside the "
+                f"vocabulary [0, {vocab_size}) (meta.pkl's vocab_size, else GPT-2's): re-encode the data, or "
+                "give the meta.pkl it was encoded with"
+            )
+    return tokens
 
 
 class _PlainUnpickler(pickle.Unpickler):
