@@ -28,7 +28,7 @@ bench: $(STAMP)
 # so the checkout goes on PYTHONPATH instead of being installed): gpt2 MFU, decode vs its bandwidth floor,
 # the naive generator; results/gpu/results.json and table.txt.
 bench-gpu:
-	PYTHONPATH=$(CURDIR) $(PYTHON) experiments/gpu_bench.py --out results/gpu
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) experiments/gpu_bench.py --out results/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -188,17 +188,32 @@ def test_a_non_finite_state_is_never_saved(pico, host_state, tmp_path):
     ckpt.close()
 
 
-def test_nan_exits_3_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_nan_exits_3_naming_the_last_good_checkpoint_which_step_resumes(tmp_path, capsys):
+    """lr 1e9 (step 1 trains at lr 0, warm-up): step 2's update ruins the params, finite still, and step 3
+    is NaN. The good checkpoint is the one the loss *after* it was finite from (step 1), not the newest
+    finite one (step 2, ruined); the log stays strict JSON; --resume --step 1 at a sane lr trains on, the
+    newer checkpoint moved aside, not deleted."""
+    ckpt_dir = tmp_path / "ckpt"
     status = cli.main(
-        [*BASE, "--steps", "8", "--lr", "1e9", "--save-every", "1", "--ckpt-dir", str(tmp_path)]
+        [*BASE, "--steps", "8", "--lr", "1e9", "--save-every", "1", "--ckpt-dir", str(ckpt_dir)]
     )
     assert status == 3
     message = capsys.readouterr().err.strip().splitlines()[-1]
     failed = int(message.split("error: step ")[1].split(":")[0])
-    assert "non-finite" in message and f"last good checkpoint is step {failed - 1}" in message, message
-    ckpt = checkpoint.Checkpointer(tmp_path)
-    assert max(ckpt.manager.all_steps()) == failed - 1
-    ckpt.close()
+    assert (
+        "non-finite" in message
+        and "last good checkpoint is step 1: resume it with --resume --step 1" in message
+    )
+    strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+    records = [strict(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        records[-1]["step"] == failed and records[-1]["loss"] is None and "loss" in records[-1]["non_finite"]
+    )
+    argv = [*BASE, "--steps", "4", "--lr", "1e-3", "--ckpt-dir", str(ckpt_dir), "--resume", "--step", "1"]
+    assert cli.main([*argv, "--eval-every", "0"]) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt.after-1").iterdir()) == list(range(2, failed))
+    losses = [strict(line)["loss"] for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(np.isfinite(losses)), losses
 
 
 def _exits_2(argv: list[str], capsys) -> str:
@@ -214,7 +229,16 @@ def test_bad_input_exits_2_before_compiling(killed, tmp_path, capsys):
     assert "holds another model (n_layer: saved 1, now 2)" in another
     assert "pass --resume to continue" in _exits_2([*BASE, "--ckpt-dir", str(whole)], capsys)
     assert "--resume needs --ckpt-dir" in _exits_2([*BASE, "--resume"], capsys)
-    assert "--save-every, --keep and --eval-batches must be" in _exits_2([*BASE, "--save-every", "0"], capsys)
+    fresh = ["--ckpt-dir", str(tmp_path / "fresh")]
+    assert "--save-every, --keep and --eval-batches must be" in _exits_2(
+        [*BASE, *fresh, "--save-every", "0"], capsys
+    )
+    for orphan in (["--save-every", "5"], ["--keep", "2"], ["--step", "4", "--resume"]):  # were ignored
+        assert "need --ckpt-dir DIR" in _exits_2([*BASE, *orphan], capsys), orphan
+    assert "give --resume too" in _exits_2([*BASE, *fresh, "--step", "4"], capsys)
+    assert "--step 3: no such checkpoint" in _exits_2(
+        [*BASE, "--ckpt-dir", str(whole), "--resume", "--step", "3"], capsys
+    )
     assert "--eval-every must be >= 0" in _exits_2([*BASE, "--eval-every", "-1"], capsys)
     assert "give a .safetensors or .npz path" in _exits_2([*BASE, "--export", "w.pt"], capsys)
 

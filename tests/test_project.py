@@ -44,7 +44,7 @@ def test_entry_points_are_thin_and_need_no_path_edits():
     """experiments/*.py call a main in the package; nothing edits sys.path or reads ../shared."""
     for path in sorted((ROOT / "experiments").glob("*.py")):
         text = path.read_text()
-        assert "sys.path" not in text and len(text.splitlines()) <= 15, path.name
+        assert "sys.path" not in text and len(text.splitlines()) <= 20, path.name
     for path in [*MODULES, *(ROOT / "experiments").glob("*.py")]:
         assert "sys.path" not in path.read_text(), path
 

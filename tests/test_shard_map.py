@@ -10,6 +10,7 @@ counts and a per-shard mean (instead of the global one) would fail the compariso
 
 import re
 
+import _runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,6 +202,22 @@ def test_the_one_cross_entropy_over_vocab_slices_matches_optax_on_whole_logits()
     keep = targets != data.IGNORE_INDEX
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits[..., :50], np.where(keep, targets, 0))
     np.testing.assert_allclose(sharded(logits, targets), per_token[keep].mean(), rtol=1e-6)
+    # Without a vocab_size every id of the (global) vocab is real, also when each device holds a slice.
+    whole = jax.shard_map(
+        lambda l_, t_: loss.cross_entropy_sum(l_, t_, plan=plan), mesh=mesh,
+        in_specs=(P(None, None, "tp"), P()), out_specs=(P(), P()), check_vma=True,
+    )  # fmt: skip
+    total, count = jax.jit(whole)(logits, targets)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, np.where(keep, targets, 0))
+    np.testing.assert_allclose(total / count, per_token[keep].mean(), rtol=1e-6)
+
+
+def test_gspmd_steps_with_any_optax_optimizer():
+    """GSPMD holds whole gradients: a plain optax transformation (one that takes no grad_norm) traces."""
+    mesh = make_mesh("dp=8")
+    plain = optax.scale(-1e-3)  # plain SGD: a bare GradientTransformation, no extra arguments
+    state, shardings = train.abstract_state(MODEL, plain, mesh, "dp")  # lowered only: nothing allocated
+    train.make_train_step(MODEL, plain, mesh, "dp", shardings).jitted.lower(state, _runs.batch(0, mesh))
 
 
 def test_bad_input_gets_the_gspmd_errors():

@@ -198,7 +198,7 @@ def _note(row: dict) -> str:
         )
     if row["cause"] in ("attn.bwd", "mlp.bwd") and row["kind"] == "all-gather" and row["ratio"] == 2:
         return (
-            "ZeRO-3's remat policy (shard_map_step) re-gathers the sequence for the backward pass instead of "
+            "ZeRO-3's remat policy (shard_map_plan) re-gathers the sequence for the backward pass instead of "
             "saving the gathered activation, as Megatron-LM's sequence parallelism does: one more gather a "
             "region"
         )

@@ -113,8 +113,6 @@ def _error(e: Exception) -> str:
 
 def median_s(fn, iters: int) -> float:
     """Median wall time of `fn()` over `iters` calls, each waited for."""
-    import jax
-
     times = []
     for _ in range(iters):
         start = time.perf_counter()

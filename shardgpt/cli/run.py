@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         work = validate_plan(args) if args.plan else validate(args)
     except (ValueError, FileNotFoundError) as e:  # the library's validation errors say what to change
         parser.error(str(e).splitlines()[0])
-    return plan(*work, args, argv) if args.plan else compare(work, args, argv)
+    return run_plan(*work, args, argv) if args.plan else compare(work, args, argv)
 
 
 def explain(out: str, which: str) -> str:
@@ -285,7 +285,7 @@ def validate_plan(args: argparse.Namespace) -> tuple[list, int | None]:
     return planners, budget
 
 
-def plan(planners: list, budget: int | None, args: argparse.Namespace, argv: list[str]) -> int:
+def run_plan(planners: list, budget: int | None, args: argparse.Namespace, argv: list[str]) -> int:
     """Compile every planner's step (abstract arrays only), print the ranked table, write results.json."""
     import time
 
@@ -306,7 +306,7 @@ def plan(planners: list, budget: int | None, args: argparse.Namespace, argv: lis
     print("\n" + planning.table(rows, "cpu"))
     print(f"wall time {time.perf_counter() - started:.0f} s for {sum(r['compiles'] for r in rows)} compiles")
     if args.out:
-        meta = runner.meta(shlex.join(["python", SCRIPT, *argv]))
+        meta = runner.meta(shlex.join([flags.prog(SCRIPT), *argv]))
         paths = planning.write(rows, meta, args.out, plots=not args.no_plots)
         print(f"\nwrote {', '.join(str(p) for p in paths)}")
     return 0
@@ -338,7 +338,7 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
             f"ms, {result['tokens_per_s']:,.0f} tokens/s, final loss {result['final_loss']:.6f}"
         )
         runs.append(result)
-    command = shlex.join(["python", SCRIPT, *argv])
+    command = shlex.join([flags.prog(SCRIPT), *argv])
     results = {"meta": runner.meta(command), "runs": runs, "agreement": report.agreement(runs)}
     say("\n" + report.table(results))
     if jax.process_index() == 0 and args.out:

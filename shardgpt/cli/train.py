@@ -13,6 +13,8 @@ Exit status: 0 done, 2 bad input (one line, before anything compiles), 3 a NaN o
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -67,12 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ckpt = p.add_argument_group("checkpoints")
     ckpt.add_argument("--ckpt-dir", metavar="DIR", help="checkpoints and metrics.jsonl (default: none)")
-    ckpt.add_argument("--save-every", type=int, default=100, metavar="K", help="save every K steps")
-    ckpt.add_argument("--keep", type=int, default=3, metavar="N", help="keep the last N checkpoints")
+    ckpt.add_argument("--save-every", type=int, metavar="K", help="save every K steps (default 100)")
+    ckpt.add_argument("--keep", type=int, metavar="N", help="keep the last N checkpoints (default 3)")
     ckpt.add_argument(
         "--resume",
         action="store_true",
         help="continue from DIR's latest checkpoint (resharded if needed), or start if it holds none yet",
+    )
+    ckpt.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="with --resume: continue from checkpoint step N instead of the latest (the newer steps are "
+        "moved aside, into DIR.after-N, not deleted)",
     )
     p.add_argument(
         "--export", metavar="PATH", help="write GPT-2-named weights at the end (.safetensors or .npz)"
@@ -103,6 +112,12 @@ def validate(args: argparse.Namespace) -> Job:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from shardgpt.parallel.mesh import describe
 
+    if not args.ckpt_dir and (args.save_every is not None or args.keep is not None or args.step is not None):
+        raise ValueError("--save-every, --keep and --step need --ckpt-dir DIR: the directory to save in")
+    if args.step is not None and not args.resume:
+        raise ValueError("--step N chooses the checkpoint to continue from: give --resume too")
+    args.save_every = 100 if args.save_every is None else args.save_every
+    args.keep = 3 if args.keep is None else args.keep
     if args.save_every < 1 or args.keep < 1 or args.eval_batches < 1:
         raise ValueError(
             f"--save-every, --keep and --eval-batches must be >= 1 (got {args.save_every}, {args.keep}, "
@@ -160,7 +175,7 @@ def _check_resume(job: Job, args: argparse.Namespace):
     from shardgpt.parallel import sharding
 
     setup, description = job.setup, job.description
-    if job.checkpointer.lock.note:  # a run that died holding the directory (kill -9, a lost node)
+    if job.checkpointer.lock and job.checkpointer.lock.note:  # a run that died holding it (kill -9)
         say(f"note: {args.ckpt_dir}: {job.checkpointer.lock.note}")
     latest = job.checkpointer.latest_step()
     if latest is not None and not args.resume:  # a fresh run would prune and overwrite that one's files
@@ -169,7 +184,7 @@ def _check_resume(job: Job, args: argparse.Namespace):
             "that run, or choose another --ckpt-dir"
         )
     if args.resume:
-        job.resume_step = job.checkpointer.latest_step()
+        job.resume_step = latest if args.step is None else _chosen_step(job.checkpointer, args.step)
         if job.resume_step is None:  # so one command serves a job's first start and every restart
             say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
             return
@@ -181,6 +196,33 @@ def _check_resume(job: Job, args: argparse.Namespace):
         for note in checkpoint.check_compatible(saved, description):
             resharded = note.startswith(("mesh", "impl")) or (note.startswith("strategy") and not same_layout)
             say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
+
+
+def _chosen_step(ckpt, step: int) -> int:
+    """--step N: that checkpoint, after moving the newer ones aside (DIR.after-N), so the steps trained
+    again are saved afresh and nothing is deleted."""
+    steps = sorted(ckpt.manager.all_steps())
+    if step not in steps:
+        raise ValueError(f"--step {step}: no such checkpoint in {ckpt.directory}; it holds steps {steps}")
+    newer = [s for s in steps if s > step]
+    if newer:
+        import jax
+
+        if jax.process_count() > 1:  # every process would move them: one person should, by hand
+            raise ValueError(
+                f"--step {step}: move the newer checkpoints {newer} out of {ckpt.directory} first"
+            )
+        aside = ckpt.directory.with_name(f"{ckpt.directory.name}.after-{step}")
+        if aside.exists():
+            raise ValueError(
+                f"--step {step}: {aside} exists already: move it away first (nothing was changed)"
+            )
+        aside.mkdir()
+        for s in newer:
+            os.replace(ckpt.directory / str(s), aside / str(s))
+        ckpt.manager.reload()  # the manager forgets the moved steps
+        say(f"note: --step {step}: the newer checkpoints {newer} were moved to {aside}")
+    return step
 
 
 def train(job: Job, args: argparse.Namespace) -> int:
@@ -204,8 +246,10 @@ def train(job: Job, args: argparse.Namespace) -> int:
         except loop.NonFiniteError as e:
             if ckpt is not None:
                 ckpt.wait()  # a save in flight is a good state: name it once it is on disk
-            last = ckpt.latest_step() if ckpt else None
-            kept = f"; the last good checkpoint is step {last}" if last is not None else ""
+            good = ckpt.last_good_step(_logged_losses(ckpt.directory / "metrics.jsonl")) if ckpt else None
+            kept = ""
+            if good is not None:
+                kept = f"; the last good checkpoint is step {good}: resume it with --resume --step {good}"
             print(f"{flags.prog(SCRIPT)}: error: {e}{kept}", file=sys.stderr)
             return _finish(ckpt, EXIT_NON_FINITE)
     _conclude(job, args, state)
@@ -306,9 +350,11 @@ class Evaluate:
 
 
 class MetricsLog:
-    """DIR/metrics.jsonl: one JSON object per step (step counted from 1, loss, grad_norm, tokens_per_s, lr).
+    """DIR/metrics.jsonl: one strict JSON object per step (step counted from 1, loss, grad_norm,
+    tokens_per_s, lr); a NaN or inf value is written as null and named in "non_finite".
 
-    On resume the lines of steps that run again are dropped first, so the file reads as one run.
+    On resume the lines of steps that run again are dropped first, through a temporary file renamed over
+    the log, so a kill then leaves the old log or the new one, never half of one.
     """
 
     def __init__(self, path: Path, lr_schedule, first: int):
@@ -316,7 +362,9 @@ class MetricsLog:
         kept = []
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= first]
-        path.write_text("".join(f"{line}\n" for line in kept))
+        fresh = path.with_name(path.name + ".tmp")
+        fresh.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(fresh, path)
 
     def on_train_begin(self, trainer): ...
 
@@ -325,10 +373,26 @@ class MetricsLog:
 
     def on_step_end(self, trainer, step, metrics, state=None):
         record = {"step": step + 1, **metrics, "lr": float(self.lr(step))}
+        bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+        record = {k: None if k in bad else v for k, v in record.items()} | (
+            {"non_finite": bad} if bad else {}
+        )
         with self.path.open("a") as log:  # a line at a time: a kill loses at most the line being written
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(record, allow_nan=False) + "\n")
 
     def on_train_end(self, trainer): ...
+
+
+def _logged_losses(path: Path) -> dict[int, float | None]:
+    """{step: loss} from a metrics.jsonl (None where it was NaN or inf); {} without one."""
+    losses = {}
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            record = json.loads(line)
+            losses[int(record["step"])] = record["loss"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    return losses
 
 
 def _step_of(line: str) -> float:

@@ -101,8 +101,9 @@ def _collect_quietly():
 class Checkpointer:
     """Save TrainStates asynchronously into `directory` (the last `keep` kept); restore into any layout.
 
-    A writer (the default) holds the directory's lock until `close`: a second writer gets CheckpointError
-    naming the holder. `read_only=True` opens it to restore only: no lock, no cleanup, no save.
+    A writer (the default) holds the directory's lock until `close` (process 0 for a job of several): a
+    second writer gets CheckpointError naming the holder. `read_only=True` opens it to restore only: no
+    lock, no cleanup, no save.
     """
 
     def __init__(
@@ -113,7 +114,8 @@ class Checkpointer:
         self.directory, self.read_only, self.lock = Path(directory).resolve(), read_only, None
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory {self.directory}")
-        if not read_only:
+        # Every process of a job writes its own shards; the job's lock is process 0's.
+        if not read_only and jax.process_index() == 0:
             check_directory(directory)  # before creating anything in it (the lock's file)
             try:
                 self.lock = DirectoryLock(self.directory).acquire()
@@ -135,8 +137,9 @@ class Checkpointer:
         """The newest complete checkpoint's step (its state.step), or None."""
         return self.manager.latest_step()
 
-    def save(self, state: train.TrainState, description: dict) -> int:
-        """Start saving `state` under its own step, with `description`; returns the step.
+    def save(self, state: train.TrainState, description: dict, loss: float | None = None) -> int:
+        """Start saving `state` under its own step, with `description` and the training `loss` of the
+        step that made it (None: unknown); returns the step.
 
         The device-to-host copy happens now; the write continues in the background (async). A state with
         a NaN or inf is refused (NonFiniteState) so the last good checkpoint stays the latest.
@@ -148,8 +151,9 @@ class Checkpointer:
             raise NonFiniteState(f"step {step}: the state holds NaN or inf; not saved")
         if step in self._saved or step in self.manager.all_steps():
             return step  # saved already (maybe still in flight), or by the run this one resumes: same state
-        json.dumps(description)  # fail now, not in the background thread
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description))
+        meta = {**description, "loss": loss if loss is None or math.isfinite(loss) else None}
+        json.dumps(meta, allow_nan=False)  # fail now, not in the background thread
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args)
         self._saved.add(step)
         return step
@@ -183,6 +187,26 @@ class Checkpointer:
             "or from another model; nothing was deleted"
         )
 
+    def last_good_step(self, step_losses: dict[int, float] | None = None) -> int | None:
+        """The newest checkpoint good to resume from, judged by the loss computed *from* its state: the
+        next step's (`step_losses[k + 1]`, e.g. metrics.jsonl's, None meaning NaN or inf; else the next
+        checkpoint's recorded one). Good when that is finite and at most SPIKE_FACTOR x the lowest loss
+        before it. A state an update already ruined is finite, and its own recorded loss (from the state
+        before) looks fine: the loss after it does not. With no later loss known, its own judges it."""
+        steps = sorted(self.manager.all_steps())
+        # Step k's loss is computed from state k - 1; a checkpoint records the loss of the step that made it.
+        losses = {k: loss for k in steps if (loss := self.description(k).get("loss")) is not None}
+        losses |= {k: math.inf if v is None else v for k, v in (step_losses or {}).items()}  # null: NaN/inf
+        good = None
+        for k in steps:
+            after = losses.get(k + 1, losses.get(k))
+            lowest = min((v for s, v in losses.items() if s <= k and math.isfinite(v)), default=math.inf)
+            if after is None or (
+                math.isfinite(after) and (lowest == math.inf or after <= SPIKE_FACTOR * lowest)
+            ):
+                good = k
+        return good
+
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
@@ -202,6 +226,8 @@ class Checkpointer:
             self.lock.release()
             self.lock = None
 
+
+SPIKE_FACTOR = 2.0  # a checkpoint whose loss exceeds this times an older one's is not a good one to resume
 
 # Model fields that change how a step computes, not what the state holds: they may differ on resume.
 COMPUTE_FIELDS = ("dtype", "attention", "remat", "ring_layout")
@@ -251,6 +277,6 @@ class SaveEvery(loop.Callback):
         if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")):
             return  # the NaN guard stops the run; the last good checkpoint stays the latest
         try:
-            self.saved.append(self.checkpointer.save(state, self.description))
+            self.saved.append(self.checkpointer.save(state, self.description, metrics.get("loss")))
         except NonFiniteState:  # finite metrics, yet an update overflowed: stop as the NaN guard would
             raise loop.NonFiniteError(step + 1, metrics, "state (params or optimizer moments)") from None

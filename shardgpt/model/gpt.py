@@ -139,8 +139,8 @@ class Dense(nn.Module):
     out_axes: tuple[str, ...]
     std: float
     config: ModelConfig
+    plan: Plan  # required on every submodule: one built without its model's plan would compute unplaced
     use_bias: bool | None = None  # None: the config's choice
-    plan: Plan = GLOBAL_VIEW
 
     @nn.compact
     def __call__(self, x, weights_only: bool = False):
@@ -166,7 +166,7 @@ class LayerNorm(nn.Module):
     """LayerNorm over `embed`, computed in fp32 whatever the compute dtype."""
 
     config: ModelConfig
-    plan: Plan = GLOBAL_VIEW
+    plan: Plan
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -185,7 +185,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention; with a KV cache it writes this call's keys at `positions` first."""
 
     config: ModelConfig
-    plan: Plan = GLOBAL_VIEW
+    plan: Plan
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, cache):
@@ -238,7 +238,7 @@ class MLP(nn.Module):
     """Column-parallel up-projection, GELU, row-parallel down-projection (minGPT's 4x width)."""
 
     config: ModelConfig
-    plan: Plan = GLOBAL_VIEW
+    plan: Plan
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -257,7 +257,7 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     config: ModelConfig
-    plan: Plan = GLOBAL_VIEW
+    plan: Plan
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, cache):
@@ -339,7 +339,7 @@ class GPT(nn.Module):
                 head_DxV = wte_VxD.T.astype(cfg.dtype)
             else:
                 proj = Dense(
-                    (cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, False, plan, name="lm_head"
+                    (cfg.padded_vocab_size,), ("embed",), ("vocab",), 0.02, cfg, plan, False, name="lm_head"
                 )
                 head_DxV, _ = proj(x_BxLxD, weights_only=True)
             if not head:

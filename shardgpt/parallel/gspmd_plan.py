@@ -8,6 +8,7 @@ layout it computes in and a program lowered anywhere is the one that runs.
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 from jax.sharding import Mesh
 
 from shardgpt.model.gpt import Plan
@@ -19,7 +20,7 @@ class GSPMDPlan(Plan):
     def __init__(self, mesh: Mesh, rules: Sequence[tuple[str, str | None]]):
         self.mesh, self.rules = mesh, tuple(rules)
 
-    def constrain(self, x, names):
+    def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return nn.with_logical_constraint(x, names, rules=self.rules, mesh=self.mesh)
 
     def batch_shards(self) -> int:

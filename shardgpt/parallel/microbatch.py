@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardgpt.parallel import sharding
+from shardgpt.parallel.gspmd_plan import GSPMDPlan
 
 
 def check(batch_size: int, microbatches: int, dp: int) -> None:
@@ -70,7 +71,7 @@ def accumulate(value_and_grad: Callable, params: Any, microbatches: dict, init: 
 
 
 def gspmd_value_and_grad(
-    loss_fn: Callable, params: Any, batch: dict, microbatches: int, plan: Any, grad_shardings: Any
+    loss_fn: Callable, params: Any, batch: dict, microbatches: int, plan: GSPMDPlan, grad_shardings: Any
 ) -> tuple[tuple[jax.Array, jax.Array], Any]:
     """((loss sum, token count), grads of the loss sum) of `loss_fn(params, microbatch, plan) -> (loss
     sum, count)` summed over `microbatches` splits of `batch`, under GSPMD's `plan` (gspmd_plan.GSPMDPlan:

@@ -61,7 +61,7 @@ class Trainer:
     def __init__(
         self,
         train_step: Callable,
-        state: Any,  # any pytree with a `step` (train.TrainState)
+        state: Any,  # any pytree with a `step` (step.TrainState)
         batch_for: Callable[[int], dict],
         tokens_per_step: int,
         callbacks: Sequence[Callback] = (),

@@ -55,7 +55,7 @@ def _sums(losses_BxL, targets_BxL, axis):
 def cross_entropy_sum(logits_BxLxV, targets_BxL, vocab_size: int | None = None, plan: Plan = GLOBAL_VIEW):
     """Summed next-token cross-entropy over targets != IGNORE_INDEX (fp32), and how many there are; ids
     from `vocab_size` up (default: none) are padding and get no probability."""
-    vocab_size = logits_BxLxV.shape[-1] if vocab_size is None else vocab_size
+    vocab_size = plan.global_size(logits_BxLxV.shape[-1], "vocab") if vocab_size is None else vocab_size
     losses_BxL = _token_losses(logits_BxLxV, targets_BxL, vocab_size, plan)[0]
     sums_2 = _sums(losses_BxL, targets_BxL, axis=(1, 2))
     return sums_2[0], sums_2[1]

@@ -68,9 +68,8 @@ class ShardMap(step.Implementation):
             return jax.tree.map(to_spec, shardings.params_axes, is_leaf=lambda x: isinstance(x, P))
 
         self.param_specs, self.grad_specs = specs("params"), specs("grads")
-        self.update_specs = specs(
-            "opt_state"
-        )  # where Adam's moments live is where a device updates its params
+        # Where Adam's moments live is where a device updates its params.
+        self.update_specs = specs("opt_state")
         flat_params, flat_grads = map(traverse_util.flatten_dict, (self.param_specs, self.grad_specs))
         self.zero2_paths = [
             path for path, spec in flat_params.items() if self._scattered(spec, flat_grads[path])
@@ -125,12 +124,13 @@ class ShardMap(step.Implementation):
     def accumulated(self, microbatches):
         return 1 if self.piped else microbatches
 
-    def accumulate(self, value_and_grad, wrt_, batch_, microbatches):
+    def accumulate(self, wrt_, batch_, whole_, microbatches):
         # The sums vary like this device's batch (over dp); the grads like what they differentiate.
         scalar_ = batch_["targets"][0, 0].astype(jnp.float32)
         if self.plan.context:  # cp: each device sums its own positions' losses
             scalar_ = jax.lax.pcast(scalar_, self.plan.context, to="varying")
         init = microbatch.zeros_like(((scalar_, scalar_), wrt_))
+        value_and_grad = jax.value_and_grad(lambda w_, b_: self.loss(w_, b_, whole_), has_aux=True)
         return microbatch.accumulate(value_and_grad, wrt_, microbatch.split(batch_, microbatches), init)
 
     def reduce(self, sums_2, grads_):
@@ -151,7 +151,7 @@ class ShardMap(step.Implementation):
 
     def to_update_layout(self, tree_, of):
         """Keep only the slice of the optimizer-state shard this device owns (no communication)."""
-        specs = self.grad_specs if of == "grads" else self.param_specs
+        specs = {"grads": self.grad_specs, "params": self.param_specs}[of]
 
         def slice_(x_, from_spec, u_spec):
             dim = dim_on(u_spec, self.dp)

@@ -8,7 +8,7 @@ and `optimizer`.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import flax.struct
 import jax
@@ -31,7 +31,7 @@ class Implementation:
     """What differs between implementations, and nothing else. This base computes in the global view with
     no communication of its own (GSPMD's partitioner, or a one-device run, places the collectives)."""
 
-    plan: Plan  # how the model and the loss are laid out (passed to both)
+    plan: Plan  # how the model and the loss are laid out (the implementation passes it to both)
 
     def loss(self, wrt: Any, batch: dict, read: Any) -> tuple[jax.Array, jax.Array]:
         """(token-loss sum, token count) of `batch` as this device or program sees it, the model reading
@@ -47,9 +47,10 @@ class Implementation:
         """How many microbatches the step's own loop adds up (a pipeline runs its microbatches itself)."""
         return microbatches
 
-    def accumulate(self, value_and_grad: Callable, wrt: Any, batch: dict, microbatches: int):
-        """((sum, count), grads) of `value_and_grad` added up over `microbatches` splits of `batch`, each
-        device's partial gradients kept apart until `reduce`."""
+    def accumulate(self, wrt: Any, batch: dict, read: Any, microbatches: int) -> tuple[tuple, Any]:
+        """((sum, count), grads) of `loss` added up over `microbatches` splits of `batch`, each device's
+        partial gradients kept apart for as long as their layout allows (whole-over-dp ones until
+        `reduce`; shard_map's all of them, GSPMD's ZeRO-2/3 ones reduced into their shard per microbatch)."""
         raise NotImplementedError
 
     def reduce(self, sums_2: jax.Array, grads: Any) -> tuple[jax.Array, Any]:
@@ -57,7 +58,7 @@ class Implementation:
         layout."""
         return sums_2, grads
 
-    def to_update_layout(self, tree: Any, of: str) -> Any:
+    def to_update_layout(self, tree: Any, of: Literal["grads", "params"]) -> Any:
         """`tree` (the grads, or the params: `of`) in the optimizer state's layout: what a device updates."""
         return tree
 
@@ -72,13 +73,16 @@ class Implementation:
 
 def build(impl: Implementation, tx: optax.GradientTransformation, microbatches: int = 1) -> Callable:
     """`train_step(state, batch) -> (state, metrics)` for `impl`, not yet placed (jit it, or shard_map
-    and jit it). `tx` takes the global norm as `tx.update(..., grad_norm=)` (optim.make_optimizer's)."""
+    and jit it). `tx` gets the global norm as `tx.update(..., grad_norm=)`: optim.make_optimizer's clips
+    by it, any other optax transformation may ignore it. An implementation whose devices hold only shards
+    of the gradients (shard_map) needs a clip that takes it: optax's own would clip by a shard's norm."""
+    tx = optax.with_extra_args_support(tx)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         wrt, read = impl.differentiable(state.params)
         value_and_grad = jax.value_and_grad(lambda wrt, batch: impl.loss(wrt, batch, read), has_aux=True)
         m = impl.accumulated(microbatches)
-        sums, grads = value_and_grad(wrt, batch) if m == 1 else impl.accumulate(value_and_grad, wrt, batch, m)
+        sums, grads = value_and_grad(wrt, batch) if m == 1 else impl.accumulate(wrt, batch, read, m)
         with jax.named_scope("grad_reduce"):
             sums_2, grads = impl.reduce(jnp.stack(sums), grads)
             # The mean over every non-ignored token of the batch (never a mean of microbatch means).

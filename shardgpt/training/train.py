@@ -159,11 +159,10 @@ class GSPMD(step.Implementation):
     def loss(self, params, batch, read=None, plan: GSPMDPlan | None = None):
         return loss_sum(self.model.clone(plan=plan or self.plan), params, batch)
 
-    def accumulate(self, value_and_grad, params, batch, microbatches):
+    def accumulate(self, params, batch, read, microbatches):
         # Each dp shard's partial gradients apart in a leading dim until the loop ends (microbatch.py),
-        # whose loop takes the loss under its own rules: value_and_grad is rebuilt there.
-        del value_and_grad
-        loss = lambda p, b, plan: self.loss(p, b, None, plan)
+        # whose loop takes the loss under its own rules.
+        loss = lambda p, b, plan: self.loss(p, b, read, plan)
         return microbatch.gspmd_value_and_grad(
             loss, params, batch, microbatches, self.plan, self.shardings.grads
         )
