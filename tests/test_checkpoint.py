@@ -311,6 +311,41 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_note(tmp_path):
     again.close()
 
 
+def test_sigterm_finishes_the_step_saves_it_and_exits_0(tmp_path):
+    """A scheduler's preemption: the step in flight completes, is saved, and the run exits 0, so a
+    requeued --resume continues exactly there."""
+    ckpt_dir = tmp_path / "ckpt"
+    argv = [
+        *BASE,
+        "--steps",
+        "2000",
+        "--save-every",
+        "1000",
+        "--eval-every",
+        "0",
+        "--ckpt-dir",
+        str(ckpt_dir),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "experiments" / "train.py"), *argv], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline, log = time.monotonic() + 120, ckpt_dir / "metrics.jsonl"
+        while not (log.exists() and len(log.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 5"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0 and "SIGTERM: stopped after step" in out, out[-500:]
+    last = max(_losses(ckpt_dir))
+    ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
+    assert ckpt.latest_step() == last, (ckpt.manager.all_steps(), last)
+    ckpt.close()
+
+
 def test_callbacks_get_the_state_that_produced_their_metrics():
     """A fake step (params count steps) shows which state each callback sees, with the pipeline kept."""
 

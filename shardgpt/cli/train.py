@@ -15,7 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from shardgpt.cli import flags
@@ -99,6 +101,7 @@ class Job:
     description: dict
     checkpointer: object = None
     resume_step: int | None = None
+    preempted: bool = False  # SIGTERM ended the run early: save, no export
 
 
 def validate(args: argparse.Namespace) -> Job:
@@ -277,11 +280,17 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
     if ckpt is not None:
         callbacks.append(checkpoint.SaveEvery(ckpt, args.save_every, job.description))
     name = runner.run_name(spec)
+    preempted = Preemption(args.save_every)
     trainer = loop.Trainer(
         step_fn, state, batch_for, spec.batch * s.task.seq_len, callbacks,
-        progress=jax.process_index() == 0, description=name,
+        progress=jax.process_index() == 0, description=name, stop=preempted.asked,
     )  # fmt: skip
-    state = trainer.run(spec.steps - first)
+    with preempted:
+        state = trainer.run(spec.steps - first)
+    job.preempted = trainer.stopped
+    if trainer.stopped:
+        kept = "it is saved and --resume continues from it" if ckpt else "nothing is saved (no --ckpt-dir)"
+        say(f"note: SIGTERM: stopped after step {int(state.step)}; {kept}")
     losses = [h["loss"] for h in trainer.history]
     say(f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f})")
     return state
@@ -293,7 +302,7 @@ def _conclude(job: Job, args: argparse.Namespace, state):
 
     if job.checkpointer is not None:
         job.checkpointer.save(state, job.description)
-    if args.export:
+    if args.export and not job.preempted:
         say(f"wrote {weights.export_params(state.params, job.setup.config, args.export)}")
 
 
@@ -347,6 +356,39 @@ class Evaluate:
             say(f"sample:\n{s.task.decode(tokens)}\n")
 
     def on_train_end(self, trainer): ...
+
+
+class Preemption:
+    """SIGTERM (a scheduler's preemption, a requeue) while training: finish the step in flight, save, exit
+    0. `asked(step)` tells the Trainer whether to stop before `step`; several processes must all stop at
+    the same step, so they agree through a collective, and only at save steps (a host sync each time)."""
+
+    def __init__(self, every: int):
+        self.every, self.signalled, self._previous = every, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        self.signalled = True
+
+    def asked(self, step: int) -> bool:
+        import jax
+
+        if jax.process_count() == 1:
+            return self.signalled
+        if step % self.every:
+            return False
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.array(self.signalled)).any())
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class MetricsLog:

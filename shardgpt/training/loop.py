@@ -67,8 +67,11 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         progress: bool = True,
         description: str = "train",
+        stop: Callable[[int], bool] | None = None,
     ):
         self.train_step, self.state, self.batch_for = train_step, state, batch_for
+        # Asked before each step is dispatched (with its index): True ends the run after the steps so far.
+        self.stop, self.stopped = stop, False
         self.tokens_per_step = tokens_per_step
         self.callbacks, self.progress, self.description = list(callbacks), progress, description
         self.history: list[dict[str, float]] = []
@@ -86,6 +89,9 @@ class Trainer:
         pending = None  # (step, metrics) dispatched but not yet read
         try:
             for step in range(first, first + steps):
+                if self.stop is not None and self.stop(step):
+                    self.stopped = True
+                    break
                 self.state, metrics = self.train_step(self.state, self.batch_for(step))
                 if pending is not None:  # read the previous step's metrics while this one runs
                     self._report(*pending, state=None)
