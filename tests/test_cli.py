@@ -12,6 +12,7 @@ import pytest
 from shardgpt.analysis.metrics import KINDS
 from shardgpt.cli import flags
 from shardgpt.cli import run as cli
+from shardgpt.cli import train as train_cli
 from shardgpt.lab import plots, report
 
 # DESIGN.md's results schema: the keys every consumer of results.json may rely on.
@@ -34,53 +35,66 @@ def test_help_exits_0_and_mentions_mesh(capsys):
     assert "--mesh" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    "argv, reason",
-    [
-        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-        (["--mesh", "dp=3,tp=4"], "has 12 devices but 8 are present"),
-        (["--mesh", "dp=2,xp=4"], "unknown mesh axis 'xp'"),
-        (["--strategy", "zero9"], "unknown strategy 'zero9'"),
-        (["--model", "gpt-huge"], "unknown model preset 'gpt-huge'"),
-        (["--model.n_layers=2"], "unknown model field 'n_layers'"),
-        (["--model.n_layer=two"], "model field 'n_layer' takes a int"),
-        (["--mesh", "tp=8", "--model", "gpt-nano"], "not divisible by mesh axis tp=8"),
-        (["--mesh", "dp=8", "--batch", "12"], "not divisible by mesh axis dp=8"),
-        (["--task", "chars:/no/such/file.txt"], "not found"),
-        (["--generate", "99"], "exceeds block_size"),
-        (["--seq", "5"], "--seq applies to chars:PATH tasks"),
-        (["--init-from", "/no/such/ckpt.npz"], "no checkpoint at /no/such/ckpt.npz"),
-        (["--model.vocab_size=2"], "task 'sort' has 3 tokens but the model (--model.vocab_size) only 2"),
-        (["--model.attention=cudnn"], "--attention cudnn needs NVIDIA GPUs"),
-        (["--generate", "-1"], "--generate and --warmup must be >= 0"),
-        (["--lr", "0"], "--lr must be > 0"),
-        (["--dtype", "float16"], "float16 needs loss scaling"),
-        (["--dtype", "int8"], "unknown dtype 'int8'"),
-        (["--model.ln_eps=0"], "ln_eps must be > 0"),
-        (["--warmup", "3"], "--warmup 3 leaves none of the 1 steps to time"),
-        (["--devices", "0"], "--devices must be >= 1"),
-        (["--out", "/dev/null/results"], "--out /dev/null/results: cannot write there"),
-        (["--profile", "/dev/null/trace"], "--profile /dev/null/trace: cannot write there"),
-        (["--optim.lr=1"], "unknown optim field 'lr'"),
-        (["--optim.weight_decay=heavy"], "optim field 'weight_decay' takes a float"),
-        (["--optim.grad_clip=0"], "grad_clip must be > 0"),
-        (["--optim.b2=1"], "b1 and b2 must be in [0, 1)"),
-        (["--optim.warmup_steps=50"], "warmup_steps must be in [0, total_steps]"),
-        (["--optim.learning_rate=-1"], "learning_rate must be > 0"),
-        (["--optim.min_lr_ratio=2"], "min_lr_ratio must be in [0, 1]"),
-        (["--microbatches", "3"], "--microbatches 3 does not divide the per-dp batch 32"),
-        (["--microbatches", "2,x"], "argument --microbatches: takes positive integers"),
-        (["--sp", "--mesh", "dp=8"], "this mesh has tp=1: use a mesh with tp > 1"),
-        (["--sp"], "sequence length 11 is not divisible by tp=4"),
-        (["--strategy", "zero9+sp"], "unknown strategy 'zero9+sp'"),
-    ],
-)
-def test_bad_input_exits_2_with_a_one_line_reason(argv, reason, capsys):
+# Bad command lines of both commands: (argv, the reason their one line must give), shared ones first.
+BOTH = [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--mesh", "dp=3,tp=4"], "has 12 devices but 8 are present"),
+    (["--mesh", "dp=2,xp=4"], "unknown mesh axis 'xp'"),
+    (["--strategy", "zero9"], "unknown strategy 'zero9'"),
+    (["--model", "gpt-huge"], "unknown model preset 'gpt-huge'"),
+    (["--model.n_layers=2"], "unknown model field 'n_layers'"),
+    (["--model.n_layer=two"], "model field 'n_layer' takes a int"),
+    (["--mesh", "tp=8", "--model", "gpt-nano"], "not divisible by mesh axis tp=8"),
+    (["--mesh", "dp=8", "--batch", "12"], "not divisible by mesh axis dp=8"),
+    (["--task", "chars:/no/such/file.txt"], "not found"),
+    (["--seq", "5"], "--seq applies to chars:PATH tasks"),
+    (["--init-from", "/no/such/ckpt.npz"], "no checkpoint at /no/such/ckpt.npz"),
+    (["--model.vocab_size=2"], "task 'sort' has 3 tokens but the model (--model.vocab_size) only 2"),
+    (["--model.attention=cudnn"], "--attention cudnn needs NVIDIA GPUs"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--dtype", "float16"], "float16 needs loss scaling"),
+    (["--dtype", "int8"], "unknown dtype 'int8'"),
+    (["--model.ln_eps=0"], "ln_eps must be > 0"),
+    (["--devices", "0"], "--devices must be >= 1"),
+    (["--optim.lr=1"], "unknown optim field 'lr'"),
+    (["--optim.weight_decay=heavy"], "optim field 'weight_decay' takes a float"),
+    (["--optim.grad_clip=0"], "grad_clip must be > 0"),
+    (["--optim.b2=1"], "b1 and b2 must be in [0, 1)"),
+    (["--optim.warmup_steps=50"], "warmup_steps must be in [0, total_steps]"),
+    (["--optim.learning_rate=-1"], "learning_rate must be > 0"),
+    (["--optim.min_lr_ratio=2"], "min_lr_ratio must be in [0, 1]"),
+    (["--microbatches", "3"], "--microbatches 3 does not divide the per-dp batch 32"),
+    (["--sp", "--mesh", "dp=8"], "this mesh has tp=1: use a mesh with tp > 1"),
+    (["--sp"], "sequence length 11 is not divisible by tp=4"),
+    (["--strategy", "zero9+sp"], "unknown strategy 'zero9+sp'"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--task", "chars:README.md", "--seq", "0"], "--seq must be >= 1"),
+]
+RUN_ONLY = [
+    (["--generate", "99"], "exceeds block_size"),
+    (["--generate", "-1"], "--generate and --warmup must be >= 0"),
+    (["--warmup", "3"], "--warmup 3 leaves none of the 1 steps to time"),
+    (["--out", "/dev/null/results"], "--out /dev/null/results: cannot write there"),
+    (["--profile", "/dev/null/trace"], "--profile /dev/null/trace: cannot write there"),
+    (["--microbatches", "2,x"], "argument --microbatches: takes positive integers"),
+]
+TRAIN_ONLY = [
+    (["--ckpt-dir", "/proc/no/such"], "--ckpt-dir /proc/no/such: "),
+    (["--save-every", "5"], "need --ckpt-dir DIR"),
+    (["--model", "gpt-pico,gpt-nano"], "unknown model preset 'gpt-pico,gpt-nano'"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0"),
+]
+CASES = [("run", *case) for case in BOTH + RUN_ONLY] + [("train", *case) for case in BOTH + TRAIN_ONLY]
+
+
+@pytest.mark.parametrize("command, argv, reason", CASES, ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_input_exits_2_with_a_one_line_reason(command, argv, reason, capsys):
+    main = cli.main if command == "run" else train_cli.main
     with pytest.raises(SystemExit) as exit_:
-        cli.main([*argv, "--steps", "1"])
+        main([*argv, "--steps", "1"])
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("experiments/run.py: error: ") and reason in last, last
+    assert last.startswith(f"experiments/{command}.py: error: ") and reason in last, last
 
 
 def test_missing_matplotlib_exits_2_before_training_unless_no_plots(capsys, monkeypatch, tmp_path):

@@ -38,3 +38,13 @@ def test_mesh_has_auto_axes_over_all_devices():
 def test_bad_specs_say_what_to_change(spec, message):
     with pytest.raises(ValueError, match=message):
         make_mesh(spec)
+
+
+def test_a_hand_built_mesh_without_the_rules_axes_is_refused_naming_them():
+    from jax.sharding import AxisType
+
+    from shardgpt.parallel import sharding
+
+    mesh = jax.make_mesh((2, 4), ("dp", "tp"), axis_types=(AxisType.Auto,) * 2)
+    with pytest.raises(ValueError, match=r"lack pp, cp: .*make_mesh"):
+        sharding.tree_shardings({}, {}, mesh, sharding.rules("dp", "params"))

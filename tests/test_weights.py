@@ -323,7 +323,11 @@ def test_export_flavours_write_what_each_strict_load_wants(tmp_path):
     for name in masks:
         assert mingpt[name].shape == (1, 1, BLOCK, BLOCK) and mingpt[name].dtype == np.float32
         assert np.array_equal(mingpt[name][0, 0], np.tril(np.ones((BLOCK, BLOCK))))
-    assert weights.to_state_dict(params, config, flavour="nanogpt").keys() == plain.keys()
+    exact = config.replace(gelu_approximate=False, tie_embeddings=True)  # what nanoGPT computes
+    assert weights.to_state_dict(params, exact, flavour="nanogpt").keys() == plain.keys()
+    for other in (config, exact.replace(tie_embeddings=False)):  # tanh GELU; an untied head
+        with pytest.raises(ValueError, match="nanoGPT's GPT ties its head to wte and uses exact GELU"):
+            weights.to_state_dict(params, other, flavour="nanogpt")
     hf = weights.to_state_dict(params, config, flavour="hf")
     assert hf.keys() == plain.keys() and weights.detect_layout(hf) == "conv1d"
     assert_same_params(weights.import_params(mingpt, config, one_device(), "dp"), params, config)
@@ -354,8 +358,10 @@ def test_strict_torch_loads_take_their_flavour():
     sd = gpt2_state_dict(seed=6)
     config = weights.config_from_state_dict(sd, N_HEAD)
     params = weights.import_params(sd, config, one_device(), "dp")
+    nano = config.replace(gelu_approximate=False, tie_embeddings=True)  # the model nanoGPT can compute
     export = lambda flavour: {
-        k: torch.tensor(v) for k, v in weights.to_state_dict(params, config, flavour=flavour).items()
+        k: torch.tensor(v)
+        for k, v in weights.to_state_dict(params, nano if flavour == "nanogpt" else config, flavour).items()
     }
     mingpt, nanogpt = torch_gpt2(torch, masks=True), torch_gpt2(torch, masks=False)
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*transformer.h.0.attn.bias"):

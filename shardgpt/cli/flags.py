@@ -17,15 +17,19 @@ DEFAULT_DEVICES = 8
 _OVERRIDE = re.compile(r"^--(model|optim)\.(\w+)=(.*)$")  # --model.FIELD=VALUE, --optim.FIELD=VALUE
 
 
-def add_model_flags(p: argparse.ArgumentParser):
-    """The "model and data" flags, shared by the run and train commands."""
+def add_model_flags(p: argparse.ArgumentParser, compare: bool = True):
+    """The "model and data" flags, shared by the run and train commands (`compare`: the run command's
+    lists of models and its --plan)."""
     model = p.add_argument_group("model and data")
-    model.add_argument("--model", default="gpt-pico", help="preset name, or a comma list (default gpt-pico)")
+    several = ", or a comma list" if compare else ""
+    model.add_argument("--model", default="gpt-pico", help=f"preset name{several} (default gpt-pico)")
     model.add_argument(
         "--task", default="sort", help="sort, chars:PATH (a local text file) or bin:DIR (nanoGPT's train.bin)"
     )
     model.add_argument(
-        "--seq", type=int, help="sequence length of a chars task (--plan: default the context)"
+        "--seq",
+        type=int,
+        help="sequence length of a chars or bin task" + (" (--plan: default the context)" if compare else ""),
     )
     model.add_argument(
         "--dtype",

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument("--sp", action="store_true", help="Megatron sequence parallelism (= --strategy S+sp)")
     what.add_argument("--impl", choices=("gspmd", "shard_map"), default="gspmd")
-    flags.add_model_flags(p)
+    flags.add_model_flags(p, compare=False)
     run_flags = p.add_argument_group("training")
     run_flags.add_argument(
         "--steps", type=int, default=100, help="total steps to reach (a resumed run stops there)"
@@ -162,7 +162,10 @@ def validate(args: argparse.Namespace) -> Job:
     job = Job(spec, setup, description)
     if not args.ckpt_dir:
         return job
-    job.checkpointer = checkpoint.Checkpointer(args.ckpt_dir, keep=args.keep)
+    try:
+        job.checkpointer = checkpoint.Checkpointer(args.ckpt_dir, keep=args.keep)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(f"--ckpt-dir {args.ckpt_dir}: {e}") from None
     try:
         _check_resume(job, args)
     except Exception:

@@ -261,6 +261,15 @@ def to_state_dict(
     FLAVOURS); without one, the tensors alone in `layout` (default "linear").
     """
     layout, masks = _flavoured(layout, flavour)
+    if flavour == "nanogpt" and (not config.tie_embeddings or config.gelu_approximate):
+        # nanoGPT ties lm_head to wte and uses exact GELU: a file of another model would load strictly and
+        # compute another function.
+        raise ValueError(
+            "nanoGPT's GPT ties its head to wte and uses exact GELU; this model has "
+            f"tie_embeddings={config.tie_embeddings}, gelu_approximate={config.gelu_approximate}: export "
+            "another flavour (mingpt, hf), or train with --model.tie_embeddings=true "
+            "--model.gelu_approximate=false"
+        )
     # minGPT's registered causal mask, one per layer: tril of ones, float32 like its torch.ones.
     mask_1x1xTxT = np.tril(np.ones((1, 1, config.block_size, config.block_size), np.float32))
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(distributed.to_host(params)).items()}

@@ -128,10 +128,14 @@ def prepare(spec: RunSpec) -> Setup:
     if spec.steps < 1 or spec.batch < 1:
         raise ValueError(f"--steps and --batch must be >= 1 (got {spec.steps}, {spec.batch})")
     warmup = min(DEFAULT_WARMUP, spec.steps - 1) if spec.warmup is None else spec.warmup
-    if spec.generate < 0 or warmup < 0 or (spec.seq is not None and spec.seq < 1):
+    if spec.seq is not None and spec.seq < 1:
+        raise ValueError(f"--seq must be >= 1, got {spec.seq}")
+    if spec.seed < 0:
         raise ValueError(
-            f"--generate and --warmup must be >= 0 and --seq >= 1 (got {spec.generate}, {warmup}, {spec.seq})"
+            f"--seed must be >= 0 (numpy's and jax's generators take non-negative seeds), got {spec.seed}"
         )
+    if spec.generate < 0 or warmup < 0:
+        raise ValueError(f"--generate and --warmup must be >= 0 (got {spec.generate}, {warmup})")
     if warmup >= spec.steps:
         raise ValueError(
             f"--warmup {warmup} leaves none of the {spec.steps} steps to time: use --warmup < --steps"

@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 
 from shardgpt.model.config import ModelConfig
 from shardgpt.parallel import microbatch, pipeline, sharding
+from shardgpt.parallel.mesh import check_axes
 
 
 def check(
@@ -27,6 +28,7 @@ def check(
 def check_mesh_axes(mesh: Mesh, strategy: str, impl: str, config: ModelConfig) -> None:
     """Raise before compiling where pp or cp cannot run: pp needs shard_map (GPipe is written there) and the
     stacked layers; cp does not combine with +sp (both split the sequence)."""
+    check_axes(mesh)
     pp, cp = mesh.shape.get("pp", 1), mesh.shape.get("cp", 1)
     n_layer, scan_layers = config.n_layer, config.scan_layers
     if pp > 1 and impl != "shard_map":

@@ -74,6 +74,17 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
     return Mesh(np.array(by_host, dtype=object).reshape(sizes), AXES, axis_types=types)
 
 
+def check_axes(mesh: Mesh) -> None:
+    """Raise unless `mesh` names every axis the rule tables use (a hand-built mesh may lack some)."""
+    missing = [axis for axis in AXES if axis not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"mesh axes {tuple(mesh.axis_names)} lack {', '.join(missing)}: the strategies' rules use "
+            f"{', '.join(AXES)}; build the mesh with shardgpt.parallel.mesh.make_mesh (e.g. 'dp=2,tp=4': the "
+            "axes it does not name get size 1)"
+        )
+
+
 def _spans_processes(devices) -> bool:
     return len({d.process_index for d in devices}) > 1
 

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardgpt.model.gpt import LOGICAL_AXES
+from shardgpt.parallel.mesh import check_axes
 
 TARGETS = ("activations", "params", "grads", "opt_state")
 
@@ -154,6 +155,7 @@ def tree_shardings(abstract: Any, axes: Any, mesh: Mesh, rules_: Rules) -> Any:
 
     Validates divisibility leaf by leaf, naming the leaf's path in the error.
     """
+    check_axes(mesh)
 
     def one(path, names, leaf):
         where = jax.tree_util.keystr(path) or "array"
