@@ -346,6 +346,30 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_0(tmp_path):
     ckpt.close()
 
 
+def test_a_leaf_that_does_not_match_its_checksum_is_refused_naming_the_newest_good_step(
+    killed, tmp_path, capsys
+):
+    """Each save records a checksum per leaf (of its bit patterns, order-free, so it verifies on any
+    mesh); a mismatch at restore exits 2 naming the newest older step that verifies, deleting nothing.
+    The recorded checksum is altered here: orbax's reads catch most flipped bytes of its compressed chunks
+    themselves, and the restore's verdict is the same either way."""
+    corrupt = tmp_path / "ckpt"
+    shutil.copytree(killed[0], corrupt)
+    last = killed[3]
+    meta = corrupt / str(last) / "meta" / "metadata"
+    record = json.loads(meta.read_text())
+    leaf = sorted(record["checksums"])[0]
+    record["checksums"][leaf] ^= 1
+    meta.write_text(json.dumps(record))
+    before = _files(corrupt)
+    assert cli.main([*BASE, "--steps", "400", "--ckpt-dir", str(corrupt), "--resume"]) == 2
+    reason = capsys.readouterr().err.strip().splitlines()[-1]
+    older = max(s for s in checkpoint.Checkpointer(corrupt, read_only=True).manager.all_steps() if s < last)
+    assert f"{last}: 1 array(s) do not match their checksums (e.g. {leaf})" in reason, reason
+    assert f"newest older step that verifies is {older}: resume it with --resume --step {older}" in reason
+    assert _files(corrupt) == before
+
+
 def test_callbacks_get_the_state_that_produced_their_metrics():
     """A fake step (params count steps) shows which state each callback sees, with the pipeline kept."""
 

@@ -84,9 +84,9 @@ class TimedSaves:
     def __init__(self, checkpointer):
         self.checkpointer, self.seconds = checkpointer, []
 
-    def save(self, state, description) -> int:
+    def save(self, state, description, loss=None) -> int:
         t0 = time.perf_counter()
-        step = self.checkpointer.save(state, description)
+        step = self.checkpointer.save(state, description, loss)
         self.seconds.append(time.perf_counter() - t0)
         return step
 
@@ -143,11 +143,14 @@ def bench_saves(state, description, root: Path, repeats: int) -> tuple[dict, Pat
     from shardgpt.io import checkpoint
 
     step, figures, kept = int(state.step), {}, None
-    for mode in ("async", "blocking"):
+    # "unverified": async without the per-leaf checksums (their cost is the difference from "async").
+    for mode in ("async", "blocking", "unverified"):
         returned, on_disk, disk = [], [], []
         for r in range(repeats):
             where = root / f"{mode}-{r}"
-            ckpt = checkpoint.Checkpointer(where, keep=1, async_save=mode == "async")
+            ckpt = checkpoint.Checkpointer(
+                where, keep=1, async_save=mode != "blocking", verify=mode != "unverified"
+            )
             t0 = time.perf_counter()
             ckpt.save(state, description)
             returned.append(time.perf_counter() - t0)  # async: after the device-to-host copy
@@ -155,9 +158,11 @@ def bench_saves(state, description, root: Path, repeats: int) -> tuple[dict, Pat
             on_disk.append(time.perf_counter() - t0)  # orbax's commit done (files renamed in place)
             disk.append(dir_bytes(where / str(step)))
             ckpt.close()
-            if kept is not None:
-                shutil.rmtree(kept)  # keep one checkpoint to restore, not 2 x repeats copies
-            kept = where
+            # Keep one checkpoint with checksums to restore, not every copy.
+            if mode == "unverified" or kept is not None:
+                shutil.rmtree(where if mode == "unverified" else kept)
+            if mode != "unverified":
+                kept = where
         figures[mode] = {
             "return_s": statistics.median(returned),
             "on_disk_s": statistics.median(on_disk),
@@ -176,19 +181,25 @@ def bench_restore(s, state, where: Path, repeats: int) -> dict:
     from shardgpt.io import checkpoint
     from shardgpt.training import train
 
-    ckpt = checkpoint.Checkpointer(where, read_only=True)
-    times, same = [], None
+    times, same = {True: [], False: []}, None
     for _ in range(repeats):
-        target, _ = train.abstract_state(s.model, s.tx, s.mesh, s.strategy)
-        t0 = time.perf_counter()
-        restored = jax.block_until_ready(ckpt.restore(target, int(state.step)))
-        times.append(time.perf_counter() - t0)
-        if same is None:
-            pairs = zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True)
-            same = all(a.sharding == b.sharding and np.array_equal(a, b) for a, b in pairs)
-        del restored
-    ckpt.close()
-    return {"restore_s": statistics.median(times), "restore_s_all": times, "equal_to_saved": same}
+        for verify in (True, False):  # verified: each leaf's checksum recomputed and compared
+            ckpt = checkpoint.Checkpointer(where, read_only=True, verify=verify)
+            target, _ = train.abstract_state(s.model, s.tx, s.mesh, s.strategy)
+            t0 = time.perf_counter()
+            restored = jax.block_until_ready(ckpt.restore(target, int(state.step)))
+            times[verify].append(time.perf_counter() - t0)
+            ckpt.close()
+            if same is None:
+                pairs = zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True)
+                same = all(a.sharding == b.sharding and np.array_equal(a, b) for a, b in pairs)
+            del restored
+    return {
+        "restore_s": statistics.median(times[True]),
+        "restore_s_all": times[True],
+        "restore_unverified_s": statistics.median(times[False]),
+        "equal_to_saved": same,
+    }
 
 
 def make_setup(model: str, args):
@@ -263,9 +274,13 @@ def print_tables(results: list[dict]):
     mib = lambda b: f"{b / 2**20:,.1f}"
     head = (
         f"{'model':<9} {'params':>7} {'state MiB':>10} {'disk MiB':>9} {'async ret s':>11} "
-        f"{'async disk s':>12} {'blocking s':>10} {'restore s':>9} {'restored':>8}"
+        f"{'async disk s':>12} {'blocking s':>10} {'restore s':>9} {'restored':>8} "
+        f"{'unverified: async ret s':>23} {'restore s':>9}"
     )
-    print(f"\nsave and restore, mesh {results[0]['mesh']} {results[0]['strategy']}, median of the repeats")
+    print(
+        f"\nsave and restore, mesh {results[0]['mesh']} {results[0]['strategy']}, median of the repeats "
+        "(unverified: without the per-leaf checksums, whose cost is the difference)"
+    )
     print(head + "\n" + "-" * len(head))
     for r in results:
         a, b = r["save"]["async"], r["save"]["blocking"]
@@ -273,7 +288,8 @@ def print_tables(results: list[dict]):
             f"{r['model']:<9} {r['n_params'] / 1e6:>6.1f}M {mib(r['state_bytes']):>10} "
             f"{mib(b['disk_bytes']):>9} {a['return_s']:>11.3f} {a['on_disk_s']:>12.3f} "
             f"{b['on_disk_s']:>10.3f} {r['restore']['restore_s']:>9.3f} "
-            f"{'equal' if r['restore']['equal_to_saved'] else 'DIFFERS':>8}"
+            f"{'equal' if r['restore']['equal_to_saved'] else 'DIFFERS':>8} "
+            f"{r['save']['unverified']['return_s']:>23.3f} {r['restore']['restore_unverified_s']:>9.3f}"
         )
     head = (
         f"{'model':<9} {'batch x seq':>11} {'steps':>5} {'saves':>5} {'no-save s':>9} {'saving s':>8} "

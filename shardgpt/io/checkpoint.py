@@ -81,6 +81,29 @@ def is_finite(state: train.TrainState) -> bool:
     return bool(_all_finite(state))
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """A uint32 of x's bit patterns: each element's bits mixed (murmur3's finaliser), then summed with
+    wrap-around. The sum is order-free, so the same values give the same checksum on any mesh or layout;
+    a flipped bit changes its element's mix, and so the sum (but for a 2^-32 chance)."""
+    width = jnp.dtype(x.dtype).itemsize * 8
+    bits = jax.lax.bitcast_convert_type(x, getattr(jnp, f"uint{width}")).astype(jnp.uint32)
+    h = bits * jnp.uint32(0x9E3779B1)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree: Any) -> Any:
+    return jax.tree.map(_leaf_checksum, tree)
+
+
+def checksums(state: train.TrainState) -> dict[str, int]:
+    """{leaf path: checksum} of every leaf, computed on the devices where the state lives."""
+    sums = jax.device_get(_checksums(state))
+    return {jax.tree_util.keystr(path): int(v) for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
 def _collect_quietly():
     """A failed orbax restore leaves its other reads suspended (coroutines never resumed); each would print
     pages of TensorStore spec when finalised, so close them now, quietly."""
@@ -107,11 +130,17 @@ class Checkpointer:
     """
 
     def __init__(
-        self, directory: str | Path, keep: int | None = 3, async_save: bool = True, read_only: bool = False
+        self,
+        directory: str | Path,
+        keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+        verify: bool = True,
     ):
         if keep is not None and keep < 1:
             raise CheckpointError(f"--keep must be >= 1, got {keep}")
         self.directory, self.read_only, self.lock = Path(directory).resolve(), read_only, None
+        self.verify = verify  # record each leaf's checksum at save and check it at restore
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory {self.directory}")
         # Every process of a job writes its own shards; the job's lock is process 0's.
@@ -129,6 +158,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # a save killed midway leaves a temporary: never a step
             read_only=read_only,
+            # What read_only implies, said here so that orbax does not warn that it changed them.
+            **(dict(save_interval_steps=0, create=False) if read_only else {}),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._saved: set[int] = set()
@@ -152,6 +183,8 @@ class Checkpointer:
         if step in self._saved or step in self.manager.all_steps():
             return step  # saved already (maybe still in flight), or by the run this one resumes: same state
         meta = {**description, "loss": loss if loss is None or math.isfinite(loss) else None}
+        if self.verify:  # orbax's own checksums cover its index, not the arrays' bytes
+            meta["checksums"] = checksums(state)
         json.dumps(meta, allow_nan=False)  # fail now, not in the background thread
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args)
@@ -176,16 +209,35 @@ class Checkpointer:
         shardings, so each device reads only its own slices, whatever mesh or strategy saved them.
         """
         step = self._step(step)
+        state, problem = self._restore_verified(target, step)
+        if problem is None:
+            return state
+        older = next((k for k in sorted(self.manager.all_steps(), reverse=True) if k < step
+                      and self._restore_verified(target, k)[1] is None), None)  # fmt: skip
+        then = (
+            "no older step verifies"
+            if older is None
+            else (f"the newest older step that verifies is {older}: resume it with --resume --step {older}")
+        )
+        raise CheckpointError(f"{self.directory}/{step}: {problem}; {then}; nothing was deleted")
+
+    def _restore_verified(self, target: train.TrainState, step: int) -> tuple[Any, str | None]:
+        """(state, None), or (None, why step `step` cannot be used): unreadable, or a leaf whose checksum
+        differs from the one recorded at save (checkpoints saved without checksums are not checked)."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
         try:
-            return self.manager.restore(step, args=args).state
+            state = self.manager.restore(step, args=args).state
         except Exception as e:  # orbax raises many kinds: the user needs the path and the first line
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _collect_quietly()
-        raise CheckpointError(
-            f"{self.directory}/{step}: cannot restore the state ({reason[:300]}); the checkpoint is corrupt "
-            "or from another model; nothing was deleted"
-        )
+            _collect_quietly()
+            return None, f"cannot restore the state ({reason[:300]}): corrupt, or from another model"
+        saved = self.description(step).get("checksums") if self.verify else None
+        if saved:
+            now = checksums(state)
+            bad = [path for path, value in saved.items() if now.get(path) != value]
+            if bad:
+                return None, f"{len(bad)} array(s) do not match their checksums (e.g. {bad[0]}): corrupt data"
+        return state, None
 
     def last_good_step(self, step_losses: dict[int, float] | None = None) -> int | None:
         """The newest checkpoint good to resume from, judged by the loss computed *from* its state: the
