@@ -171,7 +171,9 @@ def test_held_out_loss_is_the_token_mean_and_equals_one_device(pico, host_state)
     state = jax.device_put(host_state, shardings.state)
     batches = [dict(zip(("inputs", "targets"), task.rows(i, range(8), "val"), strict=True)) for i in range(2)]
     batches[1]["targets"][:4] = data.IGNORE_INDEX  # unequal token counts: a mean of means would differ
-    got = train.make_eval_loss(model, mesh, "zero3", shardings)(state.params, batches)
+    got = train.make_eval_loss(model, train.make_eval_sums(model, mesh, "zero3", shardings))(
+        state.params, batches
+    )
     inputs, targets = (np.concatenate([b[k] for b in batches]) for k in ("inputs", "targets"))
     logits = model.apply({"params": host_state.params}, inputs)
     assert got == pytest.approx(float(loss.cross_entropy(logits, targets)), rel=1e-6)

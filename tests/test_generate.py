@@ -259,3 +259,15 @@ def test_sort_task_trains_to_low_loss(trained_sort):
     assert trainer.events[1:-1] == list(range(300)), "on_step_end must see every step once, in order"
     final = np.mean([h["loss"] for h in trainer.history[-10:]])
     assert final < 0.05, f"sort loss {final:.3f} after 300 steps: the model or optimizer regressed"
+
+
+def test_a_model_too_large_for_the_generation_layout_is_refused_before_anything_is_placed(monkeypatch):
+    """Where a device states its memory (GPU, TPU), weights whole over dp plus the KV cache must fit:
+    else a clear line, never an out-of-memory error mid-sample."""
+    from shardgpt.generation import generate as generation
+
+    monkeypatch.setattr(generation, "_device_limit", lambda mesh: 64 * 1024)
+    with pytest.raises(ValueError, match=r"GiB per device .* exceed the device's .* larger tp"):
+        Generator(MODEL, make_mesh("dp=8"), "zero3", batch_size=8)
+    monkeypatch.setattr(generation, "_device_limit", lambda mesh: 2**30)
+    Generator(MODEL, make_mesh("dp=8"), "zero3", batch_size=8)  # fits: no error

@@ -6,13 +6,16 @@ test_equivalence; the state's params within 2e-5. Sequences are sort's 11 tokens
 (tests/_runs.py SP_SEQ = 12, which cp=4 divides). gpt-pico has 2 layers: pp=2.
 """
 
+import _runs
 import jax
 import numpy as np
 import pytest
 from _runs import BATCH, MODELS, SINGLE, SP_SEQ, STEPS, TX, batch, by_cause, initial_state, off_theory, run
 
 from shardgpt.analysis import attribution
+from shardgpt.generation import generate
 from shardgpt.lab import report, runner
+from shardgpt.model import config
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import distributed, pipeline
 from shardgpt.parallel.mesh import make_mesh
@@ -113,8 +116,32 @@ def test_the_bubble_is_measured_from_the_slope_of_step_time_over_ticks():
     assert report.pipeline_bubbles(runs[:1])[0]["bubble_measured"] is None  # one run: no slope
 
 
-def test_generation_is_skipped_on_pp_and_cp_meshes_with_the_reason():
-    assert runner.generation_skipped(make_mesh("dp=2,tp=4")) is None
-    assert "skipped on pp=2" in runner.generation_skipped(make_mesh("pp=2,dp=4"))
-    assert "skipped on cp=4" in runner.generation_skipped(make_mesh("cp=4,dp=2"))
+def test_generation_runs_from_pp_and_cp_layouts_as_on_dp():
+    """Params laid out as pp or cp training holds them are converted into the generation layout (whole
+    over pp and cp) and decode the tokens dp=8's do (greedy, fp32)."""
+    model = GPT(config.preset("gpt-pico", n_layer=2, vocab_size=16, block_size=16))
+    params = jax.device_get(jax.jit(lambda r: train.init_params(model, r))(jax.random.key(3)))
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]] * 2
+    tokens = {}
+    for spec in ("dp=8", "pp=2,dp=4", "cp=4,dp=2"):
+        mesh = make_mesh(spec)
+        trained = jax.device_put(params, train.param_shardings(model, mesh, "zero3"))  # layers over pp
+        tokens[spec] = generate.generate(model, trained, prompts, 6, mesh=mesh, strategy="zero3")
+    for spec in ("pp=2,dp=4", "cp=4,dp=2"):
+        assert all(np.array_equal(a, b) for a, b in zip(tokens[spec], tokens["dp=8"], strict=True)), spec
     assert attribution.CAUSES["ring_kv"] and attribution.CAUSES["pp_send"]
+    assert attribution.CAUSES["ring_kv"] and attribution.CAUSES["pp_send"]
+
+
+def test_the_held_out_loss_of_a_pp_model_runs_on_its_pipeline_and_equals_one_device():
+    """Evaluation goes through the implementation that trains (step.build_eval): on pp=2,dp=4 shard_map's
+    pipeline (M=2, as trained), equal to GSPMD's on one device within 1e-5."""
+    model, state = _runs.MODEL, initial_state()
+    single, piped = make_mesh("dp=1", jax.devices()[:1]), make_mesh("pp=2,dp=4")
+    losses = []
+    for mesh, make, m in ((single, train.make_eval_sums, 1), (piped, shard_map_step.make_eval_sums, 2)):
+        shardings = train.state_shardings(model, TX, mesh, "dp")
+        params = jax.device_put(state.params, shardings.state.params)
+        eval_loss = train.make_eval_loss(model, make(model, mesh, "dp", shardings, m))
+        losses.append(eval_loss(params, [batch(i, mesh) for i in range(2)]))
+    assert abs(losses[0] - losses[1]) < 1e-5, losses

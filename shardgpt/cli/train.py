@@ -317,13 +317,17 @@ class Evaluate:
     """
 
     def __init__(self, job: Job, args: argparse.Namespace, shardings):
+        from shardgpt.lab import runner
         from shardgpt.parallel import sharding
         from shardgpt.training import data
         from shardgpt.training import train as training
 
         s = job.setup
         self.job, self.every, self.last = job, args.eval_every, args.steps
-        self.loss = training.make_eval_loss(s.model, s.mesh, s.strategy, shardings)
+        # Through the implementation that trains (a pp model evaluates on its pipeline's schedule).
+        make_eval = runner.eval_builder(job.spec.impl)
+        eval_sums = make_eval(s.model, s.mesh, s.strategy, shardings, job.spec.microbatches)
+        self.loss = training.make_eval_loss(s.model, eval_sums)
         batch_sharding = sharding.batch_sharding(s.mesh, s.strategy)
         self.batches = [
             data.global_batch(s.task, i, job.spec.batch, batch_sharding, s.config.vocab_size, split="val")

@@ -36,8 +36,25 @@ PREFILL_STEPS, MIN_PREFILL_CHUNK = 8, 16
 # lax.cond); each is one more loop body in the one compile.
 DECODE_PHASES, MIN_WINDOW = 4, 16
 # Generation reads every weight on every token, so it keeps them whole over dp (heads, mlp and vocab over
-# tp): a ZeRO-3 model is gathered once per `generate` call, not once per decode step.
+# tp): a ZeRO-3 model is gathered once per `generate` call, not once per decode step. It has no pipeline
+# schedule and one token has no sequence to split, so the layers are whole over pp and the positions over
+# cp too: whatever layout trained the params, they are converted once per call into this one.
 GENERATION_LAYOUT = "dp"
+_WHOLE = {("layers", "pp"), ("length", "cp")}  # rules generation drops
+
+
+def generation_rules(strategy: str, target: str) -> tuple[tuple[str, str | None], ...]:
+    """`strategy`'s rules for `target` without the pipeline's and the context's splits."""
+    return tuple(
+        (name, None if (name, axis) in _WHOLE else axis) for name, axis in sharding.rules(strategy, target)
+    )
+
+
+def _device_limit(mesh: Mesh) -> int | None:
+    """Bytes one device may hold (the allocator's limit), or None where it says none (CPU)."""
+    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())  # a remote one
+    stats = local.memory_stats() or {}  # has no stats to read
+    return stats.get("bytes_limit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +169,7 @@ class Generator:
         self.prefill_chunk = min(prefill_chunk, cfg.block_size)
         # Decoding runs the layers unrolled whatever the training layout: a scan inside the decode loop
         # pays its own loop overhead on every token (measured 1.8x slower per step on CPU for gpt-mini).
-        activations = sharding.rules(self.strategy, "activations")
+        activations = generation_rules(self.strategy, "activations")
         # The decoder's plan: GSPMD's view of the mesh under the generation layout's activation rules.
         self.decode_model = GPT(cfg.replace(scan_layers=False), GSPMDPlan(mesh, activations))
         self.traces = 0
@@ -160,7 +177,11 @@ class Generator:
         sharding.check_divisible(
             "generation batch", (batch_size, cfg.block_size), ("batch", "length"), buffer.spec, mesh
         )
-        self.param_shardings = train.param_shardings(model, mesh, GENERATION_LAYOUT)
+        abstract = jax.eval_shape(lambda: train.init_params(model, jax.random.key(0)))
+        self.param_shardings = sharding.tree_shardings(
+            abstract, train.param_axes(model), mesh, generation_rules(GENERATION_LAYOUT, "params")
+        )
+        self._check_fits(abstract, batch_size)
         # The decode model is unrolled: its cache holds per-layer arrays, without the `layers` axis.
         cache_sharding = NamedSharding(
             mesh, sharding.logical_to_spec(CACHE_AXES[1:], activations, "KV cache")
@@ -179,6 +200,25 @@ class Generator:
         # of other processes.
         self._default_key = jax.jit(lambda: jax.random.key(0), out_shardings=replicated)()
         self._placed: list[weakref.ref] = []  # weak references to the params last placed (see reshard)
+
+    def _check_fits(self, abstract_params, batch_size: int):
+        """Refuse, before anything is placed, a model whose generation layout (weights whole over dp, in
+        the compute dtype as decode reads them, plus the KV cache) exceeds a device's memory."""
+        limit = _device_limit(self.mesh)
+        if limit is None:
+            return
+        cfg, tp = self.model.config, self.mesh.shape["tp"]
+        weights = sum(x.size for x in jax.tree.leaves(abstract_params)) * 4 // tp  # fp32 as stored
+        weights += weights * jnp.dtype(cfg.dtype).itemsize // 4  # and the compute-dtype copy decode reads
+        dp = self.mesh.shape["dp"]
+        cache = 2 * cfg.n_layer * -(-batch_size // dp) * cfg.block_size * cfg.n_embd // tp
+        need = weights + cache * jnp.dtype(cfg.dtype).itemsize
+        if need > limit:
+            raise ValueError(
+                f"generation keeps the weights whole over dp: {need / 2**30:.2f} GiB per device (weights "
+                f"and a KV cache of {batch_size} rows) exceed the device's {limit / 2**30:.2f} GiB; "
+                "generate on a mesh with a larger tp, or with fewer rows"
+            )
 
     def _generate(self, params, tokens_BxT, lengths_B, max_new_tokens, key):
         self.traces += 1

@@ -170,12 +170,10 @@ def table(results: dict[str, Any]) -> str:
         ]
         out += bubble_table(bubbles)
     generated = [r for r in runs if r.get("generate")]
-    skipped = [r for r in runs if r.get("generate_skipped")]
-    if generated or skipped:
+    if generated:
         rows = [[r["name"], *(_number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
         out += ["", "generation (KV cache; naive = re-jit per length; recompute = full forward per token)"]
-        out += grid(["run", *GENERATE_COLUMNS.values()], rows) if generated else []
-        out += [f"  {r['name']}: generation {r['generate_skipped']}" for r in skipped]
+        out += grid(["run", *GENERATE_COLUMNS.values()], rows)
 
     first = runs[0] if runs else {}
     peak = first.get("peak_flops")

@@ -133,11 +133,13 @@ class ShardMap(step.Implementation):
         value_and_grad = jax.value_and_grad(lambda w_, b_: self.loss(w_, b_, whole_), has_aux=True)
         return microbatch.accumulate(value_and_grad, wrt_, microbatch.split(batch_, microbatches), init)
 
-    def reduce(self, sums_2, grads_):
-        if self.partial_axes:  # one psum for both, after the backward pass (never beside the forward's)
-            with jax.named_scope("loss_sum"):
-                sums_2 = jax.lax.psum(sums_2, self.partial_axes)
+    def reduce_sums(self, sums_2):
+        if not self.partial_axes:
+            return sums_2
+        with jax.named_scope("loss_sum"):  # one psum for both, after the backward pass (never beside the
+            return jax.lax.psum(sums_2, self.partial_axes)  # forward's collectives)
 
+    def reduce_grads(self, grads_):
         def reduce_grad(g_, g_spec):
             """A device's partial gradient -> the summed gradient in the grads layout (its shard, or
             whole). ZeRO-2 and -3's dp part was reduce-scattered by the backward pass already."""
@@ -147,7 +149,7 @@ class ShardMap(step.Implementation):
             with jax.named_scope("grad_all_reduce"):
                 return jax.lax.psum(g_, axes)
 
-        return sums_2, jax.tree.map(reduce_grad, grads_, self.grad_specs)
+        return jax.tree.map(reduce_grad, grads_, self.grad_specs)
 
     def to_update_layout(self, tree_, of):
         """Keep only the slice of the optimizer-state shard this device owns (no communication)."""
@@ -219,3 +221,28 @@ def make_train_step(
         donate_argnums=0,
     )
     return train.bind_step(jitted, model, mesh, strategy, microbatches)
+
+
+def make_eval_sums(
+    model: GPT, mesh: Mesh, strategy: str, shardings: train.StateShardings, microbatches: int = 1
+):
+    """train.make_eval_sums's twin: the forward and loss of the one step (step.build_eval) in shard_map's
+    implementation, so a pp model evaluates on the pipeline's schedule (its `microbatches`, as trained)."""
+    strategy = sharding.canonical(strategy)
+    impl = ShardMap(model, mesh, strategy, shardings, microbatches)
+    param_specs = jax.tree.map(lambda s: drop_inactive(s.spec, impl.active), shardings.state.params)
+    batch_spec = drop_inactive(sharding.batch_sharding(mesh, strategy).spec, impl.active)
+    mapped = jax.shard_map(
+        step.build_eval(impl),
+        mesh=mesh,
+        in_specs=(param_specs, {"inputs": batch_spec, "targets": batch_spec}),
+        out_specs=P(),
+        check_vma=True,
+    )
+    batch_sharding = sharding.batch_sharding(mesh, strategy)
+    jitted = jax.jit(
+        mapped,
+        in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+    return train.MeshBound(jitted, mesh)

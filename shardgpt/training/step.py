@@ -53,10 +53,13 @@ class Implementation:
         `reduce`; shard_map's all of them, GSPMD's ZeRO-2/3 ones reduced into their shard per microbatch)."""
         raise NotImplementedError
 
-    def reduce(self, sums_2: jax.Array, grads: Any) -> tuple[jax.Array, Any]:
-        """The loss sums and the gradients summed over the devices holding partial ones, in the grads'
-        layout."""
-        return sums_2, grads
+    def reduce_sums(self, sums_2: jax.Array) -> jax.Array:
+        """The (loss sum, token count) pair summed over the devices holding partial ones."""
+        return sums_2
+
+    def reduce_grads(self, grads: Any) -> Any:
+        """The gradients summed over the devices holding partial ones, in the grads' layout."""
+        return grads
 
     def to_update_layout(self, tree: Any, of: Literal["grads", "params"]) -> Any:
         """`tree` (the grads, or the params: `of`) in the optimizer state's layout: what a device updates."""
@@ -84,7 +87,7 @@ def build(impl: Implementation, tx: optax.GradientTransformation, microbatches: 
         m = impl.accumulated(microbatches)
         sums, grads = value_and_grad(wrt, batch) if m == 1 else impl.accumulate(wrt, batch, read, m)
         with jax.named_scope("grad_reduce"):
-            sums_2, grads = impl.reduce(jnp.stack(sums), grads)
+            sums_2, grads = impl.reduce_sums(jnp.stack(sums)), impl.reduce_grads(grads)
             # The mean over every non-ignored token of the batch (never a mean of microbatch means).
             scale = 1 / jnp.maximum(sums_2[1], 1)
             loss, grads = sums_2[0] * scale, jax.tree.map(lambda g: g * scale, grads)
@@ -100,3 +103,14 @@ def build(impl: Implementation, tx: optax.GradientTransformation, microbatches: 
         return state, {"loss": loss, "grad_norm": grad_norm}
 
     return train_step
+
+
+def build_eval(impl: Implementation) -> Callable:
+    """`eval_sums(params, batch) -> (loss sum, token count)`: the step's forward and loss alone, through
+    the same implementation (a pipeline's loss runs on its schedule), not yet placed."""
+
+    def eval_sums(params: Any, batch: dict) -> jax.Array:
+        wrt, read = impl.differentiable(params)
+        return impl.reduce_sums(jnp.stack(impl.loss(wrt, batch, read)))
+
+    return eval_sums

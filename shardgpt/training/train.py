@@ -167,8 +167,8 @@ class GSPMD(step.Implementation):
             loss, params, batch, microbatches, self.plan, self.shardings.grads
         )
 
-    def reduce(self, sums_2, grads):
-        return sums_2, jax.lax.with_sharding_constraint(grads, self.shardings.grads)
+    def reduce_grads(self, grads):
+        return jax.lax.with_sharding_constraint(grads, self.shardings.grads)
 
 
 def make_train_step(
@@ -194,32 +194,27 @@ def make_train_step(
     return bind_step(jitted, model, mesh, strategy, microbatches)
 
 
-def make_eval_loss(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings) -> Callable:
-    """`eval_loss(params, batches)`: the mean cross-entropy over all non-ignored tokens of `batches`.
-
-    One forward per batch, jitted once with the state's param shardings, so it serves either impl's state
-    (both lay params out by the same rules) without moving them.
-    """
-    plan = GSPMDPlan(mesh, sharding.rules(strategy, "activations"))
+def make_eval_sums(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings, microbatches: int = 1):
+    """GSPMD's `eval_sums(params, batch) -> (loss sum, token count)`, jitted once with the state's param
+    shardings (shard_map_step.make_eval_sums is its twin, with the same signature)."""
     batch_sharding = sharding.batch_sharding(mesh, strategy)
-
-    def batch_loss_sum(params, batch):
-        return loss_sum(model.clone(plan=plan), params, batch)
-
-    jitted = MeshBound(
-        jax.jit(
-            batch_loss_sum,
-            in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
-            out_shardings=NamedSharding(mesh, P()),
-        ),
-        mesh,
+    jitted = jax.jit(
+        step.build_eval(GSPMD(model, mesh, strategy, shardings)),
+        in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
+        out_shardings=NamedSharding(mesh, P()),
     )
+    return MeshBound(jitted, mesh)
+
+
+def make_eval_loss(model: GPT, eval_sums: Callable) -> Callable:
+    """`eval_loss(params, batches)`: the mean cross-entropy over all non-ignored tokens of `batches`, one
+    `eval_sums` (an implementation's make_eval_sums) per batch, dispatched back to back, read once."""
 
     def eval_loss(params, batches: Sequence[dict]) -> float:
         sums = []
         for batch in batches:
             check_host_batch(model, batch)
-            sums.append(jitted(params, batch))  # dispatched back to back; read once at the end
+            sums.append(eval_sums(params, batch))
         totals = jax.device_get(sums)
         return sum(float(t) for t, _ in totals) / max(sum(int(c) for _, c in totals), 1)
 
