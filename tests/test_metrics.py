@@ -1,5 +1,7 @@
 """Collectives read from compiled HLO against programs with known collectives; FLOPs against a hand count."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +69,10 @@ def test_loops_multiply_by_their_trip_count(mesh):
         return jax.lax.fori_loop(0, 3, inner, x)
 
     assert metrics.collectives(hlo(mesh, nested, P("x"), P("x"), X)) == only(all_reduce=(12, 12 * 256))
+    # A loop that states no trip count is counted once, a lower bound, and said so (was silent).
+    unstated = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
+    with pytest.warns(UserWarning, match="states no trip count"):
+        assert metrics.collectives(unstated) == only(all_reduce=(1, 256))
 
 
 # GPU-style async collectives (CPU emits none): a start/done pair counts once, with the result buffer.

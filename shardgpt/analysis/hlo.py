@@ -10,6 +10,7 @@ the all-reduce that runs.
 import dataclasses
 import math
 import re
+import warnings
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -281,7 +282,8 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
     """Every collective op of one compiled program, with how often it runs per execution.
 
     An async start/done pair is one op (its start carries the result). A while body's ops run its
-    `known_trip_count` times (present on CPU/GPU since at least jax 0.10; a loop without one counts once).
+    `known_trip_count` times (present on CPU/GPU since at least jax 0.10; a loop without one counts once,
+    a lower bound, with a warning naming the loop).
     Both branches of a conditional are listed.
     """
     entry, comps = _parse(hlo_text)
@@ -315,6 +317,12 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
             if instr.opcode in ("async-update", "async-done"):  # the async-start already followed the callee
                 continue
             trips = _TRIP_COUNT.search(instr.tail) if instr.opcode == "while" else None
+            if instr.opcode == "while" and trips is None and visit(_body(instr.tail)):
+                warnings.warn(
+                    f"HLO loop {instr.name} states no trip count: the collectives inside it are counted once "
+                    "per execution of the program, a lower bound",
+                    stacklevel=2,
+                )
             for attr, callees in _CALLS.findall(_METADATA.sub("", instr.tail)):
                 times = int(trips.group(1)) if trips and attr == "body" else 1
                 loop = (times,) if instr.opcode == "while" and attr == "body" else ()
@@ -327,6 +335,12 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
         return found
 
     return visit(entry) if entry else []
+
+
+def _body(tail: str) -> str:
+    """The body computation's name of a while instruction (empty where none is named)."""
+    m = re.search(r"body=%?([\w.\-]+)", _METADATA.sub("", tail))
+    return m.group(1) if m else ""
 
 
 def totals(ops: list[CollectiveOp], per_execution: bool = True) -> dict[str, dict[str, int]]:
