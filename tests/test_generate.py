@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from shardgpt.analysis import metrics
-from shardgpt.generation.generate import Generator, Sampling, decode_windows, generate, generate_text, sample
+from shardgpt.generation.generate import Generator, decode_windows, generate, generate_text
+from shardgpt.generation.sampling import Sampling, sample
 from shardgpt.model import config
 from shardgpt.model.gpt import GPT, init_cache, unstack_layers
 from shardgpt.parallel.mesh import make_mesh

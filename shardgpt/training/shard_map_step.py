@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from shardgpt.model.gpt import GPT
@@ -180,6 +180,17 @@ class ShardMap(step.Implementation):
         return jax.tree.map(gather, params_, self.update_specs, self.param_specs)
 
 
+def _shard_map(
+    fn: Callable, impl: ShardMap, mesh: Mesh, strategy: str, first: Any, out_specs: Any
+) -> Callable:
+    """`fn(first, batch)` inside jax.shard_map: `first` (a state or params) and the batch split as their
+    shardings say, size-1 mesh axes left out."""
+    in_specs = jax.tree.map(lambda s: drop_inactive(s.spec, impl.active), first)
+    batch_spec = drop_inactive(sharding.batch_sharding(mesh, strategy).spec, impl.active)
+    batch_specs = {"inputs": batch_spec, "targets": batch_spec}
+    return jax.shard_map(fn, mesh=mesh, in_specs=(in_specs, batch_specs), out_specs=out_specs, check_vma=True)
+
+
 def make_train_step(
     model: GPT,
     tx: optax.GradientTransformation,
@@ -205,20 +216,11 @@ def make_train_step(
             f"the shardings were not made for strategy {strategy!r} on this mesh: build them "
             "with train.state_shardings (or train.init_state) for the same strategy and mesh"
         )
-    batch_spec = drop_inactive(sharding.batch_sharding(mesh, strategy).spec, impl.active)
-    mapped = jax.shard_map(
-        step.build(impl, tx, microbatches),
-        mesh=mesh,
-        in_specs=(state_specs, {"inputs": batch_spec, "targets": batch_spec}),
-        out_specs=(state_specs, P()),
-        check_vma=True,
+    mapped = _shard_map(
+        step.build(impl, tx, microbatches), impl, mesh, strategy, shardings.state, (state_specs, P())
     )
-    batch_sharding = sharding.batch_sharding(mesh, strategy)
-    jitted = jax.jit(
-        mapped,
-        in_shardings=(shardings.state, {"inputs": batch_sharding, "targets": batch_sharding}),
-        out_shardings=(shardings.state, NamedSharding(mesh, P())),
-        donate_argnums=0,
+    jitted = train.jit_with_batch(
+        mapped, mesh, strategy, shardings.state, (shardings.state, P()), donate=True
     )
     return train.bind_step(jitted, model, mesh, strategy, microbatches)
 
@@ -230,19 +232,6 @@ def make_eval_sums(
     implementation, so a pp model evaluates on the pipeline's schedule (its `microbatches`, as trained)."""
     strategy = sharding.canonical(strategy)
     impl = ShardMap(model, mesh, strategy, shardings, microbatches)
-    param_specs = jax.tree.map(lambda s: drop_inactive(s.spec, impl.active), shardings.state.params)
-    batch_spec = drop_inactive(sharding.batch_sharding(mesh, strategy).spec, impl.active)
-    mapped = jax.shard_map(
-        step.build_eval(impl),
-        mesh=mesh,
-        in_specs=(param_specs, {"inputs": batch_spec, "targets": batch_spec}),
-        out_specs=P(),
-        check_vma=True,
-    )
-    batch_sharding = sharding.batch_sharding(mesh, strategy)
-    jitted = jax.jit(
-        mapped,
-        in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
-        out_shardings=NamedSharding(mesh, P()),
-    )
+    mapped = _shard_map(step.build_eval(impl), impl, mesh, strategy, shardings.state.params, P())
+    jitted = train.jit_with_batch(mapped, mesh, strategy, shardings.state.params, P())
     return train.MeshBound(jitted, mesh)

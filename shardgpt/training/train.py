@@ -171,6 +171,23 @@ class GSPMD(step.Implementation):
         return jax.lax.with_sharding_constraint(grads, self.shardings.grads)
 
 
+def jit_with_batch(
+    fn: Callable, mesh: Mesh, strategy: str, first: Any, out: Any, donate: bool = False
+) -> Callable:
+    """`fn(first, batch)` jitted once: `first` (a state or params) in its shardings, the batch in the
+    strategy's, the outputs in `out` (shardings, or PartitionSpecs on `mesh`); `donate`: the first."""
+    batch = sharding.batch_sharding(mesh, strategy)
+    out = jax.tree.map(
+        lambda o: NamedSharding(mesh, o) if isinstance(o, P) else o, out, is_leaf=lambda o: isinstance(o, P)
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(first, {"inputs": batch, "targets": batch}),
+        out_shardings=out,
+        donate_argnums=0 if donate else (),
+    )
+
+
 def make_train_step(
     model: GPT,
     tx: optax.GradientTransformation,
@@ -183,26 +200,16 @@ def make_train_step(
     shardings and the state donated. With `microbatches` M > 1 the batch runs as M microbatches inside the
     step (shardgpt.parallel.microbatch)."""
     layout.check_mesh_axes(mesh, strategy, "gspmd", model.config)
-    batch_sharding = sharding.batch_sharding(mesh, strategy)
     train_step = step.build(GSPMD(model, mesh, strategy, shardings), tx, microbatches)
-    jitted = jax.jit(
-        train_step,
-        in_shardings=(shardings.state, {"inputs": batch_sharding, "targets": batch_sharding}),
-        out_shardings=(shardings.state, NamedSharding(mesh, P())),
-        donate_argnums=0,
-    )
+    jitted = jit_with_batch(train_step, mesh, strategy, shardings.state, (shardings.state, P()), donate=True)
     return bind_step(jitted, model, mesh, strategy, microbatches)
 
 
 def make_eval_sums(model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings, microbatches: int = 1):
     """GSPMD's `eval_sums(params, batch) -> (loss sum, token count)`, jitted once with the state's param
     shardings (shard_map_step.make_eval_sums is its twin, with the same signature)."""
-    batch_sharding = sharding.batch_sharding(mesh, strategy)
-    jitted = jax.jit(
-        step.build_eval(GSPMD(model, mesh, strategy, shardings)),
-        in_shardings=(shardings.state.params, {"inputs": batch_sharding, "targets": batch_sharding}),
-        out_shardings=NamedSharding(mesh, P()),
-    )
+    eval_sums = step.build_eval(GSPMD(model, mesh, strategy, shardings))
+    jitted = jit_with_batch(eval_sums, mesh, strategy, shardings.state.params, P())
     return MeshBound(jitted, mesh)
 
 
