@@ -77,6 +77,8 @@ RUN_ONLY = [
     (["--out", "/dev/null/results"], "--out /dev/null/results: cannot write there"),
     (["--profile", "/dev/null/trace"], "--profile /dev/null/trace: cannot write there"),
     (["--microbatches", "2,x"], "argument --microbatches: takes positive integers"),
+    (["--target", "nonsense"], "argument --target: invalid choice: 'nonsense'"),
+    (["--target", "h100"], "--target h100 names the machine a --plan is for: give --plan"),
 ]
 TRAIN_ONLY = [
     (["--ckpt-dir", "/proc/no/such"], "--ckpt-dir /proc/no/such: "),
@@ -95,6 +97,22 @@ def test_bad_input_exits_2_with_a_one_line_reason(command, argv, reason, capsys)
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"experiments/{command}.py: error: ") and reason in last, last
+
+
+def test_attention_defaults_to_cudnn_on_nvidia_gpus_from_ampere_on():
+    import types
+
+    device = lambda platform, version, capability: types.SimpleNamespace(
+        platform=platform,
+        client=types.SimpleNamespace(platform_version=version),
+        compute_capability=capability,
+    )
+    assert flags.default_attention(device("gpu", "cuda 12080", "9.0")) == "cudnn"  # H100, H200
+    assert flags.default_attention(device("gpu", "cuda 12080", "8.0")) == "cudnn"  # A100
+    assert flags.default_attention(device("gpu", "cuda 12080", "7.0")) == "xla"  # V100: no flash attention
+    assert flags.default_attention(device("gpu", "rocm 6.0", "9.4")) == "xla"  # AMD
+    assert flags.default_attention(device("cpu", "cpu", None)) == "xla"
+    assert flags.default_attention(types.SimpleNamespace(platform="tpu")) == "xla"
 
 
 def test_missing_matplotlib_exits_2_before_training_unless_no_plots(capsys, monkeypatch, tmp_path):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shardgpt.cli import flags  # imports no jax
 from shardgpt.model import config  # imports no jax
 from shardgpt.parallel import xla_flags  # imports no jax
 
@@ -88,7 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="leave out XLA's GPU flags (shardgpt.parallel.xla_flags.GPU_FLAGS)",
     )
     p.add_argument("--layers", default="unrolled,scan", help="comma list of unrolled, scan")
-    p.add_argument("--attention", default=None, help="comma list of cudnn, xla (default: both on GPU, xla)")
+    p.add_argument(
+        "--attention",
+        default=None,
+        help="comma list of cudnn, xla, the first the headline (default: cudnn,xla on NVIDIA GPUs, else xla)",
+    )
     p.add_argument("--batches", default=None, help="comma list of train batches (default 16,32,8; --tiny 2)")
     p.add_argument(
         "--budget", type=float, default=420.0, help="seconds (default 420); parts past it are skipped"
@@ -127,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from shardgpt.lab import runner
     from shardgpt.parallel.mesh import make_mesh
 
-    if args.attention is None:
-        args.attention = ["cudnn", "xla"] if jax.devices()[0].platform == "gpu" else ["xla"]
+    if args.attention is None:  # the platform's default first: it is the headline
+        args.attention = ["cudnn", "xla"] if flags.default_attention(jax.devices()[0]) == "cudnn" else ["xla"]
     s = parts.TINY if args.tiny else parts.FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,11 @@ def add_model_flags(p: argparse.ArgumentParser, compare: bool = True):
         "--dtype",
         help="compute dtype, float32 or bfloat16 (default: bfloat16 on accelerators, float32 on CPU)",
     )
-    model.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
+    model.add_argument(
+        "--attention",
+        choices=("xla", "cudnn"),
+        help="jax.nn.dot_product_attention's implementation (default: cudnn on NVIDIA GPUs, xla elsewhere)",
+    )
     model.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan layers")
     model.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
     model.add_argument(
@@ -44,6 +48,15 @@ def add_model_flags(p: argparse.ArgumentParser, compare: bool = True):
         help="GPT-2-named weights: a .safetensors/.npz/.pt file or a Hugging Face save_pretrained directory "
         "(nanoGPT's ckpt.pt and HF's config.json supply n_head and the GELU)",
     )
+
+
+def default_attention(device) -> str:
+    """--attention's default, once jax has started: cudnn (cuDNN's flash attention, about 2x XLA's MFU on
+    gpt2 at seq 1024: BENCHMARKS.md) on NVIDIA GPUs from Ampere (compute capability 8.0) on, xla elsewhere."""
+    client = getattr(device, "client", None)
+    cuda = device.platform == "gpu" and "cuda" in getattr(client, "platform_version", "").lower()
+    capability = getattr(device, "compute_capability", "0.0") if cuda else "0.0"
+    return "cudnn" if tuple(int(x) for x in str(capability).split(".")[:2]) >= (8, 0) else "xla"
 
 
 def add_device_flags(p: argparse.ArgumentParser):
@@ -183,6 +196,8 @@ def set_xla_flags(devices: int | None, plan: bool, gpu_flags: bool = True):
         # LLVM's optimisation level changes the code's speed, not XLA's buffer assignment: the same bytes,
         # compiled ~40% faster (gpt2 on 8 devices: 2.7 s instead of 4.4 s a compile, here).
         flags += " --xla_backend_optimization_level=0"
+    if plan:  # a plan allocates nothing: no need to take 75% of an accelerator's memory at start
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if gpu_flags and xla_flags.gpu_expected():
         flags = xla_flags.with_gpu_flags(flags)
     os.environ["XLA_FLAGS"] = flags.strip()

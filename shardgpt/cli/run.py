@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from shardgpt.analysis import hardware  # no jax: the profiles are the --target choices
 from shardgpt.cli import flags
 from shardgpt.cli.flags import STRATEGIES, say
 
@@ -51,12 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan",
         action="store_true",
         help="will it fit: compile only (nothing allocated, no step run) and print each strategy's memory "
-        "per device, and with --device-memory the largest batch that fits",
+        "per device, and with --device-memory or --target the largest batch that fits",
     )
     what.add_argument(
         "--device-memory",
         metavar="SIZE",
-        help="--plan: memory of one device, e.g. 80GiB (default: the accelerator's own, if one is present)",
+        help="--plan: memory of one device, e.g. 80GiB (default: the accelerator's own where the plan is for "
+        "it, else --target's)",
+    )
+    what.add_argument(
+        "--target",
+        choices=hardware.names(),
+        metavar="NAME",
+        help=f"--plan: the machine the plan is for, one of {', '.join(hardware.names())} (default: the "
+        "accelerator present, if it has a profile); on a CPU host the figures are an XLA:CPU estimate",
     )
     flags.add_model_flags(p)
     loop = p.add_argument_group("training and measurement")
@@ -136,14 +145,15 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
     per_mesh = {}
     for mesh in meshes:
         per_mesh[mesh] = list(strategies)
-        # Sizes from the spec alone: --plan lays meshes over simulated CPU devices, not the default backend's.
+        # Sizes from the spec alone: --plan may lay meshes over other devices than the default backend's.
         if args.compare and not args.sp and parse_mesh_spec(mesh, num_devices).get("tp", 1) > 1:
             per_mesh[mesh] += [f"{s}+sp" for s in strategies]
     impls = ("gspmd", "shard_map") if args.impl == "both" else (args.impl,)
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
+    attention = args.attention or "xla"  # validate and validate_plan set the platform's default before
     common = dict(
         overrides=args.overrides, optim=args.optim, task=args.task, seq=args.seq, steps=args.steps,
-        batch=args.batch, dtype=dtype, attention=args.attention, scan=args.scan, remat=args.remat, lr=args.lr,
+        batch=args.batch, dtype=dtype, attention=attention, scan=args.scan, remat=args.remat, lr=args.lr,
         seed=args.seed, warmup=args.warmup, generate=args.generate or 0, init_from=args.init_from,
         profile=args.profile,
     )  # fmt: skip
@@ -181,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         return 0
+    if args.target and not args.plan:
+        parser.error(
+            f"--target {args.target} names the machine a --plan is for: give --plan, or drop --target"
+        )
     launched = flags.launch_if_asked("shardgpt.cli.run", parser, args, argv)
     if launched is not None:
         return launched
@@ -255,6 +269,7 @@ def validate(args: argparse.Namespace) -> list:
         raise ValueError(f"--devices {args.devices}: jax was initialised with {jax.device_count()} devices")
     if args.generate is None:
         args.generate = DEFAULT_GENERATE
+    args.attention = args.attention or flags.default_attention(jax.devices()[0])
     specs = make_specs(args, jax.device_count(), platform)
     for setup in prepare_all(specs, args, runner.prepare):  # every spec validated before the first compile
         flags.note_tp_across_hosts(setup.mesh)
@@ -263,29 +278,38 @@ def validate(args: argparse.Namespace) -> list:
     return specs
 
 
-def validate_plan(args: argparse.Namespace) -> tuple[list, int | None]:
-    """--plan: (planners, device memory in bytes or None), every one validated; nothing compiles.
+def validate_plan(args: argparse.Namespace) -> tuple:
+    """--plan: (planners, their target.Placement), every one validated; nothing compiles.
 
-    Planning compiles for the CPU backend's simulated devices whatever else is present, in the
-    accelerators' compute dtype (bfloat16) unless --dtype says otherwise.
+    The meshes compile on the accelerator present (a mock GPU topology past its device count), else on
+    XLA:CPU's simulated devices (an estimate), in the accelerators' compute dtype (bfloat16) unless --dtype
+    says otherwise; each mesh over the first devices it needs.
     """
-    import jax
-
-    from shardgpt.lab import plan
+    from shardgpt.lab import plan, target
 
     if args.init_from or args.task != "sort":
         raise ValueError("--plan takes a preset (--model) and --seq, not --init-from or --task")
-    budget = plan.parse_bytes(args.device_memory) if args.device_memory else None
-    if budget is None and jax.devices()[0].platform != "cpu":
-        budget = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-    devices = jax.devices("cpu")
+    given = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    placement = target.place(args.mesh or ["dp=-1"], args.target, given)
+    devices = placement.devices
+    args.attention = args.attention or flags.default_attention(devices[0])
+    attention = dict(args.overrides).get("attention", args.attention)
+    if attention == "cudnn" and devices[0].platform != "gpu":
+        raise ValueError(
+            f"--plan --attention cudnn: cuDNN's attention compiles only for NVIDIA GPUs, and this plan "
+            f"compiles for {placement.compiled_for}: plan it on a GPU host, or plan --attention xla"
+        )
     specs = make_specs(args, len(devices), "accelerator")
-    planners = prepare_all(specs, args, lambda spec: plan.Planner.prepare(spec, devices))
+    # Each mesh over the first devices it needs: "dp=2" plans on 2 of 8 simulated devices, or of 8 GPUs.
+    prepare = lambda spec: plan.Planner.prepare(
+        spec, devices[: target.devices_needed(spec.mesh, len(devices))]
+    )
+    planners = prepare_all(specs, args, prepare)
     check_outputs(args)
-    return planners, budget
+    return planners, placement
 
 
-def run_plan(planners: list, budget: int | None, args: argparse.Namespace, argv: list[str]) -> int:
+def run_plan(planners: list, placement, args: argparse.Namespace, argv: list[str]) -> int:
     """Compile every planner's step (abstract arrays only), print the ranked table, write results.json."""
     import time
 
@@ -293,17 +317,20 @@ def run_plan(planners: list, budget: int | None, args: argparse.Namespace, argv:
     from shardgpt.lab import runner
 
     started = time.perf_counter()
-    n = len(planners[0].mesh.devices.flat)
-    print(f"planning {len(planners)} run(s) on {n} simulated CPU devices: compile only, nothing allocated")
-    if budget is None:
-        print("note: no --device-memory: fits and max batch are not computed")
+    devices = placement.devices
+    print(
+        f"planning {len(planners)} run(s) on up to {len(devices)} {devices[0].device_kind} devices: compile "
+        f"only, nothing allocated; the figures: {placement.describe()}"
+    )
+    if placement.budget is None:
+        print("note: no --device-memory or --target: fits and max batch are not computed")
     rows = []
     for planner in planners:
-        row = planning.plan(planner, budget)
+        row = planning.plan(planner, placement.budget, placement.record())
         print(f"{row['name']}: {row['compiles']} compile(s), {row['wall_s']:.1f} s", file=sys.stderr)
         rows.append(row)
     rows = planning.rank(rows)
-    print("\n" + planning.table(rows, "cpu"))
+    print("\n" + planning.table(rows, placement.describe()))
     print(f"wall time {time.perf_counter() - started:.0f} s for {sum(r['compiles'] for r in rows)} compiles")
     if args.out:
         meta = runner.meta(shlex.join([flags.prog(SCRIPT), *argv]))
@@ -326,7 +353,7 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
     say(
         f"{jax.device_count()} x {kind} ({platform}{processes}), jax {jax.__version__}; {len(specs)} "
         f"run(s) of {runner.model_label(first)} on {first.task}, batch {first.batch}, {first.steps} steps, "
-        f"{first.dtype}"
+        f"{first.dtype}, {first.attention} attention"
     )
     peak_text = f"{peak:.3g} FLOP/s per device" if peak else "unknown for this device (MFU n/a)"
     say(f"MFU from FLOPs/token = {runner.FLOPS_SOURCE}; peak: {peak_text}")

@@ -135,7 +135,8 @@ def validate(args: argparse.Namespace) -> Job:
         strategy=args.strategy + ("+sp" if args.sp and not args.strategy.endswith("+sp") else ""),
         impl=args.impl, model=args.model, overrides=args.overrides, optim=args.optim,
         task=args.task, seq=args.seq, steps=args.steps, batch=args.batch, microbatches=args.microbatches,
-        dtype=args.dtype or ("float32" if platform == "cpu" else "bfloat16"), attention=args.attention,
+        dtype=args.dtype or ("float32" if platform == "cpu" else "bfloat16"),
+        attention=args.attention or flags.default_attention(jax.devices()[0]),
         scan=args.scan, remat=args.remat, lr=args.lr, seed=args.seed, init_from=args.init_from,
     )  # fmt: skip
     setup = runner.prepare(spec)
@@ -290,7 +291,10 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
         kept = "it is saved and --resume continues from it" if ckpt else "nothing is saved (no --ckpt-dir)"
         say(f"note: SIGTERM: stopped after step {int(state.step)}; {kept}")
     losses = [h["loss"] for h in trainer.history]
-    say(f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f})")
+    say(
+        f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f}); "
+        f"{s.config.dtype} compute, {s.config.attention} attention"
+    )
     return state
 
 

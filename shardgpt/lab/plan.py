@@ -3,7 +3,8 @@
 Nothing is allocated and no step runs: the train step is lowered on abstract arrays (shapes, dtypes and
 shardings only) and compiled, and XLA's buffer assignment says what one device would hold. The state
 (params, grads, optimizer state) is exact, read from the layout; the temporaries are what XLA's compiler
-for *this* backend assigns, so on CPU they are an estimate for a GPU or TPU, and are labelled so.
+for *this* backend assigns, so compiled anywhere but the target's backend (target.py chooses) they are an
+estimate, and are labelled so.
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from shardgpt.analysis import metrics
 from shardgpt.lab import report, runner
 from shardgpt.lab.plots import plan_plot
+from shardgpt.lab.target import ESTIMATE
 from shardgpt.model import config
 from shardgpt.model.config import ModelConfig
 from shardgpt.model.gpt import GPT
@@ -137,9 +139,10 @@ class Planner:
             last, probe = probe, min(max(step, low + unit), top)
 
 
-def plan(planner: Planner, budget: int | None) -> dict[str, Any]:
+def plan(planner: Planner, budget: int | None, where: dict[str, Any]) -> dict[str, Any]:
     """One row of the plan: exact state bytes, compiled memory at the spec's batch, and (given a budget)
-    whether it fits and the largest global batch that does."""
+    whether it fits and the largest global batch that does; `where` (target.Placement.record: compiled_for,
+    target, estimate, budget_source) is copied in."""
     started = time.perf_counter()
     spec = planner.spec
     state, shardings = train.abstract_state(planner.model, planner.tx, planner.mesh, planner.strategy)
@@ -157,6 +160,8 @@ def plan(planner: Planner, budget: int | None) -> dict[str, Any]:
         "microbatches": spec.microbatches,
         "seq": planner.seq,
         "dtype": planner.config.dtype,
+        "attention": planner.config.attention,
+        **where,
         "state": metrics.state_bytes(state, shardings),  # exact: from the layout
         "compiled": compiled,  # XLA's buffer assignment on this backend: an estimate elsewhere
         "budget_bytes": budget,
@@ -179,12 +184,9 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ranked
 
 
-def _gib(nbytes: float | None) -> str:
-    return "n/a" if nbytes is None else f"{nbytes / 2**30:.2f}"
-
-
-def table(rows: list[dict[str, Any]], platform: str) -> str:
-    """The ranked plan as text, every column labelled with where its figure comes from."""
+def table(rows: list[dict[str, Any]], where: str) -> str:
+    """The ranked plan as text, every column labelled with where its figure comes from (`where`:
+    target.Placement.describe, what the compile stands for)."""
     budget = rows[0]["budget_bytes"] if rows else None
     header = ["#", "run", "params", "grads", "opt state", "temps", "total", "fits", "max batch", "compiles"]
     lines = []
@@ -194,22 +196,37 @@ def table(rows: list[dict[str, Any]], platform: str) -> str:
         max_batch = "-" if r["max_batch"] is None else str(r["max_batch"]) if r["max_batch"] else "none"
         lines.append(
             [str(r["rank"]), r["name"]]
-            + [_gib(st[f"{k}_bytes_per_device"]) for k in ("params", "grads", "opt_state")]
-            + [_gib(c["temp_bytes"]), _gib(c["total_bytes"]), fits, max_batch, str(r["compiles"])]
+            + [report.size(st[f"{k}_bytes_per_device"]) for k in ("params", "grads", "opt_state")]
+            + [
+                report.size(c["temp_bytes"]),
+                report.size(c["total_bytes"]),
+                fits,
+                max_batch,
+                str(r["compiles"]),
+            ]
         )
     first = rows[0] if rows else {}
-    estimate = "" if platform != "cpu" else " (XLA:CPU's compile: an estimate for a GPU or TPU)"
+    cpu = first.get("compiled_for") == "cpu" and first.get("estimate")
     notes = [
-        f"memory per device in GiB at global batch {first.get('batch')} x seq {first.get('seq')}, "
-        f"{first.get('dtype')} compute; nothing was allocated or run",
+        f"{where}",
+        f"memory per device (bytes; K, M, G = 2^10, 2^20, 2^30) at global batch {first.get('batch')} x seq "
+        f"{first.get('seq')}, {first.get('dtype')} compute, {first.get('attention')} attention; nothing was "
+        "allocated or run",
         "params, grads, opt state: exact, from the layout (shard shape x itemsize)",
-        f"temps: XLA's temporaries from the compiled step{estimate}",
+        "temps: XLA's temporaries from the compiled step"
+        + (
+            f" (an {ESTIMATE} for a GPU or TPU: gpt2's were 1.6-2.2x an H200's with XLA attention, and "
+            "cuDNN's attention, 6.7 GiB there, cannot compile on CPU; BENCHMARKS.md)"
+            if cpu
+            else ""
+        ),
         "total: arguments + outputs - aliased + temporaries of the compiled step (the state is an argument)",
     ]
     if budget is not None:
         notes.append(
-            f"fits / max batch: total within {budget / 2**30:.2f} GiB; the largest global batch (a multiple "
-            "of dp) that fits, found by compile-only search (line-guided bisection)"
+            f"fits / max batch: total within {report.size(budget)} ({first.get('budget_source')}); the "
+            "largest global batch (a multiple of dp) that fits, found by compile-only search (line-guided "
+            "bisection)"
         )
     return "\n".join(report.grid(header, lines) + notes)
 

@@ -80,7 +80,8 @@ def agreement(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
-def _size(nbytes: float | None) -> str:
+def size(nbytes: float | None) -> str:
+    """Bytes for a table: 512B, 3.5K, 12M, 1.2G (powers of 1024)."""
     if nbytes is None:
         return "n/a"
     for unit in ("B", "K", "M", "G"):
@@ -89,16 +90,19 @@ def _size(nbytes: float | None) -> str:
         nbytes /= 1024
 
 
-def grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned first column, right-aligned others, widths fitted to the content."""
+def grid(header: Sequence[str], rows: Sequence[Sequence[str]], text_last: bool = False) -> list[str]:
+    """Left-aligned first column (and with `text_last` the last: prose), right-aligned others, widths
+    fitted to the content (but prose's)."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    left = {0, len(header) - 1} if text_last else {0}
 
     def fmt(row):
         pairs = enumerate(zip(row, widths, strict=True))
-        cells = [str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in pairs]
+        cells = [str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in pairs]
         return "  ".join(cells).rstrip()
 
-    return [fmt(header), "-" * len(fmt(header)), *map(fmt, rows)]
+    rule = "-" * len(fmt(header)) if not text_last else "-" * (sum(widths[:-1]) + 2 * len(widths) + 3)
+    return [fmt(header), rule, *map(fmt, rows)]
 
 
 GENERATE_COLUMNS = {
@@ -124,11 +128,11 @@ def table(results: dict[str, Any]) -> str:
     for r in runs:
         mem, ideal = r["memory"], r.get("expected_memory", {})
         cells = [
-            f"{_size(mem[f'{k}_bytes_per_device'])} ({_size(ideal.get(f'{k}_bytes_per_device'))})"
+            f"{size(mem[f'{k}_bytes_per_device'])} ({size(ideal.get(f'{k}_bytes_per_device'))})"
             for k in ("params", "grads", "opt_state")
         ]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        compiled = [_size(mem.get(f"{k}_bytes_per_device")) for k in ("temp", "peak")]
+        compiled = [size(mem.get(f"{k}_bytes_per_device")) for k in ("temp", "peak")]
         timing = [f"{r['compile_s']:.2f}", f"{1e3 * r['step_time_s']:.2f}", f"{r['tokens_per_s']:,.0f}"]
         rows.append(
             [r["name"], str(r.get("microbatches", 1)), *timing]
@@ -146,7 +150,7 @@ def table(results: dict[str, Any]) -> str:
     if any(peak is not None for _, peak in device_peaks):
         out.append(
             "  live device peak (memory_stats, since the process started): "
-            + ", ".join(f"{name} {_size(peak)}" for name, peak in device_peaks)
+            + ", ".join(f"{name} {size(peak)}" for name, peak in device_peaks)
         )
 
     out += ["", "collectives per device per step, read from the compiled HLO: result bytes in N ops"]
@@ -268,10 +272,11 @@ def _ratio(row: dict[str, Any]) -> str:
 
 
 def _reconciliation_lines(run: dict[str, Any]) -> list[str]:
-    """One line per run: how much of its bytes theory accounts for, then each row off by more than 5%."""
+    """One line per run: how much of its bytes theory accounts for and how many no op name attributes
+    (the by-axes guesses and the unattributed), then each row off by more than 5%."""
     rows = run.get("collectives_by_cause") or []
     compiled = sum(r["bytes"] for r in rows)
-    lost = sum(r["bytes"] for r in rows if r["cause"] == UNATTRIBUTED)
+    unnamed = compiled - sum(r.get("bytes_by_name", r["bytes"]) for r in rows if r["cause"] != UNATTRIBUTED)
     off = [
         r
         for r in rows
@@ -280,49 +285,69 @@ def _reconciliation_lines(run: dict[str, Any]) -> list[str]:
         or r["ratio"] is not None
         and abs(r["ratio"] - 1) > THEORY_TOLERANCE
     ]
-    head = (
-        f"  {run['name']}: {_size(compiled)} compiled, theory {_size(sum(r['theory_bytes'] for r in rows))}"
+    head = f"  {run['name']}: {size(compiled)} compiled, theory {size(sum(r['theory_bytes'] for r in rows))}"
+    head += (
+        f", not attributed by name {size(unnamed)} ({unnamed / compiled:.0%})" if unnamed else ", all by name"
     )
-    head += f", unattributed {_size(lost)}" if lost else ", all attributed"
     lines = [head + ("; every cause within 5% of theory" if not off else "")]
     for r in off:
-        got, want = (
-            f"{_size(r['bytes'])} in {r['count']}",
-            f"{_size(r['theory_bytes'])} in {r['theory_count']}",
-        )
+        got, want = f"{size(r['bytes'])} in {r['count']}", f"{size(r['theory_bytes'])} in {r['theory_count']}"
         note = f": {r['note']}" if r["note"] else ""
         lines.append(f"    {r['cause']} {r['kind']}: {got} vs theory {want} ({_ratio(r)}){note}")
     return lines
 
 
+def _textbook(row: dict[str, Any]) -> tuple[str, str]:
+    """(the textbook's bytes, and how our construction compares: "over" where theory exceeds it)."""
+    if "textbook_bytes" not in row:
+        return "n/a", ""
+    book = row["textbook_bytes"]
+    if book is None:
+        return "none", ""
+    over = "over" if row["theory_bytes"] > book else ""
+    return size(book), f"{row['bytes'] / book:.2f}x {over}".strip() if book else over or "-"
+
+
 def explain(run: dict[str, Any]) -> str:
-    """The whole reconciliation table of one run, then the op names behind each row's compiled bytes."""
+    """The whole reconciliation table of one run (compiled beside our construction's theory and the
+    textbook's minimum), then the op names behind each row's compiled bytes."""
     rows = run.get("collectives_by_cause")
     if not rows:
         return f"{run['name']}: no collectives_by_cause in this record (written before they were recorded)"
     table = [
-        [r["cause"], r["kind"], str(r["count"]), _size(r["bytes"]), str(r["theory_count"]),
-         _size(r["theory_bytes"]), _ratio(r), r["note"]]
+        [r["cause"], r["kind"], str(r["count"]), size(r["bytes"]), size(r.get("bytes_by_name")),
+         size(r["theory_bytes"]), _ratio(r), *_textbook(r), r["note"]]
         for r in rows
     ]  # fmt: skip
-    header = ["cause", "kind", "ops", "bytes", "theory ops", "theory bytes", "ratio", "why they differ"]
+    header = ["cause", "kind", "ops", "bytes", "by name", "theory", "ratio", "textbook", "vs textbook", "why"]
     out = [
         f"{run['name']} ({run.get('model', '')}, batch {run.get('batch')}, seq {run.get('seq')}): collectives"
     ]
-    out += ["per device per step, compiled (read from the HLO) beside theory (from the layout)", ""]
-    out += grid(header, table)
+    out += [
+        "per device per step: compiled (read from the HLO), theory (what our construction should move,",
+        "from the layout) and the textbook (the strategy's minimum from the parallelism math alone);",
+        "by name: bytes whose cause an op name states (the rest placed from mesh axes, or unattributed);",
+        "vs textbook: compiled / textbook, 'over' where our construction exceeds the textbook;",
+        "none: no textbook figure",
+        "",
+    ]
+    out += grid(header, table, text_last=True)
+    reasons = sorted(
+        {f"{r['cause']}: {r['textbook_note']}" for r in rows if r.get("textbook_bytes", 0) is None}
+    )
+    out += ["", "no textbook figure:"] + [f"  {reason}" for reason in reasons] if reasons else []
     out += ["", "causes:"] + [
         f"  {cause}: {what}" for cause, what in CAUSES.items() if any(r["cause"] == cause for r in rows)
     ]
     out += ["", "the ops behind each row (op_name after the jit prefix [mesh axes]: bytes per step):"]
     for r in rows:
         for name, nbytes in r["ops"].items():
-            out.append(f"  {r['cause']} {r['kind']}: {name}: {_size(nbytes)}")
+            out.append(f"  {r['cause']} {r['kind']}: {name}: {size(nbytes)}")
     return "\n".join(out)
 
 
 def _collective(entry: dict[str, int]) -> str:
-    return "-" if not entry["count"] else f"{_size(entry['bytes'])} in {entry['count']}"
+    return "-" if not entry["count"] else f"{size(entry['bytes'])} in {entry['count']}"
 
 
 def _number(value: Any) -> str:
