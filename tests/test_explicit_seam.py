@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardgpt.model.gpt import Plan
+from shardgpt.model.plan import Plan
 from shardgpt.parallel import sharding
 from shardgpt.parallel.shard_map_plan import active_axes, drop_inactive
 from shardgpt.training import step, train

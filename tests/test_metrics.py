@@ -196,13 +196,24 @@ def test_theory_counts_the_textbook_collectives():
     rows = theory.expected(config, "zero3+sp", {"dp": 2, "tp": 4}, [leaf], batch=8, seq=16, microbatches=2)
     act = 8 // 2 // 2 * 16 * 32 * 4  # one microbatch's rows on one device x seq x n_embd, fp32
     # Megatron-SP: a gather and a scatter for each of 2 regions per layer, each way, per microbatch.
-    assert rows["attn.fwd", "all-gather"] == {"count": 3 * 2, "bytes": 3 * 2 * act}
-    assert rows["mlp.bwd", "reduce-scatter"] == {"count": 3 * 2, "bytes": 3 * 2 * act // 4}
+    assert rows["attn.fwd", "all-gather"] == {
+        "count": 3 * 2,
+        "bytes": 3 * 2 * act,
+        "dtypes": {"f32": 3 * 2 * act},
+    }
+    assert _counted(rows["mlp.bwd", "reduce-scatter"]) == {"count": 3 * 2, "bytes": 3 * 2 * act // 4}
     # ZeRO-3: gathered in forward and again in backward, reduce-scattered, per layer and microbatch.
     assert rows["zero3_gather.fwd", "all-gather"] == rows["zero3_gather.bwd", "all-gather"]
-    assert rows["grad_reduce", "reduce-scatter"] == {"count": 3 * 2, "bytes": 3 * 2 * 512}
-    assert rows["loss", "all-reduce"] == {"count": 1, "bytes": 8}
+    assert _counted(rows["grad_reduce", "reduce-scatter"]) == {"count": 3 * 2, "bytes": 3 * 2 * 512}
+    assert rows["loss", "all-reduce"] == {"count": 1, "bytes": 8, "dtypes": {"f32": 8}}
+    bf16 = theory.expected(config.replace(dtype="bfloat16"), "zero3", {"dp": 2}, [leaf], batch=8, seq=16)
+    assert bf16["zero3_gather.fwd", "all-gather"]["dtypes"] == {"f32": 3 * 1024}  # as read: its read_bytes
+    assert set(bf16["grad_reduce", "reduce-scatter"]["dtypes"]) == {"f32"}  # gradients stay fp32
     assert theory.expected(config, "dp", {"dp": 1, "tp": 1}, [leaf], 8, 16) == {}  # one device
+
+
+def _counted(row: dict) -> dict:
+    return {"count": row["count"], "bytes": row["bytes"]}
 
 
 # XLA:CPU's form of a reduce-scatter: an all-reduce whose uses all slice it (here inside a fusion).
@@ -298,30 +309,69 @@ def test_combined_and_async_collectives_are_attributed_element_by_element():
     assert rows["zero3_gather.fwd", "all-gather"]["bytes"] == 64
     assert rows["param_gather", "all-gather"]["bytes"] == 32
     # The sliced element reads as the gradient's reduce-scatter, with the all-reduce's bytes.
-    assert rows["grad_reduce", "reduce-scatter"] | {"ops": None} == {
-        "count": 1, "bytes": 128, "sliced_bytes": 128, "ops": None
-    }  # fmt: skip
+    sliced = rows["grad_reduce", "reduce-scatter"]
+    assert (sliced["count"], sliced["bytes"], sliced["sliced_bytes"], sliced["dtypes"]) == (
+        1,
+        128,
+        128,
+        {"f32": 128},
+    )
+    # A gradient's all-reduce named only by its module path is placed by its axes, unless that path
+    # names a param of its shape: up's kernel as a device holds it, (8, 4) or transposed.
+    assert (sliced["bytes_by_name"], sliced["bytes_by_axes"]) == (0, 128)
+    for dims in ((8, 4), (4, 8)):
+        params = attribution.ParamShapes({("blocks", "mlp", "up", "kernel"): {dims, (2, 4)}})
+        named = attribution.compiled_by_cause(list(ops.values()), mesh, params)
+        assert named["grad_reduce", "reduce-scatter"]["bytes_by_name"] == 128
+    elsewhere = attribution.ParamShapes({("blocks", "mlp", "down", "kernel"): {(8, 4)}})
+    assert attribution.compiled_by_cause(list(ops.values()), mesh, elsewhere)[
+        "grad_reduce", "reduce-scatter"]["bytes_by_name"] == 0  # fmt: skip
     assert rows["optimizer", "all-reduce"]["bytes"] == 16
+
+
+def _compiled(nbytes: int, ops: dict, **fields) -> dict:
+    """One compiled row as attribution.compiled_by_cause writes it, attributed by name."""
+    row = {"count": 1, "bytes": nbytes, "bytes_by_name": nbytes, "bytes_by_axes": 0, "sliced_bytes": 0}
+    return row | {"hoisted_bytes": 0, "ops": ops, "dtypes": {"f32": nbytes}} | fields
 
 
 def test_reconciliation_notes_where_compiled_and_theory_differ():
     from shardgpt.analysis import attribution
 
     compiled = {
-        ("grad_reduce", "reduce-scatter"): {"count": 1, "bytes": 256, "sliced_bytes": 256, "ops": {"x": 256}},
-        ("loss", "all-reduce"): {"count": 1, "bytes": 8, "sliced_bytes": 0, "ops": {"loss_sum/psum": 8}},
-        ("unattributed", "collective-permute"): {
-            "count": 2,
-            "bytes": 64,
-            "sliced_bytes": 0,
-            "ops": {"y": 64},
-        },
+        ("grad_reduce", "reduce-scatter"): _compiled(256, {"x": 256}, sliced_bytes=256),
+        ("loss", "all-reduce"): _compiled(8, {"loss_sum/psum": 8}),
+        ("unattributed", "collective-permute"): _compiled(64, {"y": 64}, count=2, bytes_by_name=0),
     }
     expected = {
         ("grad_reduce", "reduce-scatter"): {"count": 4, "bytes": 128},
         ("loss", "all-reduce"): {"count": 1, "bytes": 8},
     }
-    rows = {r["cause"]: r for r in attribution.reconcile(compiled, expected)}
+    textbook = {("grad_reduce", "reduce-scatter"): {"bytes": 64, "why": "ZeRO"}, ("loss", "all-reduce"): {
+        "bytes": None, "why": "a scalar"}}  # fmt: skip
+    rows = {r["cause"]: r for r in attribution.reconcile(compiled, expected, textbook)}
     assert list(rows) == ["grad_reduce", "loss", "unattributed"]  # CAUSES order, nothing dropped
     assert rows["grad_reduce"]["ratio"] == 2.0 and "all-reduce + dynamic-slice" in rows["grad_reduce"]["note"]
     assert rows["loss"]["note"] == "" and rows["unattributed"]["ratio"] is None
+    assert rows["grad_reduce"]["textbook_ratio"] == 4.0 and rows["loss"]["textbook_bytes"] is None
+
+
+def test_a_note_names_its_evidence_or_says_unexplained():
+    """The same 2x of theory gets XLA:CPU's fp32 note only where the ops are f32 and theory's are bf16; a
+    gather shortfall gets the loop note only where an op traced in a loop body runs outside any loop."""
+    from shardgpt.analysis import attribution
+
+    key, bf16 = ("attn.fwd", "all-reduce"), {"count": 1, "bytes": 100, "dtypes": {"bf16": 100}}
+    f32 = {"count": 1, "bytes": 100, "dtypes": {"f32": 100}}
+    twice = {key: _compiled(200, {"blocks/attn/out/megatron_g/psum [tp]": 200})}
+    note = lambda expected, platform="cpu", compiled=twice: attribution.reconcile(
+        compiled, expected, None, platform
+    )[0]["note"]
+    assert "XLA:CPU runs these collectives in fp32" in note({key: bf16})
+    assert note({key: f32}).startswith("unexplained")  # an fp32 all-reduce that ran twice
+    assert note({key: bf16}, platform="gpu").startswith("unexplained")
+    gather = ("zero3_gather.fwd", "all-gather")
+    short = {gather: _compiled(50, {"while/body/blocks/mlp/up/dot_general [dp]": 50})}
+    assert note({gather: f32}, compiled=short).startswith("unexplained")
+    short[gather]["hoisted_bytes"] = 50
+    assert "out of their loop" in note({gather: f32}, compiled=short)

@@ -250,3 +250,30 @@ def test_progress_without_a_terminal_prints_a_few_lines_not_frames(capsys):
     assert lines[-1].startswith("t: step 95/95, loss 1.0000")
     trainer.run(5)  # a resumed run counts on from its first step, as checkpoints and logs do
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("t: step 100/100")
+
+
+def test_callbacks_get_the_state_that_produced_their_metrics():
+    """A fake step (params count steps) shows which state each callback sees, with the pipeline kept."""
+
+    @jax.jit
+    def step_fn(state, batch):
+        metrics = {"loss": state.params.astype(jnp.float32), "grad_norm": jnp.float32(0)}
+        return state.replace(step=state.step + 1, params=state.params + batch), metrics
+
+    seen = []
+
+    class Record(loop.Callback):
+        def wants_state(self, step):
+            return step % 3 == 2
+
+        def on_step_end(self, trainer, step, metrics, state=None):
+            got = None if state is None else (int(state.step), int(state.params))
+            seen.append((step, metrics["loss"], got))
+
+    start = train.TrainState(step=jnp.int32(0), params=jnp.int32(0), opt_state=())
+    trainer = loop.Trainer(step_fn, start, lambda i: jnp.int32(1), 1, [Record()], progress=False)
+    final = trainer.run(7)
+    assert int(final.step) == 7
+    # Step t's metrics come from the state before it (params == t); a handed state is the one after it.
+    expected = [(t, float(t), (t + 1, t + 1) if t % 3 == 2 or t == 6 else None) for t in range(7)]
+    assert seen == expected

@@ -73,6 +73,8 @@ class Part(NamedTuple):
     kind: str
     op_name: str
     bytes: int
+    dtype: str = ""  # the result's element type as HLO writes it ("f32", "bf16")
+    dims: tuple[int, ...] = ()  # the result's shape per device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +197,10 @@ def _parts(op_name: str, kinds: list[str], elements: list[str]) -> tuple[Part, .
     names = _combined_names(op_name)
     if len(names) != len(sizes):
         names = [op_name] * len(sizes)
-    return tuple(map(Part, kinds, names, sizes))
+    arrays = [_ARRAY.search(e) for e in elements]
+    dtypes = [a.group(1) if a else "" for a in arrays]
+    dims = [tuple(int(d) for d in a.group(2).replace("<=", "").split(",") if d) if a else () for a in arrays]
+    return tuple(map(Part, kinds, names, sizes, dtypes, dims))
 
 
 def _combined_names(op_name: str) -> list[str]:

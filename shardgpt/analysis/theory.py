@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from shardgpt.analysis import attribution, hlo
+from shardgpt.analysis import attribution, hlo, textbook
 from shardgpt.model.config import ModelConfig
 from shardgpt.parallel import sharding
 
@@ -111,19 +111,22 @@ def expected(
     rows = batch // dp // m  # one microbatch's rows on one device
     act = rows * length * config.n_embd * item  # one layer's output for one microbatch
     whole = batch // dp * length * config.n_embd  # elements of the whole local batch's layer output
-    out: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
+    out: dict = defaultdict(lambda: {"count": 0, "bytes": 0, "dtypes": defaultdict(int)})
+    compute = hlo_dtype(config.dtype)
 
-    def add(cause, kind, count, nbytes):
+    def add(cause, kind, count, nbytes, dtype=compute):
         out[(cause, kind)]["count"] += count
         out[(cause, kind)]["bytes"] += nbytes
+        out[(cause, kind)]["dtypes"][dtype] += nbytes
 
     per_layer = layers * passes
+    read = lambda leaf: compute if leaf.read_bytes != leaf.local_bytes else "f32"  # the dtype it is read in
     uses = lambda leaf: leaf.layers * passes if leaf.in_block else whole_times  # reads of a param a step
     if tp > 1:
         embed32, head = whole * 4, whole * item  # the embedding's rows are fp32 (its table is read so)
         if sharding.is_sequence_parallel(strategy):  # each all-reduce becomes a gather and a scatter
-            add("embed", "reduce-scatter", whole_times, embed32 // tp)
-            add("embed", "all-gather", whole_times, embed32)  # its backward
+            add("embed", "reduce-scatter", whole_times, embed32 // tp, "f32")
+            add("embed", "all-gather", whole_times, embed32, "f32")  # its backward
             for block in ("attn", "mlp"):
                 for phase in ("fwd", "bwd"):
                     add(f"{block}.{phase}", "all-gather", per_layer, per_layer * act)
@@ -131,17 +134,18 @@ def expected(
             add("head", "all-gather", whole_times, head)
             add("head", "reduce-scatter", whole_times, head // tp)
         else:
-            add("embed", "all-reduce", whole_times, embed32)
+            add("embed", "all-reduce", whole_times, embed32, "f32")
             for cause in ("attn.fwd", "attn.bwd", "mlp.fwd", "mlp.bwd"):
                 add(cause, "all-reduce", per_layer, per_layer * act)
             add("head", "all-reduce", whole_times, head)
-        add("cross_entropy", "all-reduce", 3 * whole_times, 3 * batch // dp * length * 4)  # max, sum, target
+        ce = 3 * batch // dp * length * 4  # max, sum of exponentials, target logit: fp32 per position
+        add("cross_entropy", "all-reduce", 3 * whole_times, ce, "f32")
         if sharding.is_sequence_parallel(strategy):
             # A param tp does not split, read beside a sequence slice, has its gradient summed over tp at
             # each use (LayerNorms, row-parallel biases, wpe), in the dtype it is read in.
             for leaf in param_leaves:
                 if not leaf.on_tp:
-                    add("grad_reduce", "all-reduce", uses(leaf), uses(leaf) * leaf.read_bytes)
+                    add("grad_reduce", "all-reduce", uses(leaf), uses(leaf) * leaf.read_bytes, read(leaf))
     if cp > 1:
         kv = rows * length * (config.n_head // tp) * config.head_dim * item  # one of K, V: local positions
         if impl == "shard_map":  # ring attention: cp - 1 passes of K and V stacked, each way
@@ -157,20 +161,25 @@ def expected(
         # Partial sums to add over cp, and over pp where only some stages use the param (not their own).
         others = cp > 1 or (pp > 1 and not leaf.in_block)
         if dp > 1 and leaf.on_dp["grads"]:  # ZeRO-2/3: each use's gradient into its shard
-            add("grad_reduce", "reduce-scatter", reads, reads * leaf.grad_shard_bytes)
+            add("grad_reduce", "reduce-scatter", reads, reads * leaf.grad_shard_bytes, "f32")
             if others:
-                add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.grad_shard_bytes)
+                add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.grad_shard_bytes, "f32")
         elif dp > 1 or others:
-            add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.local_bytes)
+            add("grad_reduce", "all-reduce", leaf.layers, leaf.layers * leaf.local_bytes, "f32")
         if dp > 1 and leaf.on_dp["params"]:
-            add("zero3_gather.fwd", "all-gather", reads, reads * leaf.read_bytes)
+            add("zero3_gather.fwd", "all-gather", reads, reads * leaf.read_bytes, read(leaf))
             if leaf.in_block and leaf.path[-1] != "bias":  # a bias's backward never reads it
-                add("zero3_gather.bwd", "all-gather", reads, reads * leaf.read_bytes)
+                add("zero3_gather.bwd", "all-gather", reads, reads * leaf.read_bytes, read(leaf))
         elif dp > 1 and leaf.on_dp["opt_state"]:
-            add("param_gather", "all-gather", leaf.layers, leaf.layers * leaf.local_bytes)
+            add("param_gather", "all-gather", leaf.layers, leaf.layers * leaf.local_bytes, "f32")
     if dp * pp * cp > 1:
-        add("loss", "all-reduce", 1, 8)  # (loss sum, token count) in fp32
-    return dict(out)
+        add("loss", "all-reduce", 1, 8, "f32")  # (loss sum, token count)
+    return {key: row | {"dtypes": dict(row["dtypes"])} for key, row in out.items()}
+
+
+def hlo_dtype(name: str) -> str:
+    """A jax dtype's name as HLO writes it: "bfloat16" -> "bf16"."""
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(jnp.dtype(name).name, name)
 
 
 def norm_reductions(update_shardings: Any, mesh_shape: dict[str, int]) -> dict:
@@ -178,7 +187,28 @@ def norm_reductions(update_shardings: Any, mesh_shape: dict[str, int]) -> dict:
     the update layout splits params over (shard_map_step._global_norm's construction)."""
     active = lambda spec: tuple(a for a in sharding.spec_axes(spec) if mesh_shape.get(a, 1) > 1)
     count = len({active(s.spec) for s in jax.tree.leaves(update_shardings)} - {()})
-    return {("optimizer", "all-reduce"): {"count": count, "bytes": 4 * count}} if count else {}
+    row = {"count": count, "bytes": 4 * count, "dtypes": {"f32": 4 * count}}
+    return {("optimizer", "all-reduce"): row} if count else {}
+
+
+def param_shapes(params: Any, shardings: Any, data_axis: str = "dp") -> attribution.ParamShapes:
+    """Every per-device shape each param takes in the step (its params and grads layouts, and the params'
+    with the data axis's split undone: what a gather yields), one layer's and the stack's: what an op must
+    move to be that param's gather or gradient reduction (attribution.ParamShapes)."""
+    flat = traverse_util.flatten_dict(params)
+    layouts = (
+        traverse_util.flatten_dict(shardings.state.params),
+        traverse_util.flatten_dict(shardings.grads),
+    )
+    shapes = {}
+    for path, leaf in flat.items():
+        where = layouts[0][path]
+        options = {tuple(s[path].shard_shape(leaf.shape)) for s in layouts}
+        options.add(tuple(where.update(spec=_without(where.spec, data_axis)).shard_shape(leaf.shape)))
+        if path[0] == "blocks":  # stacked over layers: a scanned body moves one layer's
+            options |= {dims[1:] for dims in options}
+        shapes[path] = options
+    return attribution.ParamShapes(shapes)
 
 
 def by_cause(
@@ -194,17 +224,13 @@ def by_cause(
     impl: str = "shard_map",
     platform: str | None = None,
 ) -> list[dict[str, Any]]:
-    """attribution.reconcile() for one compiled training step: results.json's `collectives_by_cause`.
-    `platform` ("cpu", "gpu"...) lets a note say where XLA:CPU ran a bf16 collective in fp32."""
+    """attribution.reconcile() for one compiled training step: results.json's `collectives_by_cause`,
+    theory's (our construction's) bytes and the textbook's beside the compiled ones. `platform` ("cpu",
+    "gpu"...): where the program was compiled, which a note may name as evidence."""
     param_leaves = leaves(config, params, shardings)
     rows = expected(config, strategy, mesh_shape, param_leaves, batch, seq, microbatches, impl)
     rows |= norm_reductions(_adam_moment(shardings.state.opt_state, params), mesh_shape)
-    compiled = attribution.compiled_by_cause(hlo.collective_ops(hlo_text), mesh_shape)
-    reconciled = attribution.reconcile(compiled, rows)
-    if platform == "cpu" and config.dtype == "bfloat16":
-        for row in reconciled:
-            if not row["note"] and row["ratio"] is not None and 1.5 < row["ratio"] <= 2.05:
-                row["note"] = (
-                    "XLA:CPU runs bf16 collectives in fp32 (2x theory's bytes); GPUs and TPUs keep bf16"
-                )
-    return reconciled
+    ops = hlo.collective_ops(hlo_text)
+    compiled = attribution.compiled_by_cause(ops, mesh_shape, param_shapes(params, shardings))
+    book = textbook.expected(config, strategy, mesh_shape, batch, seq, microbatches, impl)
+    return attribution.reconcile(compiled, rows, book, platform)

@@ -12,103 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from shardgpt.model.config import ModelConfig
+from shardgpt.model.plan import GLOBAL_VIEW, Plan, megatron_scope
 
 # The closed vocabulary of logical axis names (DESIGN.md); sharding rules map these to mesh axes.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
 
 BxLxD = ("batch", "length", "embed")
 BxLxHxK = ("batch", "length", "heads", "kv")
-
-
-class Plan:
-    """How the model is laid out over devices and crosses between them: passed in (`GPT(config, plan)`),
-    never ambient, so a call says which layout it computes in. This base is the global view without a mesh
-    (one device): every hook is the identity. shardgpt.parallel gives the implementations' plans: GSPMD's
-    constrains activations by logical rules on its mesh; shard_map's runs the model on one device's shards
-    (Megatron's collectives, ZeRO-3's gathers). One model definition serves every implementation.
-    """
-
-    # A jax.checkpoint policy to remat every block with even when config.remat is off (ZeRO-3 under
-    # shard_map: save all but the gathered params, so the backward pass gathers them again).
-    remat_policy = None
-
-    def constrain(self, x, names: tuple[str, ...]):
-        """`x` laid out as its logical `names` say (block boundaries, q/k/v, logits); the identity here."""
-        return x
-
-    def compute_shape(self, shape: tuple[int, ...], names: tuple[str, ...]) -> tuple[int, ...]:
-        """The shape this device computes with, for a global shape with these logical names."""
-        return shape
-
-    def global_size(self, n: int, name: str) -> int:
-        """The global size of a dim named `name` of which this device computes with `n` (compute_shape's
-        inverse)."""
-        return n
-
-    def param(
-        self, module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype=None
-    ):
-        """module.param with logical names, read as `dtype` (None: fp32, as stored); `shape` is the compute
-        shape (see compute_shape)."""
-        value = module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
-        return value if dtype is None else value.astype(dtype)
-
-    def copy_to_shards(self, x):
-        """Megatron's f, before a layer whose weights are split: identity forward, all-reduce backward."""
-        return x
-
-    def reduce_from_shards(self, y, contracted: tuple[str, ...]):
-        """Megatron's g, after contracting `contracted` dims: all-reduce where those are split."""
-        return y
-
-    def embed(self, table_VxD, ids):
-        """Rows of the embedding table: a vocab-parallel lookup where the vocab is split.
-
-        An id outside the table gives a zero row, as the vocab-parallel lookup does (a plain gather would
-        clamp it); ids are validated where data enters, so this only keeps the two impls equal.
-        """
-        return jnp.take(table_VxD, ids, axis=0, mode="fill", fill_value=0)
-
-    def split_length(self, x_BxLxD):
-        """This device's part of the sequence where sequence parallelism splits it (the whole x here)."""
-        return x_BxLxD
-
-    def vocab_ids(self, n: int):
-        """Global vocab ids of this device's n logits (they differ from arange where vocab is split)."""
-        return jnp.arange(n)
-
-    def vocab_max(self, x):
-        """The max of x across the vocab's shards (x: this device's max over its logits)."""
-        return x
-
-    def vocab_sum(self, x):
-        """The sum of x across the vocab's shards (x: this device's sum over its logits)."""
-        return x
-
-    def batch_shards(self) -> int:
-        """Into how many blocks the loss keeps a batch-summed gradient apart (one per device the batch is
-        split over, where a carry whole over them would be reduced once per loop step)."""
-        return 1
-
-    def attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation):
-        """Causal attention. Under GSPMD with the sequence split over cp, K and V are gathered whole along
-        it (each device attends its own queries to every key: MaxText's default); elsewhere the constraint
-        is the layout they already have."""
-        kv_names = ("batch", None, "heads", "kv")
-        k_BxLxHxK, v_BxLxHxK = self.constrain(k_BxLxHxK, kv_names), self.constrain(v_BxLxHxK, kv_names)
-        return jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=implementation
-        )
-
-    # True where the stacked blocks run as pipeline stages (shard_map_step's pp): GPT then calls run_blocks.
-    pipelined = False
-
-    def run_blocks(self, block: nn.Module, stacked_params, x_BxLxD, remat: bool):
-        """The stacked blocks applied by an unbound `block` to x, where `pipelined` (parallel.pipeline)."""
-        raise NotImplementedError
-
-
-GLOBAL_VIEW = Plan()
 
 
 def mask_padded_vocab(logits_BxLxV, vocab_size: int, plan: Plan):
@@ -158,7 +68,8 @@ class Dense(nn.Module):
         if weights_only:
             return kernel, bias
         # Row-parallel (contracting a split dim) sums the shards' partial products before the bias.
-        y = plan.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
+        with megatron_scope(self.in_axes, self.out_axes):
+            y = plan.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
         return y if bias is None else y + bias
 
 
@@ -200,7 +111,8 @@ class CausalSelfAttention(nn.Module):
         # once, not three partial sums one by one (3x Megatron's f bytes: shardgpt.analysis.attribution).
         weights = [heads(name=name)(x_BxLxD, weights_only=True) for name in ("query", "key", "value")]
         kernel_Dx3xHxK = jnp.stack([kernel for kernel, _ in weights], axis=1)
-        qkv_BxLx3xHxK = jnp.tensordot(x_BxLxD.astype(cfg.dtype), kernel_Dx3xHxK, 1)
+        with megatron_scope(("embed",), ("heads", "kv")):
+            qkv_BxLx3xHxK = jnp.tensordot(x_BxLxD.astype(cfg.dtype), kernel_Dx3xHxK, 1)
         if cfg.use_bias:
             qkv_BxLx3xHxK = qkv_BxLx3xHxK + jnp.stack([bias for _, bias in weights])
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (plan.constrain(qkv_BxLx3xHxK[:, :, i], BxLxHxK) for i in range(3))

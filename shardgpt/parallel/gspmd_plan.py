@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
-from shardgpt.model.gpt import Plan
+from shardgpt.model.plan import Plan
 
 
 class GSPMDPlan(Plan):

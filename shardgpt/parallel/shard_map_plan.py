@@ -18,7 +18,7 @@ from jax.extend.core.primitives import custom_vjp_call_p
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from shardgpt.model.gpt import Plan
+from shardgpt.model.plan import Plan
 from shardgpt.parallel import pipeline, ring_attention, sharding
 from shardgpt.parallel.mesh import spans_processes
 

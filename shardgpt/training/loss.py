@@ -19,7 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from shardgpt.model.gpt import GLOBAL_VIEW, Plan, mask_padded_vocab
+from shardgpt.model.gpt import mask_padded_vocab
+from shardgpt.model.plan import GLOBAL_VIEW, Plan
 from shardgpt.parallel.sharding import vary, varying_axes
 from shardgpt.training.data import IGNORE_INDEX
 
@@ -115,7 +116,8 @@ def _scan(x_BxLxD, head_DxV, targets_BxL, vocab_size, chunk, plan: Plan, grads: 
     # The head reads whole rows: gather a sequence split over tp (+sp) once, before the loop.
     x_NxBxCxD = _chunks(plan.constrain(x_BxLxD, ("batch", None, "embed")), c, n, 0)
     targets_NxBxC = _chunks(targets_BxL, c, n, IGNORE_INDEX)  # padded positions carry no loss
-    head_DxV = plan.constrain(head_DxV, ("embed", "vocab"))  # ZeRO-3: gathered once, not once per chunk
+    with jax.named_scope("zero3_gather"):  # the cause of the only collective it may need
+        head_DxV = plan.constrain(head_DxV, ("embed", "vocab"))  # ZeRO-3: gathered once, not once per chunk
     # d/dhead sums over the batch, which dp splits: a carry whole over dp would be all-reduced once per
     # chunk, so each dp shard keeps its own partial sum in a leading dim G (on dp) and the sum over G after
     # the loop is the one reduction (shardgpt.parallel.microbatch does the same for whole gradients).
@@ -141,6 +143,8 @@ def _scan(x_BxLxD, head_DxV, targets_BxL, vocab_size, chunk, plan: Plan, grads: 
             dlogits_BxCxV = (dlogits_BxCxV * mask_BxC[..., None]).astype(x_BxCxD.dtype)
             dlogits_BxCxV = plan.constrain(dlogits_BxCxV, LOGITS)
             dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head_DxV)
+        # The head's gradient: a sum over positions, which only cp splits (dp's part waits in G).
+        with jax.named_scope("grad_reduce"):
             x_GxBxCxD, dlogits_GxBxCxV = (
                 a.reshape(g, b // g, *a.shape[1:]) for a in (x_BxCxD, dlogits_BxCxV)
             )

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from shardgpt.model.gpt import Plan
+from shardgpt.model.plan import Plan
 
 
 @flax.struct.dataclass

@@ -170,6 +170,11 @@ class GSPMD(step.Implementation):
     def reduce_grads(self, grads):
         return jax.lax.with_sharding_constraint(grads, self.shardings.grads)
 
+    def to_param_layout(self, params):
+        # Said here, inside the step's optimizer scope, rather than left to the output's sharding: ZeRO-1/2's
+        # gather of the updated params then carries a name (an op at the output has none).
+        return jax.lax.with_sharding_constraint(params, self.shardings.state.params)
+
 
 def jit_with_batch(
     fn: Callable, mesh: Mesh, strategy: str, first: Any, out: Any, donate: bool = False
