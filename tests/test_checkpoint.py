@@ -197,29 +197,29 @@ def test_a_non_finite_state_is_never_saved(pico, host_state, tmp_path):
 
 
 def test_nan_exits_3_naming_the_last_good_checkpoint_which_step_resumes(tmp_path, capsys):
-    """lr 1e9 (step 1 trains at lr 0, warm-up): step 2's update ruins the params, finite still, and step 3
-    is NaN. The good checkpoint is the one the loss *after* it was finite from (step 1), not the newest
-    finite one (step 2, ruined); the log stays strict JSON; --resume --step 1 at a sane lr trains on, the
-    newer checkpoint moved aside, not deleted."""
+    """Two sane steps, then resumed at lr 1e9: step 3's update ruins the params, finite still (saved), and
+    a later step is NaN. The good checkpoint is the one the loss *after* it was finite and no spike from
+    (step 2), not the newest finite one (step 3, ruined); the log stays strict JSON; --resume --step 2 at
+    a sane lr trains on, the newer checkpoints moved aside, not deleted."""
     ckpt_dir = tmp_path / "ckpt"
-    status = cli.main(
-        [*BASE, "--steps", "8", "--lr", "1e9", "--save-every", "1", "--ckpt-dir", str(ckpt_dir)]
-    )
-    assert status == 3
+    saved = [*BASE, "--save-every", "1", "--ckpt-dir", str(ckpt_dir), "--eval-every", "0"]
+    assert cli.main([*saved, "--steps", "2", "--lr", "1e-3"]) == 0
+    assert cli.main([*saved, "--steps", "8", "--lr", "1e9", "--resume"]) == 3
     message = capsys.readouterr().err.strip().splitlines()[-1]
     failed = int(message.split("error: step ")[1].split(":")[0])
     assert (
-        "non-finite" in message
-        and "last good checkpoint is step 1: resume it with --resume --step 1" in message
-    )
+        failed > 3
+        and "non-finite" in message
+        and "last good checkpoint is step 2: resume it with --resume --step 2" in message
+    ), message
     strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
     records = [strict(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
     assert (
         records[-1]["step"] == failed and records[-1]["loss"] is None and "loss" in records[-1]["non_finite"]
     )
-    argv = [*BASE, "--steps", "4", "--lr", "1e-3", "--ckpt-dir", str(ckpt_dir), "--resume", "--step", "1"]
-    assert cli.main([*argv, "--eval-every", "0"]) == 0
-    assert sorted(int(p.name) for p in (tmp_path / "ckpt.after-1").iterdir()) == list(range(2, failed))
+    argv = [*saved, "--steps", "4", "--lr", "1e-3", "--resume", "--step", "2"]
+    assert cli.main(argv) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt.after-2").iterdir()) == list(range(3, failed))
     losses = [strict(line)["loss"] for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and all(np.isfinite(losses)), losses
 

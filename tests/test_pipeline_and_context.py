@@ -2,7 +2,7 @@
 gathered over cp under GSPMD; each trains like one device, with exactly its theory's collectives.
 
 Tolerances: losses and grad norms within 1e-5 absolute of one device over 3 AdamW steps (fp32), step 1's
-gradients and the state leaf by leaf within 1e-5 and 2e-5 of each leaf's largest value, as in
+gradients and the state leaf by leaf within 1e-5 and 2e-4 of each leaf's largest value, as in
 test_equivalence. Sequences are sort's 11 tokens plus one ignored
 (tests/_runs.py SP_SEQ = 12, which cp=4 divides). gpt-pico has 2 layers: pp=2.
 """

@@ -3,7 +3,7 @@ under shard_map; either way the losses of one device, with the activations betwe
 regions split over tp.
 
 Tolerances: losses and grad norms within 1e-5 absolute of one device over 3 AdamW steps (fp32), step 1's
-gradients and the state leaf by leaf within 1e-5 and 2e-5 of each leaf's largest value, as in
+gradients and the state leaf by leaf within 1e-5 and 2e-4 of each leaf's largest value, as in
 test_equivalence. Sequences are sort's 11 tokens plus one ignored (tests/_runs.py SP_SEQ = 12).
 """
 
@@ -123,9 +123,8 @@ def test_shard_map_sequence_parallel_collectives_equal_theory():
 
 # A planted bug the losses barely show: under +sp each device reads the params tp does not split
 # (LayerNorms, the row-parallel biases, wpe) beside its slice of the sequence, so their gradients are
-# partial over tp; leave out that tp sum. The schedule's first lr is 0 (warm-up), so steps 1 and 2 have the
-# same loss either way, and Adam's update, normalised per element, moves step 3's by only 1.2%. The grad
-# norm is 19% off at step 1, but a norm names no leaf.
+# partial over tp; leave out that tp sum. Adam's update, normalised per element, hides most of it from the
+# losses; the grad norm is 19% off at step 1, but a norm names no leaf.
 BLOCK_UNSPLIT = ("['attn']['out']['bias']", "['mlp']['down']['bias']")
 BLOCK_UNSPLIT += tuple(f"['ln_{i}']['{p}']" for i in (1, 2) for p in ("bias", "scale"))
 TP_UNSPLIT = {"['wpe']", "['ln_f']['bias']", "['ln_f']['scale']", *(f"['blocks']{x}" for x in BLOCK_UNSPLIT)}
@@ -191,8 +190,8 @@ def _lab_run(name: str, dtype: str, r: _runs.Run) -> dict:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_labs_agreement_check_catches_a_missing_tp_sum(dtype):
     """report.agreement (tolerance 1e-4 fp32, 5e-2 bf16 relative) flags the planted run against the correct
-    one, in 3 steps through its grad norm (19% off at step 1). The losses alone: fp32 at step 3 (1.2% off),
-    bf16 not yet (1.2% < 5%)."""
+    one, in 3 steps through its grad norm (19% off at step 1). The losses alone: fp32 from step 2 (1.8% off),
+    bf16 not within 3 steps (1.8% < 5%)."""
     runs = [
         _lab_run("correct", dtype, _sp_run(dtype, False)),
         _lab_run("planted", dtype, _sp_run(dtype, True)),
@@ -201,6 +200,6 @@ def test_the_labs_agreement_check_catches_a_missing_tp_sum(dtype):
         runs.insert(0, _lab_run("one device", dtype, run("gspmd", SINGLE, "dp", seq=SP_SEQ)))
     [check] = report.agreement(runs)
     assert check["tolerance"] == report.TOLERANCE[dtype] and check["disagree"] == ["planted"], check
-    if dtype == "float32":  # the losses alone flag it too, at step 3
+    if dtype == "float32":  # the losses alone flag it too, from step 2
         losses_only = [{k: v for k, v in r.items() if k != "grad_norms"} for r in runs]
         assert report.agreement(losses_only)[0]["disagree"] == ["planted"]

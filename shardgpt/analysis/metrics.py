@@ -156,15 +156,18 @@ def zero_expected_bytes(
     strategy: str,
     dp: int,
     tp: int,
+    pp: int = 1,
 ) -> dict[str, int]:
-    """The ZeRO paper's idealised bytes per device: every state / tp, and / dp where the stage shards it.
+    """The ZeRO paper's idealised bytes per device: every state / (tp x pp), and / dp where the stage
+    shards it.
 
     Idealised: our rule tables shard only heads/mlp/vocab over tp (LayerNorms and the embed-only biases are
-    replicated) and only the `embed` dim over dp, so measured figures sit somewhat above these.
+    replicated), only the `embed` dim over dp, and only the stacked layers over pp (each stage holds the
+    embeddings and the head whole), so measured figures sit somewhat above these.
     """
     stage = zero_stage(strategy)
     totals = {"params": params_bytes_total, "grads": grads_bytes_total, "opt_state": opt_state_bytes_total}
     return {
-        f"{name}_bytes_per_device": total // (tp * (dp if stage >= EMBED_ON_DP_FROM_STAGE[name] else 1))
+        f"{name}_bytes_per_device": total // (tp * pp * (dp if stage >= EMBED_ON_DP_FROM_STAGE[name] else 1))
         for name, total in totals.items()
     }

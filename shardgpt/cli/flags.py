@@ -14,6 +14,7 @@ from pathlib import Path
 
 STRATEGIES = ("dp", "zero1", "zero2", "zero3")  # shardgpt.parallel.sharding.STRATEGIES, without jax
 DEFAULT_DEVICES = 8
+PROGRESS_LINES = 10  # shardgpt.training.loop.PROGRESS_LINES, without jax
 _OVERRIDE = re.compile(r"^--(model|optim)\.(\w+)=(.*)$")  # --model.FIELD=VALUE, --optim.FIELD=VALUE
 
 
@@ -48,6 +49,27 @@ def add_model_flags(p: argparse.ArgumentParser, compare: bool = True):
         help="GPT-2-named weights: a .safetensors/.npz/.pt file or a Hugging Face save_pretrained directory "
         "(nanoGPT's ckpt.pt and HF's config.json supply n_head and the GELU)",
     )
+
+
+def add_log_every(group: argparse._ArgumentGroup):
+    """--log-every N, shared by the run and train commands (the Trainer's `log_every`)."""
+    group.add_argument(
+        "--log-every",
+        type=_positive_int,
+        metavar="N",
+        help="a progress line every N steps (smoothed tokens/s, elapsed, ETA), also under a terminal's bar "
+        f"(default: {PROGRESS_LINES} lines a run, and only without a terminal)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1 (got {text!r})")
+    return value
 
 
 def default_attention(device) -> str:

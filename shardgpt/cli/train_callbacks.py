@@ -156,3 +156,21 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")  # a line cut by a kill: dropped
+
+
+def write_report(job, args: argparse.Namespace, command: list[str]) -> Path | None:
+    """report.html beside the run's metrics.jsonl (--ckpt-dir's, else --out's), from the first process;
+    None where no metrics.jsonl was written."""
+    import shlex
+
+    import jax
+
+    from shardgpt.lab import html_training, runner
+
+    dirs = [Path(d) for d in (args.ckpt_dir, getattr(args, "out", None)) if d]
+    metrics = next((d / "metrics.jsonl" for d in dirs if (d / "metrics.jsonl").is_file()), None)
+    if metrics is None or jax.process_index() != 0:
+        return None
+    path = html_training.write(metrics, job.description, runner.meta(shlex.join(command)))
+    say(f"wrote {path}")
+    return path

@@ -4,7 +4,8 @@ Prompts are right-padded to the context length and their lengths passed as data;
 over fixed-size chunks, as many as the longest prompt needs, and decoding is a few loops over growing
 prefixes of the cache, the number of new tokens their bound, so no prompt length or token count causes a
 new trace. The params are kept whole over dp (the "dp" strategy's layout, whatever the training strategy)
-and the cache is sharded by the model's logical names (batch over dp, heads over tp).
+and the cache is sharded by the model's logical names (batch over dp, heads over tp). Past the context, a
+full row's last tokens are re-prefilled inside the same program (rolling.py).
 """
 
 import weakref
@@ -17,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from shardgpt.generation import rolling
 from shardgpt.generation.sampling import GREEDY, Sampling, sample
 from shardgpt.model.gpt import CACHE_AXES, GPT, init_cache, unstack_layers
 from shardgpt.parallel import distributed, sharding
@@ -187,18 +189,23 @@ class Generator:
         last_BxV, cache = self._prefill(apply, tokens_BxT, lengths_B, cache)
 
         def cond(carry):
-            i, *_, done_B = carry
+            i, *_, done_B, _ = carry
             return (i < max_new_tokens - 1) & ~jnp.all(done_B)
 
         def body(carry):  # emit a token, then read it to get the next logits
-            i, tokens_BxT, length_B, last_BxV, cache, done_B = carry
+            i, tokens_BxT, length_B, last_BxV, cache, done_B, offset_B = carry
             tokens_BxT, length_B, done_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
-            position_B = length_B - 1
-            logits_Bx1xV, cache = apply(tokens_BxT[rows_B, position_B][:, None], position_B[:, None], cache)
-            return i + 1, tokens_BxT, length_B, logits_Bx1xV[:, 0], cache, done_B
+            token_B, position_B = tokens_BxT[rows_B, length_B - 1], length_B - 1 - offset_B
+            logits_Bx1xV, cache = apply(token_B[:, None], position_B[:, None], cache)
+            return i + 1, tokens_BxT, length_B, logits_Bx1xV[:, 0], cache, done_B, offset_B
 
-        i, done_B = jnp.int32(0), jnp.zeros((B,), bool)
+        # offset_B: where each row's context starts in tokens_BxT (0 until it first fills the cache).
+        i, done_B, offset_B = jnp.int32(0), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32)
         prefix = jax.tree.map(lambda x: x[:, :0], cache)
+        rolls = tokens_BxT.shape[1] > cfg.block_size + 1  # static: a buffer past the context (rolling.py)
+        unfilled = lambda carry: cond(carry) & rolling.unfilled(carry, cfg.block_size)
+        decode = lambda carry: jax.lax.while_loop(unfilled, body, carry)  # until some row's cache is full
+        roll = lambda carry: rolling.roll(carry, apply, emit, self._prefill, self._cache_sharding)
         for W in decode_windows(cfg.block_size):
             # Grow the prefix by this phase's new (prefilled) slots; the last phase writes the prefix
             # back into the whole cache instead, in place.
@@ -210,11 +217,15 @@ class Generator:
             prefix = jax.tree.map(grow, cache, prefix)
 
             def in_window(carry, W=W):  # every row's next write (its next token's position) fits
-                _, _, length_B, _, _, done_B = carry
-                return cond(carry) & (jnp.max(jnp.where(done_B, length_B - 1, length_B)) < W)
+                _, _, length_B, _, _, done_B, offset_B = carry
+                return cond(carry) & (jnp.max(jnp.where(done_B, length_B - 1, length_B) - offset_B) < W)
 
-            carry = (i, tokens_BxT, lengths_B, last_BxV, prefix, done_B)
-            i, tokens_BxT, lengths_B, last_BxV, prefix, done_B = jax.lax.while_loop(in_window, body, carry)
+            carry = (i, tokens_BxT, lengths_B, last_BxV, prefix, done_B, offset_B)
+            if rolls and W == cfg.block_size:  # decode to the end, re-prefilling rows whose cache is full
+                carry = jax.lax.while_loop(cond, lambda carry: decode(roll(carry)), decode(carry))
+            else:
+                carry = jax.lax.while_loop(in_window, body, carry)
+            i, tokens_BxT, lengths_B, last_BxV, prefix, done_B, offset_B = carry
         # The last token is emitted without a forward pass: nothing will read it.
         tokens_BxT, lengths_B, _ = emit(i, tokens_BxT, lengths_B, last_BxV, done_B)
         return tokens_BxT, lengths_B
@@ -278,7 +289,8 @@ class Generator:
         return params
 
     def pad(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """Validate prompts and right-pad them into the (batch, block_size + 1) buffer, before any compile."""
+        """Validate prompts and right-pad them into the token buffer (batch, buffer_length), before any
+        compile: (batch, block_size + 1) wherever the longest prompt and the new tokens fit the context."""
         cfg = self.model.config
         if len(prompts) != self.batch_size:
             raise ValueError(f"this generator takes {self.batch_size} prompts, got {len(prompts)}")
@@ -286,8 +298,8 @@ class Generator:
             raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        # One slot past the context: the last new token is emitted but never read by the model.
-        buffer = np.zeros((self.batch_size, cfg.block_size + 1), np.int32)
+        total = max((np.size(prompt) for prompt in prompts), default=0) + max_new_tokens
+        buffer = np.zeros((self.batch_size, rolling.buffer_length(cfg.block_size, total)), np.int32)
         lengths = np.zeros((self.batch_size,), np.int32)
         for row, prompt in enumerate(prompts):
             prompt = np.asarray(prompt)
@@ -299,12 +311,6 @@ class Generator:
                 raise ValueError(
                     f"prompt {row} has {prompt.size} tokens, longer than the model's context "
                     f"({cfg.block_size}): shorten it (shardgpt never truncates silently)"
-                )
-            if prompt.size + max_new_tokens - 1 > cfg.block_size:
-                raise ValueError(
-                    f"prompt {row} has {prompt.size} tokens; {max_new_tokens} new ones would make the "
-                    f"model read {prompt.size + max_new_tokens - 1} positions, past its context "
-                    f"({cfg.block_size}): ask for at most {cfg.block_size + 1 - prompt.size} new tokens"
                 )
             data.check_ids(prompt, cfg.vocab_size, f"prompt {row}")
             buffer[row, : prompt.size], lengths[row] = prompt, prompt.size

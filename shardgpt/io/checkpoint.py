@@ -29,8 +29,9 @@ _STEP = re.compile(r"^\d+$")
 _TMP = ".orbax-checkpoint-tmp"  # orbax writes here first and renames when complete: latest_step skips these
 OWN_FILES = {
     "metrics.jsonl",
+    "report.html",
     LOCK_FILE,
-}  # the train command's log and the writers' lock live beside the steps
+}  # the train command's log and report, and the writers' lock, live beside the steps
 
 
 class CheckpointError(ValueError):
@@ -100,7 +101,11 @@ def _checksums(tree: Any) -> Any:
 
 def checksums(state: train.TrainState) -> dict[str, int]:
     """{leaf path: checksum} of every leaf, computed on the devices where the state lives."""
-    sums = jax.device_get(_checksums(state))
+    return _by_path(_checksums(state))
+
+
+def _by_path(sums: Any) -> dict[str, int]:
+    sums = jax.device_get(sums)
     return {jax.tree_util.keystr(path): int(v) for path, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 
@@ -178,13 +183,15 @@ class Checkpointer:
         step = int(state.step)
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only: open a writer to save")
-        if not is_finite(state):
-            raise NonFiniteState(f"step {step}: the state holds NaN or inf; not saved")
         if step in self._saved or step in self.manager.all_steps():
             return step  # saved already (maybe still in flight), or by the run this one resumes: same state
+        # Both passes over the state dispatched before either is read: one wait, not two in turn.
+        finite, sums = _all_finite(state), _checksums(state) if self.verify else None
+        if not bool(finite):
+            raise NonFiniteState(f"step {step}: the state holds NaN or inf; not saved")
         meta = {**description, "loss": loss if loss is None or math.isfinite(loss) else None}
         if self.verify:  # orbax's own checksums cover its index, not the arrays' bytes
-            meta["checksums"] = checksums(state)
+            meta["checksums"] = _by_path(sums)
         json.dumps(meta, allow_nan=False)  # fail now, not in the background thread
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args)

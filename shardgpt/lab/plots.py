@@ -33,22 +33,25 @@ def write_plots(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(width, 4))
     bottom = np.zeros(len(runs))
     parts = (("params", "tab:blue"), ("grads", "tab:orange"), ("opt_state", "tab:green"), ("temp", "tab:red"))
+    scale, unit = byte_unit(
+        max(sum(r["memory"].get(f"{k}_bytes_per_device") or 0 for k, _ in parts) for r in runs)
+    )
     for key, color in parts:
-        values = np.array([(r["memory"].get(f"{key}_bytes_per_device") or 0) / 2**20 for r in runs])
+        values = np.array([(r["memory"].get(f"{key}_bytes_per_device") or 0) / scale for r in runs])
         ax.bar(x, values, bottom=bottom, label=key, color=color)
         bottom += values
     peaks = [r["memory"]["peak_bytes_per_device"] for r in runs]
     if any(p is not None for p in peaks):
         ax.scatter(
             x,
-            [np.nan if p is None else p / 2**20 for p in peaks],
+            [np.nan if p is None else p / scale for p in peaks],
             color="k",
             marker="_",
             s=400,
             label="peak (XLA)",
             zorder=3,
         )
-    ax.set(ylabel="MiB per device", title="memory per device")
+    ax.set(ylabel=f"{unit} per device", title="memory per device")
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.legend()
     _save(fig, paths[1])
@@ -59,18 +62,25 @@ def write_plots(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     ]
     colors = dict(zip(CAUSES, plt.get_cmap("tab20").colors, strict=False))
     bar = 0.4
+    scale, unit = byte_unit(
+        max(
+            sum(row[f] for row in r.get("collectives_by_cause", ()))
+            for r in runs
+            for f in ("bytes", "theory_bytes")
+        )
+    )
     for offset, field, hatch in ((-bar / 2, "bytes", None), (bar / 2, "theory_bytes", "//")):
         bottom = np.zeros(len(runs))
         for cause in causes:
             values = np.array([
-                sum(row[field] for row in r.get("collectives_by_cause", ()) if row["cause"] == cause) / 2**20
+                sum(row[field] for row in r.get("collectives_by_cause", ()) if row["cause"] == cause) / scale
                 for r in runs
             ])  # fmt: skip
             label = cause if field == "bytes" else None
             ax.bar(x + offset, values, bar, bottom=bottom, color=colors[cause], hatch=hatch, label=label)
             bottom += values
     ax.set(
-        ylabel="MiB per device per step",
+        ylabel=f"{unit} per device per step",
         title="collective bytes by cause: compiled (left) beside theory (hatched)",
     )
     ax.set_xticks(x, names, rotation=30, ha="right")
@@ -84,6 +94,15 @@ def write_plots(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     ax.legend(fontsize="small")
     _save(fig, paths[3])
     return paths
+
+
+def byte_unit(largest: float) -> tuple[int, str]:
+    """(divisor, name) of the power of 1024 an axis up to `largest` bytes reads in: KiB for gpt-pico's
+    state, GiB for gpt2's (a fixed MiB or GiB reads 0.00 for small models)."""
+    for power, name in enumerate(("B", "KiB", "MiB", "GiB")):
+        if largest < 1024 ** (power + 1):
+            return 1024**power, name
+    return 1024**4, "TiB"
 
 
 def _pyplot():
@@ -111,15 +130,20 @@ def plan_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     names = [r["name"] for r in rows]
     left = [0.0] * len(rows)
     parts = [("params", "state"), ("grads", "state"), ("opt_state", "state"), ("temp", "compiled")]
-    for key, where in parts:
-        field = f"{key}_bytes_per_device" if where == "state" else f"{key}_bytes"
-        widths = [r[where][field] / 2**30 for r in rows]
+    fields = [
+        (where, f"{key}_bytes_per_device" if where == "state" else f"{key}_bytes") for key, where in parts
+    ]
+    scale, unit = byte_unit(
+        max([r["budget_bytes"] or 0 for r in rows] + [sum(r[w][f] for w, f in fields) for r in rows])
+    )
+    for (key, _), (where, field) in zip(parts, fields, strict=True):
+        widths = [r[where][field] / scale for r in rows]
         ax.barh(names, widths, left=left, label=key.replace("_", " "))
         left = [a + b for a, b in zip(left, widths, strict=True)]
     if rows and rows[0]["budget_bytes"]:
-        ax.axvline(rows[0]["budget_bytes"] / 2**30, color="k", linestyle="--", label="device memory")
+        ax.axvline(rows[0]["budget_bytes"] / scale, color="k", linestyle="--", label="device memory")
     ax.invert_yaxis()
-    ax.set(xlabel="GiB per device", title="memory plan (compile-only; temporaries from XLA's compile)")
+    ax.set(xlabel=f"{unit} per device", title="memory plan (compile-only; temporaries from XLA's compile)")
     ax.legend(fontsize="small")
     _save(fig, path)
     return path

@@ -63,29 +63,22 @@ def agreement(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             drift[r["name"]] = next((i for i, d in enumerate(losses, 1) if not d <= tolerance), None)
         # `not d <= tol` rather than `d > tol`: NaN compares False with everything and must disagree.
         disagree = [n for n in early if not early[n] <= tolerance or final[n] != final[n]]
-        checks.append(
-            {
-                "runs": [r["name"] for r in members],
-                "reference": ref["name"],
-                "dtype": ref["dtype"],
-                "tolerance": tolerance,
-                "checked_steps": min(CHECKED_STEPS, len(ref["losses"])),
-                "max_rel_diff": max(early.values()),
-                "final_max_rel_diff": max(final.values()),
-                "disagree": disagree,
-                "drift": {n: drift[n] for n in early if n not in disagree and final[n] > tolerance},
-                "ok": not disagree,
-            }
-        )
+        checks.append({
+            "runs": [r["name"] for r in members], "reference": ref["name"], "dtype": ref["dtype"],
+            "tolerance": tolerance, "checked_steps": min(CHECKED_STEPS, len(ref["losses"])),
+            "max_rel_diff": max(early.values()), "final_max_rel_diff": max(final.values()),
+            "disagree": disagree, "ok": not disagree,
+            "drift": {n: drift[n] for n in early if n not in disagree and final[n] > tolerance},
+        })  # fmt: skip
     return checks
 
 
 def size(nbytes: float | None) -> str:
-    """Bytes for a table: 512B, 3.5K, 12M, 1.2G (powers of 1024)."""
+    """Bytes for a table, in the unit their magnitude needs: 512B, 3.5K, 12M, 1.2G, 2.1T (powers of 1024)."""
     if nbytes is None:
         return "n/a"
-    for unit in ("B", "K", "M", "G"):
-        if abs(nbytes) < 1024 or unit == "G":
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(nbytes) < 1024 or unit == "T":
             return f"{nbytes:.3g}{unit}" if unit != "B" and abs(nbytes) < 1000 else f"{nbytes:.0f}{unit}"
         nbytes /= 1024
 
@@ -152,6 +145,7 @@ def table(results: dict[str, Any]) -> str:
             "  live device peak (memory_stats, since the process started): "
             + ", ".join(f"{name} {size(peak)}" for name, peak in device_peaks)
         )
+    out += _agrees_footer(checks)
 
     out += ["", "collectives per device per step, read from the compiled HLO: result bytes in N ops"]
     rows = [[r["name"], *(_collective(r["collectives"][k]) for k in KINDS)] for r in runs]
@@ -176,7 +170,13 @@ def table(results: dict[str, Any]) -> str:
     generated = [r for r in runs if r.get("generate")]
     if generated:
         rows = [[r["name"], *(_number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
-        out += ["", "generation (KV cache; naive = re-jit per length; recompute = full forward per token)"]
+        naive = sorted({r["generate"].get("naive_tokens") for r in generated} - {None})
+        naive_size = f", timed over its first {'/'.join(map(str, naive))} tokens" if naive else ""
+        out += [
+            "",
+            f"generation (KV cache; naive = re-jit per length, one compile a token{naive_size}; recompute = "
+            "full forward per token)",
+        ]
         out += grid(["run", *GENERATE_COLUMNS.values()], rows)
 
     first = runs[0] if runs else {}
@@ -190,7 +190,7 @@ def table(results: dict[str, Any]) -> str:
         f" = {first.get('flops_per_token', 0):,.0f}; peak used: "
         + (f"{peak:.3g} FLOP/s per device (bf16 datasheet)" if peak else "none known for this device -> n/a"),
     ]
-    out += [line for c in checks for line in _check_lines(c)]
+    out += [line for c in checks for line in _check_lines(c, runs)]
     return "\n".join(out)
 
 
@@ -200,12 +200,15 @@ def bubble_table(bubbles: Sequence[dict[str, Any]]) -> list[str]:
     rows = [
         [b["name"], str(b["pp"]), str(b["microbatches"]), str(b["ticks"]), f"{1e3 * b['step_time_s']:.2f}"]
         + [percent(b["bubble_theory"]), percent(b["bubble_measured"])]
+        + [b.get("bubble_note") or ""]
         for b in bubbles
     ]
-    out = grid(["run", "pp", "M", "ticks", "step ms", "bubble (theory)", "bubble (measured)"], rows)
+    header = ["run", "pp", "M", "ticks", "step ms", "bubble (theory)", "bubble (measured)", ""]
+    out = grid(header, rows, text_last=True)
     return out + [
         "  measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks",
-        "  across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough",
+        "  across runs of one microbatch size (batch / M); on simulated CPU devices, rough. At one --batch",
+        "  each M has its own microbatch size: scale --batch with M (a run.py per M; pipeline_bench.py does)",
     ]
 
 
@@ -213,7 +216,8 @@ def pipeline_bubbles(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each pp run's bubble: theory beside a measurement. The tick time is the least-squares slope of step
     time over ticks (M + pp - 1) across the runs that differ only in M at the same microbatch size (rows
     per microbatch), so per-tick work is equal; measured = (pp - 1) x tick time / step time. None where
-    fewer than two such runs exist."""
+    fewer than two such runs exist, with `bubble_note` saying why (runs of other M at another microbatch
+    size, as --microbatches 2,4,8 at one --batch gives, cannot share a slope)."""
     piped = [r for r in runs if r.get("pipeline")]
     key = lambda r: (
         r["name"].split(" M=")[0],
@@ -225,11 +229,15 @@ def pipeline_bubbles(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict = {}
     for r in piped:
         groups.setdefault(json.dumps(key(r), default=str), []).append(r)
+        groups.setdefault(json.dumps(key(r)[:-1], default=str), []).append(r)  # any microbatch size
     out = []
     for r in piped:
         group = groups[json.dumps(key(r), default=str)]
         ticks = [g["pipeline"]["ticks"] for g in group]
-        measured = None
+        measured, note = None, None
+        if len(set(ticks)) < 2:
+            others = len({g["pipeline"]["ticks"] for g in groups[json.dumps(key(r)[:-1], default=str)]}) > 1
+            note = "no other M at this microbatch size (batch / M)" if others else "one run: no slope"
         if len(set(ticks)) > 1:
             times = [g["step_time_s"] for g in group]
             mt, mtime = sum(ticks) / len(ticks), sum(times) / len(times)
@@ -239,11 +247,38 @@ def pipeline_bubbles(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             measured = (r["pipeline"]["pp"] - 1) * slope / r["step_time_s"]
         out.append(
             {"name": r["name"], "step_time_s": r["step_time_s"], **r["pipeline"], "bubble_measured": measured}
+            | {"bubble_note": note}
         )
     return out
 
 
-def _check_lines(c: dict[str, Any]) -> list[str]:
+def _agrees_footer(checks: Sequence[dict[str, Any]]) -> list[str]:
+    """The "agrees" column's legend, with the tolerance each check used."""
+    if not checks:
+        return []
+    within = "; ".join(sorted({f"{c['tolerance']:g} relative in {c['dtype']}" for c in checks}))
+    lines = [
+        "agrees: each run against the first of its equivalent runs (same model, data, dtype, seed): ok =",
+        f"  losses and grad norms within {within} over the first {checks[0]['checked_steps']} steps, else "
+        "it disagrees (a bug)",
+    ]
+    if any(c["drift"] for c in checks):
+        lines += [
+            "  drifts@k: ok there, then a loss parts by more than that at step k: another reduction order's",
+            "  rounding, amplified by training (reported, not judged; the final losses' spread: below)",
+        ]
+    return lines
+
+
+def _final_spread(c: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
+    """The final losses' absolute spread, which a relative difference at losses near 0 hides."""
+    finals = [r["final_loss"] for r in runs if r["name"] in c["runs"]]
+    if len(finals) < 2 or not all(f == f for f in finals):
+        return ""
+    return f", {max(finals) - min(finals):.2g} apart (from {min(finals):.4g} to {max(finals):.4g})"
+
+
+def _check_lines(c: dict[str, Any], runs: Sequence[dict[str, Any]] = ()) -> list[str]:
     within = f"within {c['tolerance']:g} relative ({c['dtype']})"
     if not c["ok"]:
         return [
@@ -259,7 +294,7 @@ def _check_lines(c: dict[str, Any]) -> list[str]:
         parted = ", ".join(f"{name} at step {step}" for name, step in c["drift"].items())
         lines += [
             f"  then they drift apart ({parted}): final losses differ by up to "
-            f"{c['final_max_rel_diff']:.2g} relative;",
+            f"{c['final_max_rel_diff']:.2g} relative{_final_spread(c, runs)};",
             "  training amplifies the rounding differences of another reduction order (not judged)",
         ]
     else:
@@ -272,29 +307,25 @@ def _ratio(row: dict[str, Any]) -> str:
 
 
 def _reconciliation_lines(run: dict[str, Any]) -> list[str]:
-    """One line per run: how much of its bytes theory accounts for and how many no op name attributes
-    (the by-axes guesses and the unattributed), then each row off by more than 5%."""
+    """One line per run: how much of its bytes theory accounts for, how many no op name attributes (the
+    by-axes guesses and the unattributed), and the rows off by more than 5%, the largest gaps named first
+    (their reasons: --explain, and the HTML report)."""
     rows = run.get("collectives_by_cause") or []
     compiled = sum(r["bytes"] for r in rows)
     unnamed = compiled - sum(r.get("bytes_by_name", r["bytes"]) for r in rows if r["cause"] != UNATTRIBUTED)
-    off = [
-        r
-        for r in rows
-        if r["ratio"] is None
-        and r["bytes"]
-        or r["ratio"] is not None
-        and abs(r["ratio"] - 1) > THEORY_TOLERANCE
-    ]
+    off = [r for r in rows if (r["bytes"] if r["ratio"] is None else abs(r["ratio"] - 1) > THEORY_TOLERANCE)]
     head = f"  {run['name']}: {size(compiled)} compiled, theory {size(sum(r['theory_bytes'] for r in rows))}"
     head += (
         f", not attributed by name {size(unnamed)} ({unnamed / compiled:.0%})" if unnamed else ", all by name"
     )
-    lines = [head + ("; every cause within 5% of theory" if not off else "")]
-    for r in off:
-        got, want = f"{size(r['bytes'])} in {r['count']}", f"{size(r['theory_bytes'])} in {r['theory_count']}"
-        note = f": {r['note']}" if r["note"] else ""
-        lines.append(f"    {r['cause']} {r['kind']}: {got} vs theory {want} ({_ratio(r)}){note}")
-    return lines
+    if not off:
+        return [head + "; every cause within 5% of theory"]
+    off.sort(key=lambda r: -abs(r["bytes"] - (r["theory_bytes"] or 0)))
+    named = ", ".join(
+        f"{r['cause']} {r['kind']} {_ratio(r) if r['ratio'] is not None else 'no theory'}" for r in off[:3]
+    )
+    more = f" +{len(off) - 3} more" if len(off) > 3 else ""
+    return [f"{head}; off theory by > 5%: {named}{more}"]
 
 
 def _textbook(row: dict[str, Any]) -> tuple[str, str]:

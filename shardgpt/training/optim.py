@@ -57,14 +57,20 @@ def decay_mask(params):
 
 
 def schedule(config: OptimConfig) -> optax.Schedule:
-    """Linear warmup to the peak learning rate, then cosine decay to min_lr_ratio of it."""
-    return optax.warmup_cosine_decay_schedule(
+    """Linear warmup to the peak learning rate, then cosine decay to min_lr_ratio of it.
+
+    Step t (optax's count, from 0) trains at the curve's value at t + 1: the first step at peak/warmup,
+    the peak at step warmup - 1, the floor at the last step (total_steps - 1). At its value at t it would
+    train step 0 at lr 0, a step that does nothing.
+    """
+    curve = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
         warmup_steps=max(config.warmup_steps, 1),
         decay_steps=max(config.total_steps, config.warmup_steps + 1),
         end_value=config.learning_rate * config.min_lr_ratio,
     )
+    return lambda count: curve(count + 1)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
