@@ -19,7 +19,7 @@ from shardgpt.model import config
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import distributed, sharding
 from shardgpt.parallel.mesh import make_mesh
-from shardgpt.training import data, optim, shard_map_step, train
+from shardgpt.training import data, explicit_step, optim, shard_map_step, train
 
 STEPS, BATCH = 3, 16
 TASK = data.SortTask()
@@ -40,6 +40,7 @@ class Run(NamedTuple):
     program: str  # the lowered step (StableHLO, before partitioning): its sharding constraints
     temp_bytes: int  # XLA's temporaries per device (compiled memory_analysis)
     grads: Any  # step 1's gradients on the host, before clipping (first_grads)
+    types: tuple[tuple[str, ...], ...]  # jax.typeof of every state leaf after step 1 and after the last
 
 
 def mesh_for(spec: str):
@@ -69,17 +70,21 @@ def run(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = T
     mesh, model = mesh_for(spec), MODELS[seq]
     shardings = train.state_shardings(model, TX, mesh, strategy)
     state = distributed.place(initial_state(seq), shardings.state)  # also across processes
-    make = train.make_train_step if impl == "gspmd" else shard_map_step.make_train_step
+    make = {"gspmd": train.make_train_step, "shard_map": shard_map_step.make_train_step}.get(
+        impl, explicit_step.make_train_step
+    )
     # .jitted carries its mesh: lowering it here compiles the very program that run.py trains with.
     step = make(model, TX, mesh, strategy, shardings, microbatches=microbatches)
     lowered = step.jitted.lower(state, batch(0, mesh, seq))
     compiled = lowered.compile()
-    losses, norms, mu_1 = [], [], None
+    losses, norms, types, mu_1 = [], [], [], None
     for i in range(STEPS):
         state, step_metrics = compiled(state, batch(i, mesh, seq))
         losses.append(float(step_metrics["loss"]))
         norms.append(float(step_metrics["grad_norm"]))
-        if i == 0:  # read before the next call, which donates this state
+        if i in (0, STEPS - 1):  # read before the next call, which donates this state
+            types.append(tuple(str(jax.typeof(leaf)) for leaf in jax.tree.leaves(state)))
+        if i == 0:
             mu_1 = distributed.to_host(adam_state(state.opt_state).mu)
     return Run(
         np.array(losses),
@@ -89,6 +94,7 @@ def run(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = T
         lowered.as_text(),
         metrics.compiled_memory(compiled)["temp_bytes"],
         first_grads(mu_1, norms[0]),
+        tuple(types),
     )
 
 
@@ -112,8 +118,10 @@ def first_grads(mu_1, grad_norm_1: float):
 # bias: softmax ignores a shift shared by every key) hold rounding noise (~1e-10 of the largest gradient),
 # which Adam turns into steps: they are measured against their tree's largest leaf instead. fp32 across
 # every mesh, strategy and impl of the suite, the largest per-leaf errors seen were 6.6e-7 (step-1
-# gradients), 4.3e-6 (params after 3 steps, a bias that started at 0), 7.5e-7 (mu) and 9.3e-7 (nu).
-GRAD_RTOL, STATE_RTOL = 1e-5, 2e-5
+# gradients), 6.5e-5 (params after 3 steps at lr 1e-3: the value kernel under +sp; Adam's first steps
+# move an element by about lr whatever its gradient's size, so reduction-order noise in a near-zero
+# gradient reaches the params), 1.2e-5 (mu) and 1.1e-5 (nu).
+GRAD_RTOL, STATE_RTOL = 1e-5, 2e-4
 ZERO_GRAD = 1e-6  # a reference gradient leaf below this fraction of the largest one is 0
 
 

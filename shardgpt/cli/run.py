@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Megatron sequence parallelism: every strategy as its +sp variant (needs tp > 1 dividing the "
         "sequence)",
     )
-    what.add_argument("--impl", choices=("gspmd", "shard_map", "both"), default="gspmd")
+    what.add_argument(
+        "--impl",
+        choices=("gspmd", "shard_map", "explicit", "both", "all"),
+        default="gspmd",
+        help="GSPMD (jit shardings), shard_map (explicit collectives), explicit (sharding in types); both: "
+        "the first two, all: the three (default gspmd)",
+    )
     what.add_argument(
         "--plan",
         action="store_true",
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-plots", action="store_true", help="write results.json only (no matplotlib needed)"
     )
     loop.add_argument("--profile", metavar="DIR", help="jax.profiler trace of a few steps per run")
+    flags.add_log_every(loop)
     loop.add_argument(
         "--explain",
         metavar="RUN",
@@ -148,7 +155,9 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
         # Sizes from the spec alone: --plan may lay meshes over other devices than the default backend's.
         if args.compare and not args.sp and parse_mesh_spec(mesh, num_devices).get("tp", 1) > 1:
             per_mesh[mesh] += [f"{s}+sp" for s in strategies]
-    impls = ("gspmd", "shard_map") if args.impl == "both" else (args.impl,)
+    impls = {"both": ("gspmd", "shard_map"), "all": ("gspmd", "shard_map", "explicit")}.get(
+        args.impl, (args.impl,)
+    )
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
     attention = args.attention or "xla"  # validate and validate_plan set the platform's default before
     common = dict(
@@ -167,17 +176,24 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
         for i in impls
     ]
     specs = [RunSpec(model=n, mesh=m, strategy=s, microbatches=k, impl=i, **common) for n, m, s, k, i in grid]
-    # Dropped with a note where they cannot run: --compare's +sp variants, and GSPMD on a pp mesh under
-    # --impl both (the pipeline is shard_map's).
+    # Dropped with a note where they cannot run: --compare's +sp variants, and under --impl both or all
+    # what only shard_map runs (pp's pipeline; cp, microbatches for explicit sharding).
     args.optional_specs = {
-        spec
-        for spec in specs
-        if (args.compare and not args.sp and spec.strategy.endswith("+sp"))
-        or (
-            args.impl == "both" and spec.impl == "gspmd" and parse_mesh_spec(spec.mesh, num_devices)["pp"] > 1
-        )
-    }
+        spec for spec in specs if (args.compare and not args.sp and spec.strategy.endswith("+sp"))
+        or (args.impl in ("both", "all") and not _runs_there(spec, num_devices))
+    }  # fmt: skip
     return specs
+
+
+def _runs_there(spec, num_devices: int) -> bool:
+    """False where `spec`'s impl cannot run its mesh: pp is shard_map's alone; explicit sharding runs
+    neither cp nor microbatches yet (layout.check_mesh_axes says the same to a single --impl)."""
+    from shardgpt.parallel.mesh import parse_mesh_spec  # imports jax: after the flags are set
+
+    sizes = parse_mesh_spec(spec.mesh, num_devices)
+    if spec.impl == "explicit":
+        return sizes["pp"] == sizes["cp"] == spec.microbatches == 1
+    return spec.impl == "shard_map" or sizes["pp"] == 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,8 +329,8 @@ def run_plan(planners: list, placement, args: argparse.Namespace, argv: list[str
     """Compile every planner's step (abstract arrays only), print the ranked table, write results.json."""
     import time
 
+    from shardgpt.lab import html_report, runner
     from shardgpt.lab import plan as planning
-    from shardgpt.lab import runner
 
     started = time.perf_counter()
     devices = placement.devices
@@ -335,6 +351,7 @@ def run_plan(planners: list, placement, args: argparse.Namespace, argv: list[str
     if args.out:
         meta = runner.meta(shlex.join([flags.prog(SCRIPT), *argv]))
         paths = planning.write(rows, meta, args.out, plots=not args.no_plots)
+        paths.append(html_report.write(args.out))  # report.html, rendered from the results.json just written
         print(f"\nwrote {', '.join(str(p) for p in paths)}")
     return 0
 
@@ -344,7 +361,7 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
     import jax
 
     from shardgpt.analysis import metrics
-    from shardgpt.lab import report, runner
+    from shardgpt.lab import html_report, report, runner
 
     kind, platform = jax.devices()[0].device_kind, jax.devices()[0].platform
     peak = metrics.peak_flops(kind)
@@ -359,7 +376,7 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
     say(f"MFU from FLOPs/token = {runner.FLOPS_SOURCE}; peak: {peak_text}")
     runs = []
     for spec in specs:
-        result = runner.run(spec, progress=jax.process_index() == 0)
+        result = runner.run(spec, progress=jax.process_index() == 0, log_every=args.log_every)
         say(
             f"{result['name']}: compile {result['compile_s']:.2f} s, step {1e3 * result['step_time_s']:.2f} "
             f"ms, {result['tokens_per_s']:,.0f} tokens/s, final loss {result['final_loss']:.6f}"
@@ -370,6 +387,7 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
     say("\n" + report.table(results))
     if jax.process_index() == 0 and args.out:
         paths = report.write(results, args.out, plots=not args.no_plots)
+        paths.append(html_report.write(args.out))  # report.html, rendered from the results.json just written
         say(f"\nwrote {', '.join(str(p) for p in paths)}")
     return 0
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from shardgpt.cli import flags
 from shardgpt.cli.flags import say
-from shardgpt.cli.train_callbacks import Evaluate, MetricsLog, Preemption, logged_losses
+from shardgpt.cli.train_callbacks import Evaluate, MetricsLog, Preemption, logged_losses, write_report
 
 SCRIPT = "experiments/train.py"
 EXIT_NON_FINITE = 3
+DEFAULT_OUT = "results/train"  # --out without --ckpt-dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(flags.STRATEGIES)}, fsdp; +sp for sequence parallelism (e.g. zero1+sp)",
     )
     what.add_argument("--sp", action="store_true", help="Megatron sequence parallelism (= --strategy S+sp)")
-    what.add_argument("--impl", choices=("gspmd", "shard_map"), default="gspmd")
+    what.add_argument(
+        "--impl",
+        choices=("gspmd", "shard_map", "explicit"),
+        default="gspmd",
+        help="GSPMD (jit shardings), shard_map (explicit collectives) or explicit (sharding in types)",
+    )
     flags.add_model_flags(p, compare=False)
     run_flags = p.add_argument_group("training")
     run_flags.add_argument(
@@ -64,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_flags.add_argument(
         "--eval-batches", type=int, default=4, metavar="B", help="held-out batches per evaluation"
     )
+    run_flags.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"where the run's files go: metrics.jsonl when there is no --ckpt-dir (with one, the log "
+        f"lives beside the checkpoints) (default: the --ckpt-dir, else {DEFAULT_OUT})",
+    )
+    flags.add_log_every(run_flags)
     ckpt = p.add_argument_group("checkpoints")
     ckpt.add_argument("--ckpt-dir", metavar="DIR", help="checkpoints and metrics.jsonl (default: none)")
     ckpt.add_argument("--save-every", type=int, metavar="K", help="save every K steps (default 100)")
@@ -97,6 +110,7 @@ class Job:
     checkpointer: object = None
     resume_step: int | None = None
     preempted: bool = False  # SIGTERM ended the run early: save, no export
+    metrics_path: Path | None = None  # metrics.jsonl: in --ckpt-dir, else in --out
 
 
 def validate(args: argparse.Namespace) -> Job:
@@ -156,6 +170,11 @@ def validate(args: argparse.Namespace) -> Job:
         "microbatches": spec.microbatches,
     }
     job = Job(spec, setup, description)
+    args.out = args.out or args.ckpt_dir or DEFAULT_OUT
+    if jax.process_index() == 0 and args.out != args.ckpt_dir:
+        flags.check_writable("--out", args.out)
+    # Beside the checkpoints when there are some: a NaN's last good step and --resume read it there.
+    job.metrics_path = Path(args.ckpt_dir or args.out) / "metrics.jsonl"
     if not args.ckpt_dir:
         return job
     try:
@@ -173,10 +192,6 @@ def validate(args: argparse.Namespace) -> Job:
 def _check_resume(job: Job, args: argparse.Namespace):
     """With a checkpoint directory open: refuse a fresh start over saved steps, find the step to resume
     and say what differs from the saved run."""
-    from shardgpt.io import checkpoint
-    from shardgpt.parallel import sharding
-
-    setup, description = job.setup, job.description
     if job.checkpointer.lock and job.checkpointer.lock.note:  # a run that died holding it (kill -9)
         say(f"note: {args.ckpt_dir}: {job.checkpointer.lock.note}")
     latest = job.checkpointer.latest_step()
@@ -191,13 +206,29 @@ def _check_resume(job: Job, args: argparse.Namespace):
             say(f"note: --resume: no checkpoint in {args.ckpt_dir} yet: starting from step 0")
             return
         saved = job.checkpointer.description(job.resume_step)
-        # +sp changes activations only: a strategy note moves state only when the base strategy differs.
-        same_layout = sharding.base_strategy(saved.get("strategy", "dp")) == sharding.base_strategy(
-            setup.strategy
+        for note in resume_notes(saved, job.description):
+            say(f"note: {note}")
+
+
+def resume_notes(saved: dict, description: dict) -> list[str]:
+    """What differs between the saved run and this one, one line each (CheckpointError for another model)."""
+    from shardgpt.io import checkpoint
+    from shardgpt.parallel import sharding
+
+    # +sp changes activations only: a strategy note moves state only when the base strategy differs.
+    same_layout = sharding.base_strategy(saved.get("strategy", "dp")) == sharding.base_strategy(
+        description["strategy"]
+    )
+    notes = []
+    for note in checkpoint.check_compatible(saved, description):
+        resharded = note.startswith(("mesh", "impl")) or (note.startswith("strategy") and not same_layout)
+        notes.append(note + (" (the state is resharded on restore)" if resharded else ""))
+    if saved.get("seq", description["seq"]) != description["seq"]:
+        notes.append(
+            f"seq: saved {saved['seq']}, now {description['seq']} (the same weights train on windows of "
+            "another length; the loss is not comparable across the change)"
         )
-        for note in checkpoint.check_compatible(saved, description):
-            resharded = note.startswith(("mesh", "impl")) or (note.startswith("strategy") and not same_layout)
-            say(f"note: {note}" + (" (the state is resharded on restore)" if resharded else ""))
+    return notes
 
 
 def _chosen_step(ckpt, step: int) -> int:
@@ -273,8 +304,8 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
     batch_for = lambda i: data.global_batch(s.task, i, spec.batch, batch_sharding, s.config.vocab_size)
     # In this order: the evaluation adds val_loss to the metrics that the log then writes.
     callbacks = [Evaluate(job, args, shardings)] if args.eval_every else []
-    if ckpt is not None and jax.process_index() == 0:
-        callbacks.append(MetricsLog(ckpt.directory / "metrics.jsonl", optim.schedule(s.optim), first))
+    if jax.process_index() == 0:
+        callbacks.append(MetricsLog(job.metrics_path, optim.schedule(s.optim), first))
     callbacks.append(loop.StopOnNonFinite())
     if ckpt is not None:
         callbacks.append(checkpoint.SaveEvery(ckpt, args.save_every, job.description))
@@ -282,7 +313,7 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
     preempted = Preemption(args.save_every)
     trainer = loop.Trainer(
         step_fn, state, batch_for, spec.batch * s.task.seq_len, callbacks,
-        progress=jax.process_index() == 0, description=name, stop=preempted.asked,
+        progress=jax.process_index() == 0, description=name, stop=preempted.asked, log_every=args.log_every,
     )  # fmt: skip
     with preempted:
         state = trainer.run(spec.steps - first)
@@ -295,6 +326,7 @@ def _train_to_the_end(job: Job, args: argparse.Namespace, state, shardings):
         f"step {int(state.step)}: loss {losses[-1]:.4f} (first of this run {losses[0]:.4f}); "
         f"{s.config.dtype} compute, {s.config.attention} attention"
     )
+    say(f"every step's metrics: {job.metrics_path}")
     return state
 
 
@@ -330,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0])
     try:
-        return train(job, args)
+        status = train(job, args)
     except CheckpointError as e:  # a corrupt checkpoint found while restoring: nothing was deleted
         print(f"{flags.prog(SCRIPT)}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return _finish(job.checkpointer, 2)
+    write_report(job, args, [flags.prog(SCRIPT), *argv])  # also after a NaN stop: its curves show why
+    return status
 
 
 if __name__ == "__main__":

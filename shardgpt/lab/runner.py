@@ -24,9 +24,9 @@ from shardgpt.model import config
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import layout, pipeline, sharding
 from shardgpt.parallel.mesh import describe, make_mesh
-from shardgpt.training import data, loop, optim, shard_map_step, train
+from shardgpt.training import data, explicit_step, loop, optim, shard_map_step, train
 
-IMPLS = ("gspmd", "shard_map")
+IMPLS = ("gspmd", "shard_map", "explicit")
 FLOPS_SOURCE = "6N + 12·L·H·Q·T (PaLM app. B)"
 DEFAULT_WARMUP = 5
 PROFILE_STEPS = 3  # steps traced by --profile, run after the timed ones so the trace costs them nothing
@@ -81,19 +81,23 @@ def _weight_file(path: str) -> weight_files.WeightFile:
     return weight_files.read_weight_file(path)  # cached: every run of a comparison starts from the same file
 
 
+_MODULES = {"gspmd": train, "shard_map": shard_map_step, "explicit": explicit_step}
+
+
+def _module(impl: str):
+    if impl not in _MODULES:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)} (or both, or all)")
+    return _MODULES[impl]
+
+
 def step_builder(impl: str) -> Callable:
-    """make_train_step of the chosen implementation (same signature for both)."""
-    if impl == "gspmd":
-        return train.make_train_step
-    if impl != "shard_map":
-        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)} (or both)")
-    return shard_map_step.make_train_step
+    """make_train_step of the chosen implementation (one signature for the three)."""
+    return _module(impl).make_train_step
 
 
 def eval_builder(impl: str) -> Callable:
-    """make_eval_sums of the chosen implementation (same signature for both)."""
-    step_builder(impl)  # the same check of the name
-    return train.make_eval_sums if impl == "gspmd" else shard_map_step.make_eval_sums
+    """make_eval_sums of the chosen implementation (one signature for the three)."""
+    return _module(impl).make_eval_sums
 
 
 def _model_config(spec: RunSpec, task: Any) -> config.ModelConfig:
@@ -238,8 +242,9 @@ def _memory(state: train.TrainState, shardings: train.StateShardings, compiled: 
     }
 
 
-def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
+def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> dict[str, Any]:
     """Train one spec and measure it; returns one record of results.json's "runs" (docs/DESIGN.md's schema).
+    `progress` and `log_every` are the Trainer's.
 
     With spec.generate > 0 the trained params are then benchmarked by shardgpt.lab.generation_bench.
     """
@@ -267,7 +272,9 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
 
     # Train through the compiled executable itself: the timed loop can never hide a recompile.
     tokens_per_step = spec.batch * seq
-    trainer = loop.Trainer(compiled, state, batch_for, tokens_per_step, progress=progress, description=name)
+    trainer = loop.Trainer(
+        compiled, state, batch_for, tokens_per_step, progress=progress, description=name, log_every=log_every
+    )
     state = jax.block_until_ready(trainer.run(spec.steps))
     # The Trainer reads step t's metrics after dispatching t+1: each interval is one step of the pipeline.
     step_times = [tokens_per_step / h["tokens_per_s"] for h in trainer.history]
@@ -325,7 +332,9 @@ def run(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         "mfu": metrics.mfu(tokens_per_s, flops_per_token, peak_flops, mesh.devices.size),
         "memory": memory | {"device_peak_bytes": metrics.device_peak_bytes(mesh.devices.flat[0])},
         "memory_sources": MEMORY_SOURCES,
-        "expected_memory": metrics.zero_expected_bytes(totals[0], totals[1], totals[0], s.strategy, dp, tp),
+        "expected_memory": metrics.zero_expected_bytes(
+            totals[0], totals[1], totals[0], s.strategy, dp, tp, pp=mesh.shape.get("pp", 1)
+        ),
         "collectives": metrics.collectives(compiled.as_text()),
         "collectives_by_cause": by_cause,
         "losses": losses,

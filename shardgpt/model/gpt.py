@@ -17,7 +17,9 @@ from shardgpt.model.plan import GLOBAL_VIEW, Plan, megatron_scope
 # The closed vocabulary of logical axis names (DESIGN.md); sharding rules map these to mesh axes.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
 
+BxL = ("batch", "length")
 BxLxD = ("batch", "length", "embed")
+_LETTERS = "abcdefghijklmn"  # einsum subscripts, enough for any Dense
 BxLxHxK = ("batch", "length", "heads", "kv")
 
 
@@ -68,8 +70,12 @@ class Dense(nn.Module):
         if weights_only:
             return kernel, bias
         # Row-parallel (contracting a split dim) sums the shards' partial products before the bias.
+        lead = x.ndim - n_in  # x's leading dims: (batch, length)
+        x_in, k_out = _LETTERS[lead : lead + n_in], _LETTERS[lead + n_in : lead + n_in + len(features)]
+        subscripts = f"{_LETTERS[:lead]}{x_in},{x_in}{k_out}->{_LETTERS[:lead]}{k_out}"
+        names = (*BxL[:lead], *(None,) * (lead - len(BxL)), *self.out_axes)
         with megatron_scope(self.in_axes, self.out_axes):
-            y = plan.reduce_from_shards(jnp.tensordot(x.astype(dtype), kernel, n_in), self.in_axes)
+            y = plan.reduce_from_shards(plan.einsum(subscripts, x.astype(dtype), kernel, names), self.in_axes)
         return y if bias is None else y + bias
 
 
@@ -209,7 +215,7 @@ class GPT(nn.Module):
             # the lookups over the tables' dp-sharded embed dim and gathers the activations instead.
             wte_VxD, wpe_LxD = plan.constrain(wte_VxD, vocab_embed), plan.constrain(wpe_LxD, length_embed)
             # This device's positions first (+sp, cp): wpe's gradient, not the lookup's, is then summed.
-            pos_BxLxD = wpe_LxD[plan.split_length(positions_BxL)]
+            pos_BxLxD = plan.lookup(wpe_LxD, plan.split_length(positions_BxL), BxLxD)
             x_BxLxD = (plan.embed(wte_VxD, tokens_BxL) + pos_BxLxD).astype(cfg.dtype)
             x_BxLxD = plan.constrain(x_BxLxD, BxLxD)
 

@@ -44,6 +44,13 @@ class Plan:
         value = module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
         return value if dtype is None else value.astype(dtype)
 
+    def einsum(self, subscripts: str, a, b, out_names: tuple[str | None, ...], **kwargs):
+        """jnp.einsum of two operands whose result has the logical `out_names`. Where the contracted dims
+        are split, the result's layout is ambiguous: an explicit plan states it from `out_names` (the
+        partial products summed into that layout); here, GSPMD's partitioner or shard_map's per-device
+        shapes decide, and Megatron's g is `reduce_from_shards`'."""
+        return jnp.einsum(subscripts, a, b, **kwargs)
+
     def copy_to_shards(self, x):
         """Megatron's f, before a layer whose weights are split: identity forward, all-reduce backward."""
         return x
@@ -59,6 +66,11 @@ class Plan:
         clamp it); ids are validated where data enters, so this only keeps the two impls equal.
         """
         return jnp.take(table_VxD, ids, axis=0, mode="fill", fill_value=0)
+
+    def lookup(self, table, ids, names: tuple[str | None, ...]):
+        """table[ids] (a position table's rows), laid out as the logical `names` (an explicit plan states
+        it: a lookup into a split table is ambiguous)."""
+        return table[ids]
 
     def split_length(self, x_BxLxD):
         """This device's part of the sequence where sequence parallelism splits it (the whole x here)."""

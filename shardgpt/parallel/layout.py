@@ -21,15 +21,32 @@ def check(
     microbatches: int,
 ) -> None:
     """Every check below for one run: ValueError naming what to change, or None."""
-    check_mesh_axes(mesh, strategy, impl, config)
+    check_mesh_axes(mesh, strategy, impl, config, microbatches)
     check_batch(config, mesh, strategy, batch_size, seq_len, microbatches)
 
 
-def check_mesh_axes(mesh: Mesh, strategy: str, impl: str, config: ModelConfig) -> None:
+def check_mesh_axes(mesh: Mesh, strategy: str, impl: str, config: ModelConfig, microbatches: int = 1) -> None:
     """Raise before compiling where pp or cp cannot run: pp needs shard_map (GPipe is written there) and the
-    stacked layers; cp does not combine with +sp (both split the sequence)."""
+    stacked layers; cp does not combine with +sp (both split the sequence); explicit sharding runs dp, tp,
+    ZeRO and +sp on one process, for now."""
     check_axes(mesh)
     pp, cp = mesh.shape.get("pp", 1), mesh.shape.get("cp", 1)
+    if impl == "explicit":
+        unsupported = [
+            what
+            for what, present in (
+                (f"cp={cp}", cp > 1),
+                (f"--microbatches {microbatches}", microbatches > 1),
+                ("a mesh over several processes", len({d.process_index for d in mesh.devices.flat}) > 1),
+            )
+            if present
+        ]
+        if unsupported:
+            raise ValueError(
+                f"--impl explicit runs dp, tp, ZeRO-1/2/3 and +sp on one process, not yet "
+                f"{' or '.join(unsupported)}: use --impl gspmd or shard_map"
+                + (" (pp: shard_map only)" if pp > 1 else "")
+            )
     n_layer, scan_layers = config.n_layer, config.scan_layers
     if pp > 1 and impl != "shard_map":
         raise ValueError(

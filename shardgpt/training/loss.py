@@ -38,7 +38,9 @@ def _token_losses(logits_BxCxV, targets_BxC, vocab_size: int, plan: Plan):
     hit_BxC = (targets_BxC != IGNORE_INDEX) & (local_BxC >= 0) & (local_BxC < v)
     local_BxC = jnp.where(hit_BxC, local_BxC, 0)
     max_BxC = jax.lax.stop_gradient(plan.vocab_max(logits_BxCxV.max(-1)))  # only for stability
-    picked_BxC = jnp.take_along_axis(logits_BxCxV, local_BxC[..., None], -1)[..., 0]
+    # The target's logit as a masked sum over the vocab, not a gather: a sum over a split vocab has one
+    # layout in every implementation (a gather's output sharding would be ambiguous in explicit mode).
+    picked_BxC = jnp.where(jnp.arange(v) == local_BxC[..., None], logits_BxCxV, 0).sum(-1)
     # One reduction across the vocab's slices for both sums.
     exp_sum_BxC = jnp.exp(logits_BxCxV - max_BxC[..., None]).sum(-1)
     sums_2xBxC = plan.vocab_sum(jnp.stack([exp_sum_BxC, jnp.where(hit_BxC, picked_BxC, 0)]))
@@ -142,7 +144,7 @@ def _scan(x_BxLxD, head_DxV, targets_BxL, vocab_size, chunk, plan: Plan, grads: 
             mask_BxC = targets_BxC != IGNORE_INDEX
             dlogits_BxCxV = (dlogits_BxCxV * mask_BxC[..., None]).astype(x_BxCxD.dtype)
             dlogits_BxCxV = plan.constrain(dlogits_BxCxV, LOGITS)
-            dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head_DxV)
+            dx_BxCxD = plan.einsum("bcv,dv->bcd", dlogits_BxCxV, head_DxV, ("batch", None, "embed"))
         # The head's gradient: a sum over positions, which only cp splits (dp's part waits in G).
         with jax.named_scope("grad_reduce"):
             x_GxBxCxD, dlogits_GxBxCxV = (

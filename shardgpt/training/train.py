@@ -128,8 +128,11 @@ class MeshBound:
     warning is silenced for this function's calls only; on GPU and TPU it means the state is held twice.
     """
 
-    def __init__(self, jitted: Callable, mesh: Mesh, quiet_donation: bool = False):
+    def __init__(
+        self, jitted: Callable, mesh: Mesh, quiet_donation: bool = False, relayout: Callable | None = None
+    ):
         self.jitted, self.mesh, self.quiet_donation = jitted, mesh, quiet_donation
+        self.relayout = relayout or (lambda *args: args)  # the arguments as the function types them
 
     @contextlib.contextmanager
     def _context(self):
@@ -140,12 +143,12 @@ class MeshBound:
 
     def __call__(self, *args):
         with self._context():
-            return self.jitted(*args)
+            return self.jitted(*self.relayout(*args))
 
     def lower(self, *args):
         """jax.jit's lower, under the mesh; `.compile()` the result to get the executable."""
         with self._context():
-            return self.jitted.lower(*args)
+            return self.jitted.lower(*self.relayout(*args))
 
 
 class GSPMD(step.Implementation):
@@ -233,12 +236,21 @@ def make_eval_loss(model: GPT, eval_sums: Callable) -> Callable:
     return eval_loss
 
 
-def bind_step(jitted: Callable, model: GPT, mesh: Mesh, strategy: str, microbatches: int = 1) -> Callable:
-    """`step(state, batch)`: the batch checked on the host, then `jitted` run under its mesh.
+def bind_step(
+    jitted: Callable,
+    model: GPT,
+    mesh: Mesh,
+    strategy: str,
+    microbatches: int = 1,
+    relayout: Callable | None = None,
+) -> Callable:
+    """`step(state, batch)`: the batch checked on the host, then `jitted` run under its mesh (its arguments
+    first through `relayout`, where the function types them otherwise: explicit sharding's mesh).
 
     The step's `.jitted` (a MeshBound) lowers the same program for tests and benchmarks.
     """
-    jitted = MeshBound(jitted, mesh, quiet_donation=mesh.devices.flat[0].platform == "cpu")
+    quiet = mesh.devices.flat[0].platform == "cpu"
+    jitted = MeshBound(jitted, mesh, quiet_donation=quiet, relayout=relayout)
 
     def checked_step(state, batch):
         # Before any compile: the batch's shape against the mesh, the host batch's ids against the vocab.

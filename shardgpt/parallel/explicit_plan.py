@@ -1,0 +1,101 @@
+"""Explicit sharding's plan: the model written for global arrays whose sharding is part of their type.
+
+On a mesh of `AxisType.Explicit` axes every array's layout is in its type (`jax.typeof(x)` reads
+`f32[16@dp,11,64]`), jax propagates it op by op at trace time, and an op whose result layout would be
+ambiguous raises until the program says what it wants. The choices this plan writes down, each where
+GSPMD would pick silently:
+- a constraint is `jax.sharding.reshard` to the activation rules' layout (a no-op where the type already
+  says it): where GSPMD's constraint is a hint, this one is the layout;
+- a param is read in its compute layout: `reshard` to the params' rules without the data axis, which for
+  ZeRO-3 is the all-gather before use; its transpose, the reduce-scatter of the gradient into the shard,
+  comes with it. Without the reshard the dp-split weight would meet the dp-split batch in the matmul and
+  jax would reduce partial products instead (the silent failure the issue found);
+- a contraction over split dims (Megatron's row-parallel matmuls, the head's backward) states its
+  result's layout with `out_sharding=`: the partial products summed into it (all-reduce, or with +sp a
+  reduce-scatter);
+- the embedding lookup states its rows' layout (`.at[].get(out_sharding=)`): a gather from a vocab-split
+  table is ambiguous too.
+Under ZeRO-3 the blocks are rematerialised saving all but the reshards and casts, so the backward pass
+gathers each layer's params again (shard_map's policy) instead of keeping whole weights alive.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
+
+from shardgpt.model.plan import Plan
+from shardgpt.parallel import sharding
+
+
+def explicit_mesh(mesh: Mesh) -> Mesh:
+    """`mesh`'s devices and axes, every axis Explicit (shardgpt's meshes are Auto: flax's logical
+    constraints and GSPMD want them)."""
+    return Mesh(
+        np.asarray(mesh.devices), mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names)
+    )
+
+
+def active_spec(spec: P, mesh: Mesh) -> P:
+    """`spec` without the mesh's size-1 axes: in a type they would claim a split that is not there (and
+    flax's scan refuses a stacked dim typed as split, even over one device)."""
+    keep = lambda a: a if mesh.shape[a] > 1 else None
+    return P(*(tuple(filter(keep, a)) or None if isinstance(a, tuple) else a and keep(a) for a in spec))
+
+
+# Reshards (the ZeRO-3 gathers), casts and stacks: cheap to redo, and saving one would save a whole param.
+_NOT_SAVED = {"reshard", "convert_element_type", "broadcast_in_dim", "reshape", "concatenate", "stack"}
+
+
+def _save_all_but_gathers(primitive, *_, **__) -> bool:
+    return primitive.name not in _NOT_SAVED
+
+
+class ExplicitPlan(Plan):
+    """The global view on `mesh` (Explicit axes) under `strategy`'s activation rules; params read in the
+    layout of `strategy` without its ZeRO split of the data axis."""
+
+    def __init__(self, mesh: Mesh, strategy: str):
+        self.mesh, self.strategy = mesh, strategy
+        self.rules = tuple(sharding.rules(strategy, "activations"))
+        unsplit = "dp+sp" if sharding.is_sequence_parallel(strategy) else "dp"
+        self.compute_rules = tuple(sharding.rules(unsplit, "params"))
+        if sharding.canonical(strategy).startswith("zero3"):
+            self.remat_policy = _save_all_but_gathers
+
+    def spec(self, names: Sequence[str | None], rules: Sequence | None = None) -> P:
+        """The layout of logical `names` under `rules` (default: the activation rules) on this mesh."""
+        return active_spec(nn.logical_to_mesh_axes(tuple(names), rules or self.rules), self.mesh)
+
+    def constrain(self, x, names):
+        return jax.sharding.reshard(x, self.spec(names))
+
+    def param(self, module, name, init, shape, names, dtype=None):
+        value = module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+        value = value if dtype is None else value.astype(dtype)  # cast as a shard, then gathered
+        with jax.named_scope("zero3_gather"):  # the only collective this reshard may be
+            return jax.sharding.reshard(value, self.spec(names, self.compute_rules))
+
+    def einsum(self, subscripts, a, b, out_names, **kwargs):
+        return jnp.einsum(subscripts, a, b, out_sharding=self.spec(out_names), **kwargs)
+
+    def embed(self, table_VxD, ids):
+        rows = P(*jax.typeof(ids).sharding.spec, None)  # each id's row where the id is
+        return table_VxD.at[ids].get(mode="fill", fill_value=0, out_sharding=rows)
+
+    def lookup(self, table, ids, names):
+        return table.at[ids].get(out_sharding=self.spec(names))
+
+    def copy_to_shards(self, x):
+        # Megatron-SP's f: the sequence gathered whole before a split matmul (a no-op without +sp); its
+        # transpose reduce-scatters the gradient back into the slices.
+        with jax.named_scope("megatron_f"):
+            return jax.sharding.reshard(x, self.spec(("batch",) + (None,) * (x.ndim - 1)))
+
+    def batch_shards(self) -> int:
+        axis = dict(self.rules).get("batch")
+        return 1 if axis is None else self.mesh.shape[axis]
