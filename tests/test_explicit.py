@@ -20,19 +20,24 @@ from shardgpt.parallel.explicit_plan import active_spec, explicit_mesh
 from shardgpt.parallel.mesh import make_mesh
 from shardgpt.training import train
 
-CASES = [(spec, s) for spec in ("dp=2,tp=4", "dp=8") for s in sharding.STRATEGIES] + [("dp=2,tp=4", "dp+sp")]
+CASES = [(spec, s, 1) for spec in ("dp=2,tp=4", "dp=8") for s in sharding.STRATEGIES] + [
+    ("dp=2,tp=4", "dp+sp", 1)
+]
+# Gradient accumulation both ways: dp's partial gradients kept apart per dp shard until the loop ends,
+# ZeRO-3's reduced into their shards per microbatch (its dp-split params cannot enter a vmap over dp).
+CASES += [("dp=2,tp=4", "dp", 2), ("dp=2,tp=4", "zero3", 2)]
 
 
 def _seq(strategy: str) -> int:
     return SP_SEQ if sharding.is_sequence_parallel(strategy) else TASK.seq_len
 
 
-@pytest.mark.parametrize("spec, strategy", CASES)
-def test_explicit_trains_like_one_device_and_keeps_its_types(spec, strategy):
+@pytest.mark.parametrize("spec, strategy, microbatches", CASES)
+def test_explicit_trains_like_one_device_and_keeps_its_types(spec, strategy, microbatches):
     """The state's types after the last step are those after the first and the declared layouts: optax
     updates in the moments' layout, so a ZeRO-1/2 param would drift to dp-split unless resharded back."""
-    seq, where = _seq(strategy), f"explicit {spec} {strategy}"
-    ref, got = run("gspmd", SINGLE, "dp", seq=seq), run("explicit", spec, strategy, seq=seq)
+    seq, where = _seq(strategy), f"explicit {spec} {strategy} M={microbatches}"
+    ref, got = run("gspmd", SINGLE, "dp", seq=seq), run("explicit", spec, strategy, microbatches, seq=seq)
     np.testing.assert_allclose(got.losses, ref.losses, rtol=0, atol=1e-5, err_msg=f"{where} losses")
     np.testing.assert_allclose(got.grad_norms, ref.grad_norms, rtol=0, atol=1e-5, err_msg=f"{where} norms")
     assert_grads_match(got, ref, where)
@@ -61,8 +66,7 @@ def test_explicit_zero3_gathers_what_theory_says_all_by_name():
     assert sum(r["bytes_by_name"] for r in rows.values()) >= 0.95 * total
 
 
-@pytest.mark.parametrize("spec, microbatches", [("dp=2,cp=4", 1), ("dp=8", 2)])
-def test_explicit_refuses_what_it_does_not_run_yet_before_compiling(spec, microbatches):
-    cfg = config.preset("gpt-pico")
-    with pytest.raises(ValueError, match="--impl explicit runs dp, tp, ZeRO-1/2/3 and \\+sp on one process"):
-        layout.check_mesh_axes(make_mesh(spec), "dp", "explicit", cfg, microbatches)
+@pytest.mark.parametrize("spec, message", [("dp=2,cp=4", "--impl explicit runs"), ("pp=2,dp=4", "shard_map")])
+def test_explicit_refuses_what_it_does_not_run_yet_before_compiling(spec, message):
+    with pytest.raises(ValueError, match=message):
+        layout.check_mesh_axes(make_mesh(spec), "dp", "explicit", config.preset("gpt-pico"))

@@ -177,7 +177,7 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
     ]
     specs = [RunSpec(model=n, mesh=m, strategy=s, microbatches=k, impl=i, **common) for n, m, s, k, i in grid]
     # Dropped with a note where they cannot run: --compare's +sp variants, and under --impl both or all
-    # what only shard_map runs (pp's pipeline; cp, microbatches for explicit sharding).
+    # what only shard_map runs (pp's pipeline; cp for explicit sharding).
     args.optional_specs = {
         spec for spec in specs if (args.compare and not args.sp and spec.strategy.endswith("+sp"))
         or (args.impl in ("both", "all") and not _runs_there(spec, num_devices))
@@ -186,13 +186,13 @@ def make_specs(args: argparse.Namespace, num_devices: int, platform: str) -> lis
 
 
 def _runs_there(spec, num_devices: int) -> bool:
-    """False where `spec`'s impl cannot run its mesh: pp is shard_map's alone; explicit sharding runs
-    neither cp nor microbatches yet (layout.check_mesh_axes says the same to a single --impl)."""
+    """False where `spec`'s impl cannot run its mesh: pp is shard_map's alone; explicit sharding does not
+    run cp yet (layout.check_mesh_axes says the same to a single --impl)."""
     from shardgpt.parallel.mesh import parse_mesh_spec  # imports jax: after the flags are set
 
     sizes = parse_mesh_spec(spec.mesh, num_devices)
     if spec.impl == "explicit":
-        return sizes["pp"] == sizes["cp"] == spec.microbatches == 1
+        return sizes["pp"] == sizes["cp"] == 1
     return spec.impl == "shard_map" or sizes["pp"] == 1
 
 

@@ -19,6 +19,7 @@ Under ZeRO-3 the blocks are rematerialised saving all but the reshards and casts
 gathers each layer's params again (shard_map's policy) instead of keeping whole weights alive.
 """
 
+import copy
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -66,6 +67,12 @@ class ExplicitPlan(Plan):
         self.compute_rules = tuple(sharding.rules(unsplit, "params"))
         if sharding.canonical(strategy).startswith("zero3"):
             self.remat_policy = _save_all_but_gathers
+
+    def with_rules(self, rules: Sequence[tuple[str, str | None]]) -> "ExplicitPlan":
+        """The same mesh and param layouts under other activation rules (the microbatch loop's blocks)."""
+        plan = copy.copy(self)
+        plan.rules = tuple(rules)
+        return plan
 
     def spec(self, names: Sequence[str | None], rules: Sequence | None = None) -> P:
         """The layout of logical `names` under `rules` (default: the activation rules) on this mesh."""

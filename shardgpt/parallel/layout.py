@@ -36,14 +36,13 @@ def check_mesh_axes(mesh: Mesh, strategy: str, impl: str, config: ModelConfig, m
             what
             for what, present in (
                 (f"cp={cp}", cp > 1),
-                (f"--microbatches {microbatches}", microbatches > 1),
                 ("a mesh over several processes", len({d.process_index for d in mesh.devices.flat}) > 1),
             )
             if present
         ]
         if unsupported:
             raise ValueError(
-                f"--impl explicit runs dp, tp, ZeRO-1/2/3 and +sp on one process, not yet "
+                f"--impl explicit runs dp, tp, ZeRO-1/2/3, +sp and microbatches on one process, not yet "
                 f"{' or '.join(unsupported)}: use --impl gspmd or shard_map"
                 + (" (pp: shard_map only)" if pp > 1 else "")
             )

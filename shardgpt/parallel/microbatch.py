@@ -71,11 +71,19 @@ def accumulate(value_and_grad: Callable, params: Any, microbatches: dict, init: 
 
 
 def gspmd_value_and_grad(
-    loss_fn: Callable, params: Any, batch: dict, microbatches: int, plan: GSPMDPlan, grad_shardings: Any
+    loss_fn: Callable,
+    params: Any,
+    batch: dict,
+    microbatches: int,
+    plan: GSPMDPlan,
+    grad_shardings: Any,
+    place: Callable = jax.lax.with_sharding_constraint,
 ) -> tuple[tuple[jax.Array, jax.Array], Any]:
     """((loss sum, token count), grads of the loss sum) of `loss_fn(params, microbatch, plan) -> (loss
     sum, count)` summed over `microbatches` splits of `batch`, under GSPMD's `plan` (gspmd_plan.GSPMDPlan:
-    its mesh and rules); grads in `grad_shardings`.
+    its mesh and rules); grads in `grad_shardings`. `place(tree, shardings)` lays a tree out: a sharding
+    constraint under GSPMD; explicit sharding passes `jax.sharding.reshard` and its own plan (a mesh, rules
+    and `with_rules` are all this needs of one).
 
     GSPMD reduces a gradient as soon as its sharding says it is whole, so a plain scan would all-reduce
     inside the loop. Instead each microbatch is split into one block per dp shard and the gradient is
@@ -89,7 +97,7 @@ def gspmd_value_and_grad(
     values_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
     zero = jnp.zeros((), jnp.float32)
     if groups == 1:  # nothing to keep apart: accumulate in the grads' own layout
-        init = ((zero, zero), jax.lax.with_sharding_constraint(zeros_like(params), grad_shardings))
+        init = ((zero, zero), place(zeros_like(params), grad_shardings))
         value_and_grad = lambda p, m: values_and_grads(p, m, plan)
         return accumulate(value_and_grad, params, split(batch, microbatches), init)
 
@@ -105,19 +113,15 @@ def gspmd_value_and_grad(
         values_G, grads = jax.vmap(block, in_axes=(None, 0), spmd_axis_name=data_axis)(p, microbatch)
         with jax.named_scope("grad_reduce"):  # ZeRO-2/3: reduced now (the scope names the cause)
             grads = jax.tree.map(lambda g, w: g if w else g.sum(0), grads, whole)
-        return values_G, jax.lax.with_sharding_constraint(grads, per_block)
+        return values_G, place(grads, per_block)
 
     lead = lambda w: (groups,) if w else ()
     zeros = jax.tree.map(lambda p, w: zeros_like(p, lead(w)), params, whole)
-    zeros_G = jnp.zeros((groups,), jnp.float32)
-    init = ((zeros_G, zeros_G), jax.lax.with_sharding_constraint(zeros, per_block))
-    blocks = jax.lax.with_sharding_constraint(
-        split(batch, microbatches, groups), NamedSharding(mesh, P(None, data_axis))
-    )
+    zeros_G = place(jnp.zeros((groups,), jnp.float32), NamedSharding(mesh, P(data_axis)))  # a sum per block
+    init = ((zeros_G, zeros_G), place(zeros, per_block))
+    blocks = place(split(batch, microbatches, groups), NamedSharding(mesh, P(None, data_axis)))
     (total_G, count_G), acc = accumulate(value_and_grad, params, blocks, init)
     with jax.named_scope("grad_reduce"):  # the step's one reduction of the whole-over-dp gradients
-        grads = jax.lax.with_sharding_constraint(
-            jax.tree.map(lambda a, w: a.sum(0) if w else a, acc, whole), grad_shardings
-        )
+        grads = place(jax.tree.map(lambda a, w: a.sum(0) if w else a, acc, whole), grad_shardings)
     with jax.named_scope("loss_sum"):
         return (total_G.sum(), count_G.sum()), grads

@@ -8,7 +8,7 @@ layout the strategy makes is a `reshard` written here, where GSPMD infers it fro
 - the grads and params into the optimizer state's layout (ZeRO-1/2 update a dp shard of each);
 - the updated params back into their own (ZeRO-1/2's gather), because optax's update takes the moments'
   layout: a param's type would otherwise drift to dp-split with no error.
-Scope: dp, tp, ZeRO-1/2/3 and +sp, one process; pp, cp, microbatches and several processes are refused
+Scope: dp, tp, ZeRO-1/2/3, +sp and microbatches, one process; pp, cp and several processes are refused
 before any compile (layout.check names the implementations that run them).
 """
 
@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardgpt.model.gpt import GPT
-from shardgpt.parallel import layout, sharding
+from shardgpt.parallel import layout, microbatch, sharding
 from shardgpt.parallel.explicit_plan import ExplicitPlan, active_spec, explicit_mesh
 from shardgpt.training import step, train
 from shardgpt.training.train import StateShardings
@@ -50,13 +51,34 @@ class Explicit(step.Implementation):
         self.model = model.clone(plan=self.plan)
         self.params = _on(self.mesh, shardings.state.params)
         self.grads = _on(self.mesh, shardings.grads)
+        self.zero3 = sharding.canonical(strategy).startswith("zero3")
         # Where Adam's moments live is where a device updates its params (ZeRO-1/2: a dp shard).
         rules = sharding.rules(strategy, "opt_state")
         to_spec = lambda names: sharding.logical_to_spec(names, rules)
         self.update = _on(self.mesh, jax.tree.map(to_spec, shardings.params_axes, is_leaf=_is_spec))
 
-    def loss(self, params, batch, read=None):
-        return train.loss_sum(self.model, params, batch)
+    def loss(self, params, batch, read=None, plan: ExplicitPlan | None = None):
+        return train.loss_sum(self.model.clone(plan=plan) if plan else self.model, params, batch)
+
+    def accumulate(self, params, batch, read, microbatches):
+        # GSPMD's loop (microbatch.py), its layouts said by reshards: each dp shard's partial gradients
+        # apart in a leading dim on dp until the loop ends; ZeRO-2/3's reduced into their shard per
+        # microbatch.
+        if not self.zero3:
+            loss = lambda p, b, plan: self.loss(p, b, read, plan)
+            return microbatch.gspmd_value_and_grad(
+                loss, params, batch, microbatches, self.plan, self.grads, jax.sharding.reshard
+            )
+        # ZeRO-3's params are split over dp, which a vmap over dp cannot take unmapped: each microbatch's
+        # gradients reduced as its types say (ZeRO-3's into their shards, as GSPMD does; the few params the
+        # rules leave whole over dp all-reduced per microbatch). Microbatch m takes rows of every dp shard.
+        dp = self.mesh.shape[dict(self.plan.rules)["batch"]]
+        blocks = microbatch.split(batch, microbatches, dp)  # (M, dp, rows, ...): dp on the blocks
+        merged = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[3:]), blocks)
+        value_and_grad = jax.value_and_grad(lambda p, b: self.loss(p, b, read), has_aux=True)
+        zero = jnp.zeros((), jnp.float32)
+        init = ((zero, zero), jax.sharding.reshard(microbatch.zeros_like(params), self.grads))
+        return microbatch.accumulate(value_and_grad, params, merged, init)
 
     def reduce_grads(self, grads):
         return jax.sharding.reshard(grads, self.grads)
@@ -99,7 +121,7 @@ def make_train_step(
     """The one train step (step.build) in explicit sharding, jitted once on `mesh`'s Explicit twin with
     the state donated; train.make_train_step's signature."""
     layout.check_mesh_axes(mesh, strategy, "explicit", model.config, microbatches)
-    train_step = step.build(Explicit(model, mesh, strategy, shardings), tx)
+    train_step = step.build(Explicit(model, mesh, strategy, shardings), tx, microbatches)
     jitted, twin, relayout = _jit(train_step, mesh, strategy, shardings.state, (shardings.state, P()), True)
     return train.bind_step(jitted, model, twin, strategy, microbatches, relayout)
 
