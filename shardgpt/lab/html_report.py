@@ -13,7 +13,7 @@ from typing import Any
 from shardgpt.lab import html_collectives, html_plan
 from shardgpt.lab import html_page as H
 from shardgpt.lab.html_page import COMPILED, LAYOUT, LIVE, MEASURED, THEORY
-from shardgpt.lab.report import GENERATE_COLUMNS, agreement, pipeline_bubbles, size
+from shardgpt.lab.report import GENERATE_COLUMNS, agreement, number, pipeline_bubbles, size
 
 NAME = "report.html"
 
@@ -34,14 +34,6 @@ def render(results: dict[str, Any]) -> str:
 
 def _mesh(mesh: dict[str, int]) -> str:
     return ",".join(f"{axis}={n}" for axis, n in mesh.items() if n > 1) or "1 device"
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:,.1f}"
-    return "n/a" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def _verdicts(checks: Sequence[dict]) -> dict[str, str]:
@@ -231,7 +223,7 @@ def _generation(runs: Sequence[dict]) -> list[str]:
     generated = [r for r in runs if r.get("generate")]
     if not generated:
         return []
-    rows = [[r["name"], *(_number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
+    rows = [[r["name"], *(number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
     sources = ["", "", "tokens", "tokens", MEASURED, "counted", MEASURED, MEASURED, "compared"]
     return [
         H.heading("Generation", anchor="generation"),
@@ -246,7 +238,7 @@ RUN_FIELDS += ("steps", "dtype", "lr", "seed", "wall_s")
 
 def _config(runs: Sequence[dict]) -> list[str]:
     fields = [f for f in RUN_FIELDS if runs and f in runs[0]]
-    show = lambda v: _mesh(v) if isinstance(v, dict) else f"{v:.4g}" if isinstance(v, float) else _number(v)
+    show = lambda v: _mesh(v) if isinstance(v, dict) else f"{v:.4g}" if isinstance(v, float) else number(v)
     rows = [[r["name"], *(show(r.get(f)) for f in fields)] for r in runs]
     out = [
         H.heading("Configuration", anchor="config"),

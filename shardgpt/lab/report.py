@@ -169,7 +169,7 @@ def table(results: dict[str, Any]) -> str:
         out += bubble_table(bubbles)
     generated = [r for r in runs if r.get("generate")]
     if generated:
-        rows = [[r["name"], *(_number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
+        rows = [[r["name"], *(number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
         naive = sorted({r["generate"].get("naive_tokens") for r in generated} - {None})
         naive_size = f", timed over its first {'/'.join(map(str, naive))} tokens" if naive else ""
         out += [
@@ -381,7 +381,8 @@ def _collective(entry: dict[str, int]) -> str:
     return "-" if not entry["count"] else f"{size(entry['bytes'])} in {entry['count']}"
 
 
-def _number(value: Any) -> str:
+def number(value: Any) -> str:
+    """A table cell: yes/NO, 1,234.5, 1,234, n/a."""
     if isinstance(value, bool):
         return "yes" if value else "NO"
     if isinstance(value, float):
