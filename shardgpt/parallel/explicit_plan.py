@@ -20,6 +20,7 @@ gathers each layer's params again (shard_map's policy) instead of keeping whole 
 """
 
 import copy
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -48,6 +49,29 @@ def active_spec(spec: P, mesh: Mesh) -> P:
     return P(*(tuple(filter(keep, a)) or None if isinstance(a, tuple) else a and keep(a) for a in spec))
 
 
+GRAD_SHARD = "{}_grad_shard"  # ZeRO-2: the zero param beside a whole one that receives its gradient shard
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scatter_grad(value, grad_shard, spec: P):
+    """ZeRO-2's read: `value` itself; the backward pass reshards its gradient into `grad_shard`'s layout
+    (`spec`) where it is made, inside the layer loop, so no layer's whole gradient outlives it. A custom_vjp
+    must give each primal a cotangent of its own type: the whole param gets zeros, the shard the gradient."""
+    return value
+
+
+def _scatter_grad_fwd(value, grad_shard, spec):
+    return value, None
+
+
+def _scatter_grad_bwd(spec, _, ct):
+    with jax.named_scope("grad_reduce_scatter"):
+        return jnp.zeros_like(ct), jax.sharding.reshard(ct.astype(jnp.float32), spec)
+
+
+_scatter_grad.defvjp(_scatter_grad_fwd, _scatter_grad_bwd)
+
+
 # Reshards (the ZeRO-3 gathers), casts and stacks: cheap to redo, and saving one would save a whole param.
 _NOT_SAVED = {"reshard", "convert_element_type", "broadcast_in_dim", "reshape", "concatenate", "stack"}
 
@@ -65,6 +89,7 @@ class ExplicitPlan(Plan):
         self.rules = tuple(sharding.rules(strategy, "activations"))
         unsplit = "dp+sp" if sharding.is_sequence_parallel(strategy) else "dp"
         self.compute_rules = tuple(sharding.rules(unsplit, "params"))
+        self.param_rules, self.grad_rules = (tuple(sharding.rules(strategy, t)) for t in ("params", "grads"))
         if sharding.canonical(strategy).startswith("zero3"):
             self.remat_policy = _save_all_but_gathers
 
@@ -83,6 +108,12 @@ class ExplicitPlan(Plan):
 
     def param(self, module, name, init, shape, names, dtype=None):
         value = module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+        grad_spec = self.spec(names, self.grad_rules)
+        if grad_spec != self.spec(names, self.param_rules):  # ZeRO-2: the step put a grad shard beside it
+            grad_shard = module.param(
+                GRAD_SHARD.format(name), nn.initializers.zeros_init(), shape, jnp.float32
+            )
+            value = _scatter_grad(value, grad_shard, grad_spec)
         value = value if dtype is None else value.astype(dtype)  # cast as a shard, then gathered
         with jax.named_scope("zero3_gather"):  # the only collective this reshard may be
             return jax.sharding.reshard(value, self.spec(names, self.compute_rules))

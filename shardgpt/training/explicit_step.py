@@ -18,12 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import layout, microbatch, sharding
-from shardgpt.parallel.explicit_plan import ExplicitPlan, active_spec, explicit_mesh
+from shardgpt.parallel.explicit_plan import GRAD_SHARD, ExplicitPlan, active_spec, explicit_mesh
 from shardgpt.training import step, train
 from shardgpt.training.train import StateShardings
 
@@ -52,26 +53,45 @@ class Explicit(step.Implementation):
         self.params = _on(self.mesh, shardings.state.params)
         self.grads = _on(self.mesh, shardings.grads)
         self.zero3 = sharding.canonical(strategy).startswith("zero3")
+        # ZeRO-2: params whole over dp whose gradients the grads rules split over it.
+        split = lambda tree: {k: v.spec for k, v in traverse_util.flatten_dict(tree).items()}
+        at_rest, grad_specs = split(self.params), split(self.grads)
+        self.zero2_paths = {path for path, spec in grad_specs.items() if spec != at_rest[path]}
         # Where Adam's moments live is where a device updates its params (ZeRO-1/2: a dp shard).
         rules = sharding.rules(strategy, "opt_state")
         to_spec = lambda names: sharding.logical_to_spec(names, rules)
         self.update = _on(self.mesh, jax.tree.map(to_spec, shardings.params_axes, is_leaf=_is_spec))
 
-    def loss(self, params, batch, read=None, plan: ExplicitPlan | None = None):
-        return train.loss_sum(self.model.clone(plan=plan) if plan else self.model, params, batch)
+    def differentiable(self, params):
+        """(wrt, whole): what autodiff differentiates, each param or, for ZeRO-2, a zero shard in the grads
+        layout into which the backward pass reshards the gradient (ExplicitPlan.param); and the params."""
+        flat, grads = traverse_util.flatten_dict(params), traverse_util.flatten_dict(self.grads)
+        shard = lambda path: jnp.zeros(flat[path].shape, jnp.float32, out_sharding=grads[path])
+        wrt = {path: shard(path) if path in self.zero2_paths else p for path, p in flat.items()}
+        return traverse_util.unflatten_dict(wrt), params
+
+    def loss(self, wrt, batch, whole=None, plan: ExplicitPlan | None = None):
+        if whole is not None:  # ZeRO-2: each whole param read with its grad shard beside it
+            flat, flat_whole = traverse_util.flatten_dict(wrt), traverse_util.flatten_dict(whole)
+            for path in self.zero2_paths:
+                flat[(*path[:-1], GRAD_SHARD.format(path[-1]))] = flat[path]
+                flat[path] = flat_whole[path]
+            wrt = traverse_util.unflatten_dict(flat)
+        return train.loss_sum(self.model.clone(plan=plan) if plan else self.model, wrt, batch)
 
     def accumulate(self, params, batch, read, microbatches):
         # GSPMD's loop (microbatch.py), its layouts said by reshards: each dp shard's partial gradients
         # apart in a leading dim on dp until the loop ends; ZeRO-2/3's reduced into their shard per
         # microbatch.
-        if not self.zero3:
+        if not (self.zero3 or self.zero2_paths):
             loss = lambda p, b, plan: self.loss(p, b, read, plan)
             return microbatch.gspmd_value_and_grad(
                 loss, params, batch, microbatches, self.plan, self.grads, jax.sharding.reshard
             )
-        # ZeRO-3's params are split over dp, which a vmap over dp cannot take unmapped: each microbatch's
-        # gradients reduced as its types say (ZeRO-3's into their shards, as GSPMD does; the few params the
-        # rules leave whole over dp all-reduced per microbatch). Microbatch m takes rows of every dp shard.
+        # ZeRO-3's params and ZeRO-2's grad shards are split over dp, which a vmap over dp cannot take
+        # unmapped: each microbatch's gradients reduced as their types say (into their shards, as GSPMD
+        # does; the few params the rules leave whole over dp all-reduced per microbatch). Microbatch m takes
+        # rows of every dp shard.
         dp = self.mesh.shape[dict(self.plan.rules)["batch"]]
         blocks = microbatch.split(batch, microbatches, dp)  # (M, dp, rows, ...): dp on the blocks
         merged = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[3:]), blocks)
