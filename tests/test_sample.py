@@ -97,3 +97,21 @@ def test_bad_input_exits_2_with_one_line_before_compiling(ckpt, argv, reason, tm
     assert last.startswith("experiments/sample.py: error: ") and reason in last, last
     if "{corrupt}" in argv:
         assert "the newest older step that verifies is 0: sample it with --step 0" in last, last
+
+
+def test_a_chars_checkpoint_records_its_characters_and_refuses_another_text(ckpt, tmp_path):
+    """The vocabulary is saved with the run: sampling decodes without the text file, and resuming onto a
+    text whose characters differ (the same count, so the model's shapes would still fit) is refused."""
+    from shardgpt.generation import tokenizer as tokenizers
+    from shardgpt.io import checkpoint
+
+    reader = checkpoint.Checkpointer(ckpt, read_only=True)
+    saved = reader.description()
+    reader.close()
+    recorded = saved["chars"]
+    assert recorded == "".join(sorted(set(TEXT)))
+    gone = tokenizers.for_task(f"chars:{tmp_path / 'gone.txt'}", len(recorded), recorded)
+    assert gone.decode(gone.encode(TEXT[:20])) == TEXT[:20]
+    other = {**saved, "chars": recorded[:-1] + "~"}
+    with pytest.raises(ValueError, match="the text's characters are not the checkpoint's"):
+        train_cli.resume_notes(saved, other)

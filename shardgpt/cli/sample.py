@@ -116,8 +116,9 @@ def _model_config(saved_model: dict, args: argparse.Namespace, platform: str):
     return cfg.replace(**dict(args.overrides), **({"dtype": args.dtype} if args.dtype else {}))
 
 
-def _restore(args: argparse.Namespace, mesh) -> tuple[object, object, str, str | None]:
-    """(model, params, "DIR/STEP", task) from the checkpoint directory, opened read-only (no lock)."""
+def _restore(args: argparse.Namespace, mesh) -> tuple[object, object, str, str | None, str | None]:
+    """(model, params, "DIR/STEP", task, the chars task's recorded characters or None) from the checkpoint
+    directory, opened read-only (no lock)."""
     import jax
 
     from shardgpt.generation.generate import GENERATION_LAYOUT
@@ -155,11 +156,12 @@ def _restore(args: argparse.Namespace, mesh) -> tuple[object, object, str, str |
                 say(f"note: step {step} does not verify, trying the one before: {problem}", file=sys.stderr)
     finally:
         ckpt.close()
-    return model, state.params, f"{ckpt.directory}/{step}", args.task or saved.get("task")
+    chars = None if args.task else saved.get("chars")  # a checkpoint saved before they were recorded: none
+    return model, state.params, f"{ckpt.directory}/{step}", args.task or saved.get("task"), chars
 
 
-def _load_weights(args: argparse.Namespace, mesh) -> tuple[object, object, str, str | None]:
-    """(model, params, path, task) from --init-from's file, placed in the generation layout."""
+def _load_weights(args: argparse.Namespace, mesh) -> tuple[object, object, str, str | None, None]:
+    """(model, params, path, task, None) from --init-from's file, placed in the generation layout."""
     import jax
 
     from shardgpt.generation.generate import GENERATION_LAYOUT
@@ -184,7 +186,7 @@ def _load_weights(args: argparse.Namespace, mesh) -> tuple[object, object, str, 
         overrides.setdefault("dtype", "bfloat16")  # as train.py computes on accelerators
     cfg = weights.config_from_state_dict(sd, n_head, hints=hints, **overrides)
     params = weights.import_params(sd, cfg, mesh, GENERATION_LAYOUT)
-    return GPT(cfg), params, args.init_from, args.task
+    return GPT(cfg), params, args.init_from, args.task, None
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer, block_size: int, notes: list[str]):
@@ -220,8 +222,8 @@ def validate(args: argparse.Namespace) -> Job:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     mesh = _mesh(args.mesh)
     flags.note_tp_across_hosts(mesh)
-    model, params, source, task = (_restore if args.ckpt_dir else _load_weights)(args, mesh)
-    tokenizer = tokenizers.for_task(task, model.config.vocab_size)
+    model, params, source, task, chars = (_restore if args.ckpt_dir else _load_weights)(args, mesh)
+    tokenizer = tokenizers.for_task(task, model.config.vocab_size, chars)
     notes = [tokenizer.note] if tokenizer.note else []
     prompt = _prompt_ids(args, tokenizer, model.config.block_size, notes)
     generator = Generator(model, mesh, "dp", args.num_samples, sampling)  # a batch dp does not divide: error

@@ -169,6 +169,8 @@ def validate(args: argparse.Namespace) -> Job:
         "batch": spec.batch,
         "microbatches": spec.microbatches,
     }
+    if hasattr(setup.task, "chars"):  # a chars task: its vocabulary, so sampling needs no text file
+        description["chars"] = setup.task.chars
     job = Job(spec, setup, description)
     args.out = args.out or args.ckpt_dir or DEFAULT_OUT
     if jax.process_index() == 0 and args.out != args.ckpt_dir:
@@ -223,6 +225,11 @@ def resume_notes(saved: dict, description: dict) -> list[str]:
     for note in checkpoint.check_compatible(saved, description):
         resharded = note.startswith(("mesh", "impl")) or (note.startswith("strategy") and not same_layout)
         notes.append(note + (" (the state is resharded on restore)" if resharded else ""))
+    if saved.get("chars", description.get("chars")) != description.get("chars"):
+        raise ValueError(
+            "the text's characters are not the checkpoint's (the file changed since it was saved), so its "
+            "ids would mean other characters: resume with the text it was trained on"
+        )
     if saved.get("seq", description["seq"]) != description["seq"]:
         notes.append(
             f"seq: saved {saved['seq']}, now {description['seq']} (the same weights train on windows of "

@@ -25,11 +25,16 @@ class Tokenizer:
     note: str | None = None
 
 
-def for_task(spec: str | None, vocab_size: int) -> Tokenizer:
+def for_task(spec: str | None, vocab_size: int, recorded: str | None = None) -> Tokenizer:
     """The tokenizer of task `spec` as a checkpoint records it ("chars:PATH", "bin:DIR", "sort"; None: a
-    weight file, which records none) for a model reading `vocab_size` ids; ValueError if it cannot be had."""
+    weight file, which records none) for a model reading `vocab_size` ids, a chars task's from the
+    characters the checkpoint `recorded` where it did (the text file then is not needed, and a changed one
+    cannot remap the ids); ValueError if it cannot be had."""
     if spec is not None and spec.startswith("chars:"):
-        return chars(spec[len("chars:") :], vocab_size)
+        path = spec[len("chars:") :]
+        if recorded is not None:
+            return _symbols(recorded, vocab_size, f"the {len(recorded)} characters the checkpoint recorded")
+        return chars(path, vocab_size)
     if vocab_size == data.GPT2_VOCAB:
         return gpt2()
     why = {
@@ -52,17 +57,33 @@ def chars(path: str, vocab_size: int) -> Tokenizer:
             f"{path} now holds {task.vocab_size} distinct characters but the model reads {vocab_size} ids: "
             "the file changed since training, so its characters no longer map to the model's ids"
         )
-    unknown = "\ufffd"  # an id past the file's characters (a model trained with a larger vocab_size)
+    return _symbols(task.chars, vocab_size, f"the {task.vocab_size} characters of {path}")
+
+
+def _symbols(characters: str, vocab_size: int, what: str) -> Tokenizer:
+    """A chars task's tokenizer from its sorted `characters` (id i is characters[i])."""
+    unknown = "\ufffd"  # an id past the characters (a model trained with a larger vocab_size)
     note = None
-    if task.vocab_size < vocab_size:
-        note = f"the model reads {vocab_size} ids, {path} holds {task.vocab_size} characters: "
-        note += f"the others print as {unknown}"
-    symbols = list(task.chars) + [unknown] * (vocab_size - task.vocab_size)
+    if len(characters) < vocab_size:
+        note = (
+            f"the model reads {vocab_size} ids, {what} are {len(characters)}: the others print as {unknown}"
+        )
+    symbols = list(characters) + [unknown] * (vocab_size - len(characters))
+    lookup = {c: i for i, c in enumerate(characters)}
+
+    def encode(text: str) -> np.ndarray:
+        unknown_chars = sorted(set(text) - set(lookup))
+        if unknown_chars:
+            raise ValueError(
+                f"characters {unknown_chars[:10]!r} do not occur in {what}; the model cannot read them"
+            )
+        return np.array([lookup[c] for c in text], np.int32)
+
     return Tokenizer(
-        f"the {task.vocab_size} characters of {path}",
-        task.encode,
+        what,
+        encode,
         lambda ids_: "".join(symbols[i] for i in np.asarray(ids_).tolist()),
-        "\n" if "\n" in task.chars else task.chars[0],
+        "\n" if "\n" in characters else characters[0],
         note,
     )
 
