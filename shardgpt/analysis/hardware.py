@@ -9,6 +9,7 @@ jax.
 
 import dataclasses
 import functools
+import re
 import tomllib
 from importlib import resources
 
@@ -23,6 +24,9 @@ FIGURES = (  # field -> required; the optional ones are absent where no source s
     ("torus_dims", False),  # TPUs: the interconnect's torus (2 or 3 dimensions)
     ("matmul_bf16_flops", False),  # measured calibration: a large bf16 matmul
     ("copy_bytes_per_s", False),  # measured calibration: a copy through JAX, read + write
+    ("matmul_f32_flops", False),  # measured calibration: a large float32 matmul (cpu runs in float32)
+    ("intra_node_latency_s", False),  # measured: a collective's fixed cost (alpha) within a node
+    ("step_overhead_s", False),  # measured: launching one program on every device of a node
 )
 
 
@@ -52,6 +56,9 @@ class Profile:
     torus_dims: Figure | None = None
     matmul_bf16_flops: Figure | None = None
     copy_bytes_per_s: Figure | None = None
+    matmul_f32_flops: Figure | None = None
+    intra_node_latency_s: Figure | None = None
+    step_overhead_s: Figure | None = None
 
     def figures(self) -> dict[str, Figure]:
         """The figures this profile states, by field name."""
@@ -113,3 +120,48 @@ def for_device_kind(device_kind: str) -> str | None:
     """The profile whose device_kinds include jax's `device_kind` (case aside), or None."""
     kind = device_kind.strip().lower()
     return next((p.name for p in _profiles().values() if kind in (k.lower() for k in p.device_kinds)), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A machine to predict for: `nodes` of `devices_per_node` devices of one profile; a TPU slice is one node
+    (its chips share the ICI torus)."""
+
+    spec: str  # as given: "h100x8", "2xh100x8", "v5e-16"
+    profile: Profile
+    nodes: int
+    devices_per_node: int
+
+    @property
+    def devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+_GPU_SPEC = re.compile(r"(?:(\d+)x)?([a-z][a-z0-9\-]*?)x(\d+)")  # [NODESx]NAMExPER_NODE
+_TPU_SPEC = re.compile(r"((?:tpu-)?v[0-9][a-z0-9]*)-(\d+)")  # v5e-16, tpu-v5e-16: a slice of chips
+SPEC_EXAMPLES = ("h100x8", "2xh100x8", "a100x4", "v5e-16", "tpu-v4-32", "cpux8")
+
+
+def cluster(spec: str) -> Cluster:
+    """ "2xh100x8" -> 2 nodes of 8 h100s; "v5e-16" -> one tpu-v5e slice of 16 chips; ValueError listing
+    examples and the profile names otherwise."""
+    text = spec.strip().lower()
+    bad = lambda why: ValueError(
+        f"hardware spec {spec!r}: {why}; write NAMExN (one node of N), KxNAMExN (K nodes) or, for a TPU "
+        f"slice NAME-N, e.g. {', '.join(SPEC_EXAMPLES)}; the names are {', '.join(names())}"
+    )
+    if m := _TPU_SPEC.fullmatch(text):
+        name, nodes, per_node = (
+            m.group(1) if m.group(1).startswith("tpu-") else f"tpu-{m.group(1)}",
+            1,
+            m.group(2),
+        )
+    elif m := _GPU_SPEC.fullmatch(text):
+        name, nodes, per_node = m.group(2), m.group(1) or 1, m.group(3)
+    else:
+        raise bad("cannot read it")
+    if name not in names():
+        raise bad(f"no hardware profile {name!r}")
+    if int(nodes) < 1 or int(per_node) < 1:
+        raise bad("counts must be >= 1")
+    return Cluster(spec, profile(name), int(nodes), int(per_node))

@@ -247,3 +247,38 @@ def say(*args, **kwargs):
 
     if jax.process_index() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def add_predict_flags(group: argparse._ArgumentGroup):
+    """--predict and --hardware SPEC: the run command's cost-model prediction (shardgpt.lab.predict)."""
+    from shardgpt.analysis import hardware  # no jax
+
+    group.add_argument(
+        "--predict",
+        action="store_true",
+        help="predict each run's step time, tokens/s and MFU on --hardware (compile only, as --plan; an "
+        "estimate, unvalidated on GPUs until measured)",
+    )
+    group.add_argument(
+        "--hardware",
+        metavar="SPEC",
+        type=_cluster_spec,
+        help=f"--predict's cluster, e.g. {', '.join(hardware.SPEC_EXAMPLES)}",
+    )
+
+
+def _cluster_spec(text: str) -> str:
+    from shardgpt.analysis import hardware
+
+    try:
+        hardware.cluster(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def predict_implies_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """--predict plans too: compile only, one compile a run (with --target also the largest fitting batch)."""
+    if args.predict != bool(args.hardware):
+        parser.error("--predict and --hardware SPEC go together, e.g. --predict --hardware h100x8")
+    args.plan = args.plan or args.predict

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"--plan: the machine the plan is for, one of {', '.join(hardware.names())} (default: the "
         "accelerator present, if it has a profile); on a CPU host the figures are an XLA:CPU estimate",
     )
+    flags.add_predict_flags(what)
     flags.add_model_flags(p)
     loop = p.add_argument_group("training and measurement")
     loop.add_argument("--steps", type=int, default=100)
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         return 0
+    flags.predict_implies_plan(args, parser)
     if args.target and not args.plan:
         parser.error(
             f"--target {args.target} names the machine a --plan is for: give --plan, or drop --target"
@@ -301,7 +303,7 @@ def validate_plan(args: argparse.Namespace) -> tuple:
     XLA:CPU's simulated devices (an estimate), in the accelerators' compute dtype (bfloat16) unless --dtype
     says otherwise; each mesh over the first devices it needs.
     """
-    from shardgpt.lab import plan, target
+    from shardgpt.lab import plan, predict, target
 
     if args.init_from or args.task != "sort":
         raise ValueError("--plan takes a preset (--model) and --seq, not --init-from or --task")
@@ -317,10 +319,10 @@ def validate_plan(args: argparse.Namespace) -> tuple:
         )
     specs = make_specs(args, len(devices), "accelerator")
     # Each mesh over the first devices it needs: "dp=2" plans on 2 of 8 simulated devices, or of 8 GPUs.
-    prepare = lambda spec: plan.Planner.prepare(
-        spec, devices[: target.devices_needed(spec.mesh, len(devices))]
-    )
-    planners = prepare_all(specs, args, prepare)
+    first = lambda spec: devices[: target.devices_needed(spec.mesh, len(devices))]
+    planners = prepare_all(specs, args, lambda spec: plan.Planner.prepare(spec, first(spec)))
+    if args.predict:  # a mesh larger than the cluster, refused before anything compiles
+        predict.check(planners, args.hardware)
     check_outputs(args)
     return planners, placement
 
@@ -329,7 +331,7 @@ def run_plan(planners: list, placement, args: argparse.Namespace, argv: list[str
     """Compile every planner's step (abstract arrays only), print the ranked table, write results.json."""
     import time
 
-    from shardgpt.lab import html_report, runner
+    from shardgpt.lab import html_report, predict, runner
     from shardgpt.lab import plan as planning
 
     started = time.perf_counter()
@@ -345,6 +347,8 @@ def run_plan(planners: list, placement, args: argparse.Namespace, argv: list[str
         row = planning.plan(planner, placement.budget, placement.record())
         print(f"{row['name']}: {row['compiles']} compile(s), {row['wall_s']:.1f} s", file=sys.stderr)
         rows.append(row)
+    if args.predict:
+        print("\n" + predict.add(rows, planners, args.hardware))
     rows = planning.rank(rows)
     print("\n" + planning.table(rows, placement.describe()))
     print(f"wall time {time.perf_counter() - started:.0f} s for {sum(r['compiles'] for r in rows)} compiles")

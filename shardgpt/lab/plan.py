@@ -69,6 +69,7 @@ class Planner:
     make_step: Any
     microbatches: int = 1  # gradient accumulation: batches step by dp x microbatches
     compiled: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)  # by global batch
+    hlo: dict[int, str] = dataclasses.field(default_factory=dict)  # the compiled step's text, by global batch
 
     @classmethod
     def prepare(cls, spec: Any, devices: Sequence[jax.Device]) -> "Planner":
@@ -94,7 +95,8 @@ class Planner:
             microbatches = self.microbatches
             layout.check_batch(self.config, self.mesh, self.strategy, batch, self.seq, microbatches)
             step = (self.make_step, self.model, self.tx, self.mesh, self.strategy)
-            memory = metrics.compiled_memory(lower_step(*step, batch, self.seq, microbatches).compile())
+            compiled = lower_step(*step, batch, self.seq, microbatches).compile()
+            memory, self.hlo[batch] = metrics.compiled_memory(compiled), compiled.as_text()
             if memory is None:
                 raise RuntimeError(
                     f"{self.mesh.devices.flat[0].platform} reports no memory_analysis to plan with"
