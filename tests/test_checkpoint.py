@@ -215,7 +215,9 @@ def test_nan_exits_3_naming_the_last_good_checkpoint_which_step_resumes(tmp_path
     strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
     records = [strict(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
     assert (
-        records[-1]["step"] == failed and records[-1]["loss"] is None and "loss" in records[-1]["non_finite"]
+        records[-1]["step"] == failed
+        and records[-1]["non_finite"]  # the loss, the grad norm or both (jax 0.12 overflows the norm first)
+        and all(records[-1][name] is None for name in records[-1]["non_finite"])
     )
     argv = [*saved, "--steps", "4", "--lr", "1e-3", "--resume", "--step", "2"]
     assert cli.main(argv) == 0

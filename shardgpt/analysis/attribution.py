@@ -240,7 +240,16 @@ def _in_block(op_name: str) -> bool:
 def _short(op_name: str) -> str:
     """An op name without its jit(...)/shard_map/ prefix and while-loop plumbing."""
     name = re.sub(r"^jit\([^)]*\)/(shard_map/)?", "", op_name)
-    return name.replace("while/body/closed_call/", "") or "(no op name: inserted by XLA)"
+    # The scan body's wrapper: closed_call up to jax 0.10, eval_jaxpr from 0.11.
+    name = name.replace("while/body/closed_call/", "").replace("while/body/eval_jaxpr/", "")
+    return name or "(no op name: inserted by XLA)"
+
+
+def _module_of(op: str) -> str:
+    """The innermost scope of an --explain op entry ("GPT/ln_f/mul [dp]" -> "ln_f"); an op named after an
+    argument (jax >= 0.11 names some gathers so: "state.params['wte']") is itself."""
+    parts = op.split(" ")[0].split("/")
+    return parts[-2] if len(parts) > 1 else parts[0]
 
 
 def reconcile(
@@ -340,7 +349,7 @@ def _note(row: dict, evidence: dict, platform: str | None) -> str:
             "optax.tree.norm under GSPMD: each gradient leaf's partial sum of squares is reduced, where "
             "shard_map adds the leaves first (one scalar per axis set)"
         )
-    outside = sorted({n.split(" ")[0].split("/")[-2] for n in row["ops"] if not _in_block(n)})
+    outside = sorted({_module_of(n) for n in row["ops"] if not _in_block(n)})
     if row["cause"] == "zero3_gather.bwd" and row["bytes"] > row["theory_bytes"] and outside:
         return (
             f"GSPMD gathers a top-level param again for the backward pass ({', '.join(outside)}): not saved "

@@ -116,6 +116,9 @@ class ExplicitPlan(Plan):
             value = _scatter_grad(value, grad_shard, grad_spec)
         value = value if dtype is None else value.astype(dtype)  # cast as a shard, then gathered
         with jax.named_scope("zero3_gather"):  # the only collective this reshard may be
+            # From jax 0.11 XLA names a gather after its operand's producer: a reshard to the value's own
+            # layout (a no-op) makes that producer one of this scope's.
+            value = jax.sharding.reshard(value, jax.typeof(value).sharding.spec)
             return jax.sharding.reshard(value, self.spec(names, self.compute_rules))
 
     def einsum(self, subscripts, a, b, out_names, **kwargs):
