@@ -233,8 +233,9 @@ def _empty_row() -> dict:
 
 
 def _in_block(op_name: str) -> bool:
-    """True for an op of a transformer block (scanned `blocks/`, unrolled `block_i/`, or pp's `Block/`)."""
-    return bool(re.search(r"(^|/)(blocks|block_\d+|Block)/", op_name))
+    """True for an op of a transformer block (scanned `blocks/`, unrolled `block_i/`, pp's `Block/`, or from
+    jax 0.11 the layer scan's own slicing, `while/body/`)."""
+    return bool(re.search(r"(^|/)(blocks|block_\d+|Block|while/body)/", op_name))
 
 
 def _short(op_name: str) -> str:

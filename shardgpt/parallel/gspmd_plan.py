@@ -17,8 +17,17 @@ from shardgpt.model.plan import Plan
 class GSPMDPlan(Plan):
     """The global view under `rules` (logical name -> mesh axis, sharding.rules' activations) on `mesh`."""
 
-    def __init__(self, mesh: Mesh, rules: Sequence[tuple[str, str | None]]):
-        self.mesh, self.rules = mesh, tuple(rules)
+    def __init__(self, mesh: Mesh, rules: Sequence[tuple[str, str | None]], param_rules: Sequence = ()):
+        self.mesh, self.rules, self.param_rules = mesh, tuple(rules), tuple(param_rules)
+
+    def param(self, module, name, init, shape, names, dtype=None):
+        value = super().param(module, name, init, shape, names, dtype)
+        if not self.param_rules:
+            return value
+        # The param as stored, said inside the scope (a no-op constraint): from jax 0.11 XLA names ZeRO-3's
+        # gather after its operand's producer, which is then this scope's (up to 0.10, after the matmul).
+        with jax.named_scope("zero3_gather"):
+            return nn.with_logical_constraint(value, names, rules=self.param_rules, mesh=self.mesh)
 
     def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return nn.with_logical_constraint(x, names, rules=self.rules, mesh=self.mesh)
@@ -29,4 +38,5 @@ class GSPMDPlan(Plan):
 
     def with_rules(self, rules: Sequence[tuple[str, str | None]]) -> "GSPMDPlan":
         """The same mesh under other rules (the microbatch loop's blocks keep the batch off dp)."""
+        # Without the params' constraint: inside the loop's vmap over dp, a constraint may not name dp.
         return GSPMDPlan(self.mesh, rules)

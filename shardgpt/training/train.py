@@ -156,7 +156,9 @@ class GSPMD(step.Implementation):
     layout alone deciding whether they are all-reduced (dp, zero1) or reduce-scattered (zero2, zero3)."""
 
     def __init__(self, model: GPT, mesh: Mesh, strategy: str, shardings: StateShardings):
-        self.plan = GSPMDPlan(mesh, sharding.rules(strategy, "activations"))
+        self.plan = GSPMDPlan(
+            mesh, sharding.rules(strategy, "activations"), sharding.rules(strategy, "params")
+        )
         self.model, self.shardings = model, shardings
 
     def loss(self, params, batch, read=None, plan: GSPMDPlan | None = None):
