@@ -70,3 +70,21 @@ def test_explicit_zero3_gathers_what_theory_says_all_by_name():
 def test_explicit_refuses_what_it_does_not_run_yet_before_compiling(spec, message):
     with pytest.raises(ValueError, match=message):
         layout.check_mesh_axes(make_mesh(spec), "dp", "explicit", config.preset("gpt-pico"))
+
+
+def test_the_planner_compiles_an_explicit_step_on_abstract_arrays():
+    """--plan --impl explicit: the step lowered on ShapeDtypeStructs of the Auto mesh (re-typed onto the
+    Explicit twin by the step's relayout) compiles, and its state columns are the layout's, as GSPMD's."""
+    import dataclasses
+
+    from shardgpt.lab import plan, runner
+
+    spec = runner.RunSpec(
+        model="gpt-pico", mesh="dp=2,tp=4", strategy="zero3", impl="explicit", batch=16, seq=16
+    )
+    rows = {
+        impl: plan.plan(plan.Planner.prepare(dataclasses.replace(spec, impl=impl), jax.devices()), None, {})
+        for impl in ("explicit", "gspmd")
+    }
+    assert rows["explicit"]["compiled"]["temp_bytes"] > 0 and rows["explicit"]["impl"] == "explicit"
+    assert rows["explicit"]["state"] == rows["gspmd"]["state"]
