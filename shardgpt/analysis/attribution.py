@@ -361,10 +361,11 @@ def _note(row: dict, evidence: dict, platform: str | None) -> str:
         and row["bytes"] < row["theory_bytes"]
         and evidence["hoisted_bytes"]
     ):
+        share = evidence["hoisted_bytes"] / row["bytes"]
         return (
-            f"XLA moved loop-invariant gathers ({_share(evidence['hoisted_bytes'], row)}) out of their loop "
-            "(pp's ticks, the microbatches): each runs once a step, not once a pass, and the gathered params "
-            "stay live through the forward pass"
+            f"XLA moved loop-invariant gathers ({share:.0%} of these bytes) out of their loop (pp's ticks, "
+            "the microbatches): each runs once a step, not once a pass, and the gathered params stay live "
+            "through the forward pass"
         )
     if (
         row["cause"] in ("attn.bwd", "mlp.bwd")
@@ -396,7 +397,3 @@ def _note(row: dict, evidence: dict, platform: str | None) -> str:
     if abs(row["bytes"] / row["theory_bytes"] - 1) <= TOLERANCE:
         return ""
     return "unexplained: nothing in the HLO shows why (the op names are listed by --explain)"
-
-
-def _share(nbytes: int, row: dict) -> str:
-    return f"{nbytes / row['bytes']:.0%} of these bytes"

@@ -115,6 +115,19 @@ class Plan:
 GLOBAL_VIEW = Plan()
 
 
+# Cheap to redo in the backward pass, and each may hold a gathered param (a cast, a broadcast, a reshape,
+# the q/k/v kernels' stack): saving one would save the param. jax 0.10 has a `stack` primitive.
+CHEAP_TO_REDO = frozenset({"convert_element_type", "broadcast_in_dim", "reshape", "concatenate", "stack"})
+
+
+def saving_all_but(read: str):
+    """ZeRO-3's remat policy (a jax.checkpoint policy): save every residual but the primitive `read` that
+    brings a param into its compute layout, and what is CHEAP_TO_REDO, so the backward pass reads each
+    layer's params again instead of keeping whole weights alive."""
+    not_saved = CHEAP_TO_REDO | {read}
+    return lambda primitive, *_, **__: primitive.name not in not_saved
+
+
 # The logical axes Megatron splits over tp: a matmul that contracts one is row-parallel (its g, an
 # all-reduce, follows), one that produces one is column-parallel (its f, an all-reduce of x's gradient,
 # precedes it in the backward pass).

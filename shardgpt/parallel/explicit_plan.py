@@ -30,8 +30,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
-from shardgpt.model.plan import Plan
+from shardgpt.model.plan import Plan, saving_all_but
 from shardgpt.parallel import sharding
+from shardgpt.parallel.shard_map_plan import active_axes, drop_inactive
 
 
 def explicit_mesh(mesh: Mesh) -> Mesh:
@@ -45,8 +46,7 @@ def explicit_mesh(mesh: Mesh) -> Mesh:
 def active_spec(spec: P, mesh: Mesh) -> P:
     """`spec` without the mesh's size-1 axes: in a type they would claim a split that is not there (and
     flax's scan refuses a stacked dim typed as split, even over one device)."""
-    keep = lambda a: a if mesh.shape[a] > 1 else None
-    return P(*(tuple(filter(keep, a)) or None if isinstance(a, tuple) else a and keep(a) for a in spec))
+    return drop_inactive(spec, active_axes(mesh))
 
 
 GRAD_SHARD = "{}_grad_shard"  # ZeRO-2: the zero param beside a whole one that receives its gradient shard
@@ -72,14 +72,6 @@ def _scatter_grad_bwd(spec, _, ct):
 _scatter_grad.defvjp(_scatter_grad_fwd, _scatter_grad_bwd)
 
 
-# Reshards (the ZeRO-3 gathers), casts and stacks: cheap to redo, and saving one would save a whole param.
-_NOT_SAVED = {"reshard", "convert_element_type", "broadcast_in_dim", "reshape", "concatenate", "stack"}
-
-
-def _save_all_but_gathers(primitive, *_, **__) -> bool:
-    return primitive.name not in _NOT_SAVED
-
-
 class ExplicitPlan(Plan):
     """The global view on `mesh` (Explicit axes) under `strategy`'s activation rules; params read in the
     layout of `strategy` without its ZeRO split of the data axis."""
@@ -91,7 +83,7 @@ class ExplicitPlan(Plan):
         self.compute_rules = tuple(sharding.rules(unsplit, "params"))
         self.param_rules, self.grad_rules = (tuple(sharding.rules(strategy, t)) for t in ("params", "grads"))
         if sharding.canonical(strategy).startswith("zero3"):
-            self.remat_policy = _save_all_but_gathers
+            self.remat_policy = saving_all_but("reshard")  # the reshards are ZeRO-3's gathers
 
     def with_rules(self, rules: Sequence[tuple[str, str | None]]) -> "ExplicitPlan":
         """The same mesh and param layouts under other activation rules (the microbatch loop's blocks)."""

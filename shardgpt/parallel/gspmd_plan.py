@@ -11,17 +11,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
-from shardgpt.model.plan import Plan
-
-# The params' constraints and what is cheap to redo from them (casts, the q/k/v kernels' stack): saving one
-# would hand the backward pass a param under no name.
-_NOT_SAVED = set(
-    "sharding_constraint convert_element_type broadcast_in_dim reshape concatenate stack".split()
-)
-
-
-def _save_all_but_constraints(primitive, *_, **__) -> bool:
-    return primitive.name not in _NOT_SAVED
+from shardgpt.model.plan import Plan, saving_all_but
 
 
 class GSPMDPlan(Plan):
@@ -32,7 +22,7 @@ class GSPMDPlan(Plan):
         if any(axis == dict(rules).get("batch") for _, axis in self.param_rules):  # ZeRO-3: params on dp
             # The blocks' backward pass reads each param again through its named constraint (recomputed,
             # never saved), so newer XLA names the backward re-gathers too.
-            self.remat_policy = _save_all_but_constraints
+            self.remat_policy = saving_all_but("sharding_constraint")
 
     def param(self, module, name, init, shape, names, dtype=None):
         value = super().param(module, name, init, shape, names, dtype)

@@ -18,7 +18,7 @@ from jax.extend.core.primitives import custom_vjp_call_p
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from shardgpt.model.plan import Plan
+from shardgpt.model.plan import CHEAP_TO_REDO, Plan
 from shardgpt.parallel import pipeline, ring_attention, sharding
 from shardgpt.parallel.mesh import spans_processes
 
@@ -93,9 +93,7 @@ def _scatter_grad_bwd(axis, dim, limit, _, ct_):
 
 _scatter_grad.defvjp(lambda value_, *_: (value_, None), _scatter_grad_bwd)
 
-# Casts, broadcasts, reshapes and stacks (the q/k/v kernel) are cheap to redo, and may be of a gathered
-# param: saving one would save the param. By name: jax 0.10 has a `stack` primitive, older ones concatenate.
-_NOT_SAVED = {"all_gather", "convert_element_type", "broadcast_in_dim", "reshape", "concatenate", "stack"}
+_NOT_SAVED = CHEAP_TO_REDO | {"all_gather"}
 
 
 def _save_all_but_gathers(primitive, *_, **params) -> bool:
