@@ -95,3 +95,25 @@ def test_predict_cli_prints_a_labelled_table_and_writes_prediction_rows(tmp_path
     p = row["prediction"]
     assert p["terms_s"]["communication_inter_node"] > 0  # dp=8 over 2 nodes of 4: the gradients cross IB
     assert p["step_time_s"]["full_overlap"] <= p["step_time_s"]["no_overlap"]
+
+
+def test_remat_adds_the_blocks_forward_to_compute():
+    cfg = config.preset("gpt2")
+    ops = [_op("all-reduce", 2**20, (tuple(range(8)),))]
+    mesh, cluster = {"dp": 8, "tp": 1, "pp": 1}, hardware.cluster("h100x8")
+    plain = cost.predict(ops, cfg, "dp", mesh, 64, 1024, 1, cluster)["terms_s"]["compute"]
+    remat = cost.predict(ops, cfg.replace(remat=True), "dp", mesh, 64, 1024, 1, cluster)["terms_s"]["compute"]
+    assert 1.2 < remat / plain < 4 / 3  # a third more, less the head's share (gpt2: 1.24)
+    assert cost.recompute_factor(cfg, 1024) == 1
+
+
+def test_measure_needs_the_machine_it_times():
+    from types import SimpleNamespace
+
+    from shardgpt.lab import predict
+
+    cpus = [SimpleNamespace(platform="cpu", device_kind="cpu")] * 8
+    predict.check_measurable("cpux8", cpus, 1)
+    for spec, processes in (("h100x8", 1), ("cpux4", 1), ("cpux8", 2)):
+        with pytest.raises(ValueError, match="must be it, e.g. cpux8"):
+            predict.check_measurable(spec, cpus, processes)

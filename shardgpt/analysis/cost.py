@@ -2,9 +2,10 @@
 collectives, the model config and a hardware profile, with every constant and its source.
 
 Terms, each in seconds per step on one device:
-- compute: analytic training FLOPs (metrics.flops_per_token, PaLM appendix B) over achievable FLOP/s: a
-  measured matmul figure where the profile has one, else the datasheet peak x DATASHEET_EFFICIENCY.
-  Not cost_analysis' FLOPs: it counts a scanned body once;
+- compute: analytic training FLOPs (metrics.flops_per_token, PaLM appendix B; with remat the blocks'
+  forward again, `recompute_factor`) over achievable FLOP/s: a measured matmul figure where the profile has
+  one, else the datasheet peak x DATASHEET_EFFICIENCY. Not cost_analysis' FLOPs: it counts a scanned body
+  once;
 - memory: analytic bytes moved (state read and written, activations saved and read back, logits) over the
   measured copy bandwidth, else the datasheet HBM's. Analytic again: cost_analysis' bytes accessed also
   counts a scan's body once;
@@ -154,6 +155,15 @@ MEMORY_SOURCE = (
 )
 
 
+def recompute_factor(config: ModelConfig, seq: int) -> float:
+    """FLOPs run over the model's FLOPs: 1, or with remat (each block's forward run again in the backward)
+    1 + the blocks' forward share, a third of everything but the head's 6·D·V."""
+    if not config.remat:
+        return 1.0
+    flops = metrics.flops_per_token(config, seq)
+    return 1 + (flops - 6 * config.n_embd * config.vocab_size) / 3 / flops
+
+
 def bubble_factor(pp: int, microbatches: int) -> float:
     """GPipe's step time over its bubble-free time: (M + pp - 1) / M, i.e. 1 / (1 - (pp-1)/(M+pp-1))."""
     return (microbatches + pp - 1) / microbatches if pp > 1 else 1.0
@@ -194,8 +204,9 @@ def predict(
     flops_per_token = metrics.flops_per_token(config, seq)
     tokens = batch * seq
     comm = communication(ops, cluster, num_devices, constants)
+    recompute = recompute_factor(config, seq)
     terms = {
-        "compute": flops_per_token * tokens / num_devices / constants["flops_per_s"]["value"],
+        "compute": recompute * flops_per_token * tokens / num_devices / constants["flops_per_s"]["value"],
         "memory": memory_bytes(config, strategy, mesh, batch, seq, microbatches)
         / constants["memory_bytes_per_s"]["value"],
         "communication": comm["intra"] + comm["inter"],
@@ -213,6 +224,8 @@ def predict(
     peak = max(constants["peak_flops_per_s"]["value"], constants["flops_per_s"]["value"])  # MFU's denominator
     tokens_per_s = {bound: tokens / t for bound, t in step.items()}
     constants["bubble_factor"] = _figure(bubble, "GPipe: (M + pp - 1) / M")
+    if recompute > 1:
+        constants["recompute_factor"] = _figure(recompute, "remat: the blocks' forward (1/3 of 6N) again")
     constants["memory_bytes"] = _figure(
         terms["memory"] * constants["memory_bytes_per_s"]["value"], MEMORY_SOURCE
     )

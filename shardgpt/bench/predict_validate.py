@@ -1,12 +1,16 @@
 """Validate the cost model on this CPU: predict each config with the cpu profile (calibrated by
 shardgpt.bench.cpu_calibrate's microbenchmarks only), then train it with the lab's runner and compare.
 
-Prints one row per config (predicted bounds, measured median step time, error) and Spearman's rho between
-predicted and measured step times; writes the rows as JSON to the path given (default /tmp/validate.json).
+The host is shared, so each config is measured in ROUNDS rounds, each round in a fresh random order (another
+process's load then falls on different configs each round): a config's measured step time is the least of
+its rounds' medians, and Spearman's rho between two rounds is the measurement's own repeatability, the
+ceiling for any model's rho. Prints one row per config (predicted bounds, each round, error) and rho;
+writes the rows as JSON to the path given (default /tmp/validate.json).
 """
 
 import json
 import os
+import random
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -19,6 +23,7 @@ from shardgpt.lab import plan, runner
 MESHES = ("dp=8", "dp=2,tp=4", "dp=4,tp=2", "tp=8")
 STRATEGIES = ("dp", "zero3")
 MICROBATCHES = (1, 2)
+ROUNDS = 2
 
 
 def spearman(a, b) -> float:
@@ -27,53 +32,69 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def predicted(spec: runner.RunSpec, cluster: hardware.Cluster) -> dict:
+    """The cost model's prediction for one config, from its step compiled (nothing runs)."""
+    s = runner.prepare(spec)
+    seq, m = s.task.seq_len, spec.microbatches
+    lowered = plan.lower_step(s.make_step, s.model, s.tx, s.mesh, s.strategy, spec.batch, seq, m)
+    return cost.predict(
+        lowered.compile().as_text(), s.config, s.strategy, dict(s.mesh.shape), spec.batch, seq, m, cluster
+    )
+
+
 def main(argv: list[str] | None = None, model: str = "gpt-micro", steps: int = 30) -> int:
-    """Predict, then run, every config; argv: [the JSON file to write] (default /tmp/validate.json)."""
+    """Predict every config, then run each in ROUNDS shuffled rounds; argv: [the JSON file to write]."""
     argv = sys.argv[1:] if argv is None else argv
     out = argv[0] if argv else "/tmp/validate.json"
     cluster = hardware.cluster("cpux8")
-    rows = []
+    specs, rows = [], []
     for mesh in MESHES:
         for strategy in STRATEGIES:
             for m in MICROBATCHES:
                 spec = runner.RunSpec(mesh=mesh, strategy=strategy, microbatches=m, model=model, steps=steps)
                 try:
-                    s = runner.prepare(spec)
+                    p = predicted(spec, cluster)
                 except ValueError as e:  # e.g. gpt-micro's 4 heads on tp=8
                     print(f"skipped {mesh} {strategy} M={m}: {str(e).splitlines()[0]}", flush=True)
                     continue
-                seq = s.task.seq_len
-                lowered = plan.lower_step(s.make_step, s.model, s.tx, s.mesh, s.strategy, spec.batch, seq, m)
-                p = cost.predict(
-                    lowered.compile().as_text(), s.config, s.strategy, dict(s.mesh.shape), spec.batch, seq,
-                    m, cluster,
-                )  # fmt: skip
-                measured = runner.run(spec, progress=False)["step_time_s"]
-                row = {
-                    "name": runner.run_name(spec),
-                    "predicted_no_overlap_s": p["step_time_s"]["no_overlap"],
-                    "predicted_full_overlap_s": p["step_time_s"]["full_overlap"],
-                    "terms_s": p["terms_s"],
-                    "binding": p["binding"],
-                    "measured_s": measured,
-                }
-                rows.append(row)
-                print(
-                    f"{row['name']:24s} none {1e3 * row['predicted_no_overlap_s']:7.2f} ms  full "
-                    f"{1e3 * row['predicted_full_overlap_s']:7.2f} ms  measured {1e3 * measured:7.2f} ms  "
-                    f"binds {p['binding']}",
-                    flush=True,
+                specs.append(spec)
+                rows.append(
+                    {
+                        "name": runner.run_name(spec),
+                        "predicted_no_overlap_s": p["step_time_s"]["no_overlap"],
+                        "predicted_full_overlap_s": p["step_time_s"]["full_overlap"],
+                        "terms_s": p["terms_s"],
+                        "binding": p["binding"],
+                        "measured_rounds_s": [],
+                    }
                 )
-    measured = [r["measured_s"] for r in rows]
-    for bound in ("no_overlap", "full_overlap"):
-        predicted = [r[f"predicted_{bound}_s"] for r in rows]
-        errors = [p / m - 1 for p, m in zip(predicted, measured, strict=True)]
+    order = random.Random(0)
+    for r in range(ROUNDS):
+        for i in order.sample(range(len(specs)), len(specs)):
+            measured = runner.run(specs[i], progress=False)["step_time_s"]
+            rows[i]["measured_rounds_s"].append(measured)
+            print(f"round {r + 1}: {rows[i]['name']:24s} measured {1e3 * measured:7.2f} ms", flush=True)
+    for row in rows:
+        row["measured_s"] = min(row["measured_rounds_s"])
+        rounds = "  ".join(f"{1e3 * t:7.2f}" for t in row["measured_rounds_s"])
         print(
-            f"{bound}: Spearman rho {spearman(predicted, measured):.3f}, median |error| "
-            f"{100 * np.median(np.abs(errors)):.0f}%"
+            f"{row['name']:24s} none {1e3 * row['predicted_no_overlap_s']:7.2f} ms  full "
+            f"{1e3 * row['predicted_full_overlap_s']:7.2f} ms  measured (rounds) {rounds} ms  binds "
+            f"{row['binding']}"
+        )
+    measured = [r["measured_s"] for r in rows]
+    rounds = [[r["measured_rounds_s"][k] for r in rows] for k in range(ROUNDS)]
+    repeat = spearman(rounds[0], rounds[1]) if ROUNDS > 1 else float("nan")
+    print(f"measurement repeatability: Spearman rho {repeat:.3f} between rounds 1 and 2")
+    for bound in ("no_overlap", "full_overlap"):
+        predicted_s = [r[f"predicted_{bound}_s"] for r in rows]
+        errors = [p / m - 1 for p, m in zip(predicted_s, measured, strict=True)]
+        print(
+            f"{bound}: Spearman rho {spearman(predicted_s, measured):.3f} (against the least of the rounds), "
+            f"median |error| {100 * np.median(np.abs(errors)):.0f}%"
         )
     with open(out, "w") as f:
-        json.dump({"model": model, "steps": steps, "rows": rows}, f, indent=2)
+        json.dump({"model": model, "steps": steps, "rounds": ROUNDS, "rows": rows}, f, indent=2)
     return 0
 
 

@@ -250,7 +250,8 @@ def say(*args, **kwargs):
 
 
 def add_predict_flags(group: argparse._ArgumentGroup):
-    """--predict and --hardware SPEC: the run command's cost-model prediction (shardgpt.lab.predict)."""
+    """--predict, --recommend, --measure and --hardware SPEC: the run command's cost-model prediction
+    (shardgpt.lab.predict, shardgpt.lab.recommend)."""
     from shardgpt.analysis import hardware  # no jax
 
     group.add_argument(
@@ -258,6 +259,18 @@ def add_predict_flags(group: argparse._ArgumentGroup):
         action="store_true",
         help="predict each run's step time, tokens/s and MFU on --hardware (compile only, as --plan; an "
         "estimate, unvalidated on GPUs until measured)",
+    )
+    group.add_argument(
+        "--recommend",
+        action="store_true",
+        help="with --predict: search the cluster's meshes x strategies x microbatches x remat within its "
+        "memory, rank them by predicted tokens/s and compile the top 5 to confirm (shardgpt.lab.recommend)",
+    )
+    group.add_argument(
+        "--measure",
+        action="store_true",
+        help="with --predict: train and time each run (no plan) and print its prediction beside the measured "
+        "step time and the error; --hardware must be this machine (e.g. cpux8 for 8 simulated devices)",
     )
     group.add_argument(
         "--hardware",
@@ -278,7 +291,39 @@ def _cluster_spec(text: str) -> str:
 
 
 def predict_implies_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """--predict plans too: compile only, one compile a run (with --target also the largest fitting batch)."""
+    """--predict plans too (compile only, one compile a run; with --target also the largest fitting batch),
+    unless --measure asks for the runs themselves."""
     if args.predict != bool(args.hardware):
         parser.error("--predict and --hardware SPEC go together, e.g. --predict --hardware h100x8")
-    args.plan = args.plan or args.predict
+    if args.recommend:
+        check_recommend(args, parser)
+    if args.measure and (not args.predict or args.recommend or args.plan):
+        parser.error(
+            "--measure trains each run beside its prediction: give --predict --hardware SPEC, without "
+            "--plan or --recommend"
+        )
+    args.plan = args.plan or (args.predict and not args.measure)
+
+
+def check_recommend(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """--recommend chooses the layout itself: refuse, before jax starts, what would choose it too."""
+    if not args.predict:
+        parser.error("--recommend searches layouts for a cluster: add --predict --hardware SPEC")
+    chosen = {
+        "--mesh": args.mesh,
+        "--strategy": args.strategy,
+        "--compare": args.compare,
+        "--sp": args.sp,
+        "--remat": args.remat,
+        "--target": args.target,
+        "--microbatches": args.microbatches != [1],
+        "--impl": args.impl != "gspmd",
+    }
+    given = [flag for flag, value in chosen.items() if value]
+    if given:
+        parser.error(
+            f"--recommend searches meshes, strategies, microbatches and remat itself (its cluster is "
+            f"--hardware): drop {', '.join(given)}"
+        )
+    if "," in args.model:
+        parser.error(f"--recommend plans one model at a time: give one --model, not {args.model!r}")

@@ -113,6 +113,7 @@ def comparison_page(results: dict[str, Any]) -> str:
     body += _memory(runs)
     body += html_collectives.section(runs)
     body += _bubbles(runs)
+    body += _predictions(runs)
     body += _generation(runs)
     body += _config(runs)
     body += H.meta_section(meta)
@@ -215,6 +216,34 @@ def _bubbles(runs: Sequence[dict]) -> list[str]:
         H.para(
             "measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks "
             "across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough."
+        ),
+    ]
+
+
+def _predictions(runs: Sequence[dict]) -> list[str]:
+    """Each run's cost-model prediction (run.py --predict --measure) beside its measured step time."""
+    predicted = [r for r in runs if r.get("prediction")]
+    if not predicted:
+        return []
+    ms = lambda seconds: f"{1e3 * seconds:.3g}"
+    bounds = ("no_overlap", "full_overlap")
+    rows = [
+        [r["name"], ms(r["step_time_s"])]
+        + [ms(r["prediction"]["step_time_s"][b]) for b in bounds]
+        + [f"{100 * r['prediction']['error'][b]:+.0f}%" for b in bounds]
+        for r in predicted
+    ]
+    header = ["run", "step (ms)", "no overlap (ms)", "full overlap (ms)", "error", "error"]
+    kind = "prediction (analysis/cost.py)"
+    sources = ["", MEASURED, kind, kind, "no overlap / measured - 1", "full overlap / measured - 1"]
+    return [
+        H.heading(
+            f"Predicted beside measured ({predicted[0]['prediction']['hardware']})", anchor="predicted"
+        ),
+        H.table(header, rows, sources=sources),
+        H.para(
+            "The cost model's prediction for this machine, from each run's step compiled again, beside its "
+            "measured median step time; the profile's figures come from microbenchmarks, never these runs."
         ),
     ]
 
