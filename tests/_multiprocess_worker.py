@@ -3,7 +3,7 @@ devices).
 
 Every process runs the same checks; process 0 writes what the test compares against one process x 8:
     python tests/_multiprocess_worker.py OUT.json RESTORE_DIR SAVE_DIR --coordinator ... --devices 4
-- the training runs of tests/_runs.py (dp and zero3 on dp=2,tp=4, GSPMD and shard_map);
+- the training runs of tests/_runs.py (zero3 on dp=2,tp=4: GSPMD, shard_map and explicit sharding);
 - the global batch assembled from per-process rows, and how many rows this process built;
 - how many processes a tp group and a dp group span;
 - greedy generation from the zero3 run's params on the 2-process mesh;
@@ -18,9 +18,10 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Both impls at ZeRO-3, whose step has every kind of collective across processes: gathers, reduce-scatters
-# and all-reduces (the gradients of params dp does not split). dp's runs are left out for the suite's time.
-RUNS = [("gspmd", "zero3"), ("shard_map", "zero3")]
+# The three impls at ZeRO-3, whose step has every kind of collective across processes: gathers,
+# reduce-scatters and all-reduces (the gradients of params dp does not split); explicit's state and batch
+# also cross from the Auto mesh onto its Explicit twin there. dp's runs are left out for the suite's time.
+RUNS = [("gspmd", "zero3"), ("shard_map", "zero3"), ("explicit", "zero3")]
 MESH = "dp=2,tp=4"
 PROMPTS = [[0, 1, 2, 1, 0, 2], [2, 2, 1, 0, 0, 1]]
 NEW_TOKENS = 5

@@ -11,14 +11,17 @@ GSPMD's bit for bit (the same program, partitioned from the same layouts), gradi
 import re
 
 import _runs
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from _runs import SINGLE, SP_SEQ, TASK, assert_grads_match, assert_state_matches, by_cause, run
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from shardgpt.model import config
 from shardgpt.parallel import layout, sharding
-from shardgpt.parallel.explicit_plan import active_spec, explicit_mesh
+from shardgpt.parallel.explicit_plan import ExplicitPlan, active_spec, explicit_mesh
 from shardgpt.parallel.mesh import make_mesh
 from shardgpt.training import train
 
@@ -94,3 +97,25 @@ def test_the_planner_compiles_an_explicit_step_on_abstract_arrays():
     }
     assert rows["explicit"]["compiled"]["temp_bytes"] > 0 and rows["explicit"]["impl"] == "explicit"
     assert rows["explicit"]["state"] == rows["gspmd"]["state"]
+
+
+@pytest.mark.parametrize("strategy, reshards", [("dp", 0), ("zero1", 0), ("zero3", 2)])
+def test_a_param_stored_as_computed_is_read_without_a_reshard(strategy, reshards):
+    """Even a no-op reshard's result is a new value, which the layer loop saves per layer for the backward
+    pass where it would otherwise read the param's own slice: a copy of the stacked weights (288 KiB a
+    device on dp=8, gpt-pico). Only ZeRO-3's read reshards: the gather, after a no-op that names it."""
+
+    class Read(nn.Module):
+        plan: ExplicitPlan
+
+        @nn.compact
+        def __call__(self):
+            return self.plan.param(self, "kernel", nn.initializers.ones_init(), (64, 256), ("embed", "mlp"))
+
+    mesh = explicit_mesh(make_mesh("dp=8"))
+    stored = P("dp", None) if strategy == "zero3" else P(None, None)
+    kernel = jax.ShapeDtypeStruct((64, 256), np.float32, sharding=NamedSharding(mesh, stored))
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda k: Read(ExplicitPlan(mesh, strategy)).apply({"params": {"kernel": k}}))
+        eqns = jaxpr(kernel).jaxpr.eqns
+    assert [e.primitive.name for e in eqns].count("reshard") == reshards, eqns

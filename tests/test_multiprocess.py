@@ -1,7 +1,8 @@
 """Two processes x 4 CPU devices (jax.distributed over localhost, started by
-shardgpt.parallel.distributed.launch) equal one process x 8: training (both impls, dp and zero3; the
-equivalence tests' 1e-5), per-process batch rows, the tp groups' placement, generation, and checkpoints saved
-by one set-up and restored by the other. The launcher stops every worker when one fails."""
+shardgpt.parallel.distributed.launch) equal one process x 8: training (zero3 under GSPMD, shard_map and
+explicit sharding; the equivalence tests' 1e-5), per-process batch rows, the tp groups' placement,
+generation, and checkpoints saved by one set-up and restored by the other. The launcher stops every worker
+when one fails."""
 
 import json
 import os

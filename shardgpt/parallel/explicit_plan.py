@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
+from shardgpt.model.moe import EXPERT_SLOTS, TOKEN_SLOTS
 from shardgpt.model.plan import Plan, saving_all_but
 from shardgpt.parallel import sharding
 from shardgpt.parallel.shard_map_plan import active_axes, drop_inactive
@@ -47,6 +48,11 @@ def active_spec(spec: P, mesh: Mesh) -> P:
     """`spec` without the mesh's size-1 axes: in a type they would claim a split that is not there (and
     flax's scan refuses a stacked dim typed as split, even over one device)."""
     return drop_inactive(spec, active_axes(mesh))
+
+
+def _padded(spec: P, ndim: int) -> tuple:
+    """`spec` as one entry per dim (P("dp") and P("dp", None) are one layout but compare unequal)."""
+    return tuple(spec) + (None,) * (ndim - len(spec))
 
 
 GRAD_SHARD = "{}_grad_shard"  # ZeRO-2: the zero param beside a whole one that receives its gradient shard
@@ -107,11 +113,17 @@ class ExplicitPlan(Plan):
             )
             value = _scatter_grad(value, grad_shard, grad_spec)
         value = value if dtype is None else value.astype(dtype)  # cast as a shard, then gathered
+        compute = self.spec(names, self.compute_rules)
+        if _padded(jax.typeof(value).sharding.spec, value.ndim) == _padded(compute, value.ndim):
+            # Stored as computed with (dp, ZeRO-1/2, tp): no reshard, not even a no-op one. The layer
+            # loop's backward pass then reads the param's own slice; a reshard's result is a new value,
+            # which the loop would save for it: a copy of the stacked weights (gpt-pico, dp=8: 288 KiB).
+            return value
         with jax.named_scope("zero3_gather"):  # the only collective this reshard may be
             # From jax 0.11 XLA names a gather after its operand's producer: a reshard to the value's own
             # layout (a no-op) makes that producer one of this scope's.
             value = jax.sharding.reshard(value, jax.typeof(value).sharding.spec)
-            return jax.sharding.reshard(value, self.spec(names, self.compute_rules))
+            return jax.sharding.reshard(value, compute)
 
     def einsum(self, subscripts, a, b, out_names, **kwargs):
         return jnp.einsum(subscripts, a, b, out_sharding=self.spec(out_names), **kwargs)
@@ -124,11 +136,20 @@ class ExplicitPlan(Plan):
         return table.at[ids].get(out_sharding=self.spec(names))
 
     def copy_to_shards(self, x):
-        # Megatron-SP's f: the sequence gathered whole before a split matmul (a no-op without +sp); its
-        # transpose reduce-scatters the gradient back into the slices.
+        # Megatron-SP's f: the sequence gathered whole before a split matmul; its transpose reduce-scatters
+        # the gradient back into the slices. Without +sp nothing to do (an MoE's slots: experts lead).
+        if not sharding.is_sequence_parallel(self.strategy):
+            return x
         with jax.named_scope("megatron_f"):
             return jax.sharding.reshard(x, self.spec(("batch",) + (None,) * (x.ndim - 1)))
 
+    def to_experts(self, x_ExNxCxD):
+        with jax.named_scope("moe.dispatch"):  # the all-to-all this reshard is (and its transpose)
+            return self.constrain(x_ExNxCxD, (*EXPERT_SLOTS, "embed"))
+
+    def from_experts(self, y_ExNxCxD):
+        with jax.named_scope("moe.combine"):
+            return self.constrain(y_ExNxCxD, (*TOKEN_SLOTS, "embed"))
+
     def batch_shards(self) -> int:
-        axis = dict(self.rules).get("batch")
-        return 1 if axis is None else self.mesh.shape[axis]
+        return sharding.axes_size(self.mesh, dict(self.rules).get("batch"))

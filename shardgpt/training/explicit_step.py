@@ -8,8 +8,10 @@ layout the strategy makes is a `reshard` written here, where GSPMD infers it fro
 - the grads and params into the optimizer state's layout (ZeRO-1/2 update a dp shard of each);
 - the updated params back into their own (ZeRO-1/2's gather), because optax's update takes the moments'
   layout: a param's type would otherwise drift to dp-split with no error.
-Scope: dp, tp, ZeRO-1/2/3, +sp and microbatches, one process; pp, cp and several processes are refused
-before any compile (layout.check names the implementations that run them).
+Scope: dp, tp, ZeRO-1/2/3, +sp and microbatches, on one process or several (the state and batch arrive as
+global arrays on the Auto mesh, `distributed.place` or `data.global_batch`, and are re-typed onto the twin
+where they are: each process's shards stay put); pp and cp are refused before any compile
+(layout.check names the implementations that run them).
 """
 
 from collections.abc import Callable
@@ -92,7 +94,7 @@ class Explicit(step.Implementation):
         # unmapped: each microbatch's gradients reduced as their types say (into their shards, as GSPMD
         # does; the few params the rules leave whole over dp all-reduced per microbatch). Microbatch m takes
         # rows of every dp shard.
-        dp = self.mesh.shape[dict(self.plan.rules)["batch"]]
+        dp = sharding.axes_size(self.mesh, dict(self.plan.rules)["batch"])
         blocks = microbatch.split(batch, microbatches, dp)  # (M, dp, rows, ...): dp on the blocks
         merged = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[3:]), blocks)
         value_and_grad = jax.value_and_grad(lambda p, b: self.loss(p, b, read), has_aux=True)
@@ -112,8 +114,9 @@ class Explicit(step.Implementation):
 
 def _jit(fn: Callable, mesh: Mesh, strategy: str, first: Any, out: Any, donate: bool = False):
     """(train.jit_with_batch on the mesh's Explicit twin, the twin, and `relayout`: the arguments from
-    `mesh`'s Auto layouts onto the twin's, the same devices and splits (arrays are re-typed, not moved;
-    abstract ones get the twin's sharding)."""
+    `mesh`'s Auto layouts onto the twin's, the same devices and splits (arrays are re-typed, not moved: a
+    global array spanning processes too, each process's shards where they are; abstract ones get the
+    twin's sharding)."""
     twin = explicit_mesh(mesh)
     first = _on(twin, first)
     batch = NamedSharding(twin, active_spec(sharding.batch_sharding(twin, strategy).spec, twin))
