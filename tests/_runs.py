@@ -27,6 +27,15 @@ MODEL = GPT(config.preset("gpt-pico", vocab_size=TASK.vocab_size, block_size=TAS
 # Sequence parallelism needs a length tp divides: sort's 11 tokens plus one whose target is ignored.
 SP_SEQ = 12
 MODELS = {TASK.seq_len: MODEL, SP_SEQ: GPT(MODEL.config.replace(block_size=SP_SEQ))}
+# A mixture of experts (8 experts, top-1, capacity 1.25): the sort task's 11-token rows are its routing
+# groups, 2 slots an expert, so batches drop tokens (test_moe checks that they do).
+MOE = GPT(config.preset("gpt-moe-pico", vocab_size=TASK.vocab_size, block_size=TASK.seq_len))
+
+
+def model_for(seq: int, moe: bool = False) -> GPT:
+    return MOE if moe else MODELS[seq]
+
+
 OPTIM = optim.OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10)
 TX = optim.make_optimizer(OPTIM)
 SINGLE = "single"  # the mesh spec of the one-device reference
@@ -58,18 +67,21 @@ def batch(step: int, mesh, seq: int = TASK.seq_len) -> dict:
 
 
 @functools.cache
-def initial_state(seq: int = TASK.seq_len) -> train.TrainState:
+def initial_state(seq: int = TASK.seq_len, moe: bool = False) -> train.TrainState:
     """The step-0 state on the host, initialised once (on one device) and placed per mesh and strategy."""
-    return jax.device_get(train.init_state(MODELS[seq], TX, mesh_for(SINGLE), "dp")[0])
+    return jax.device_get(train.init_state(model_for(seq, moe), TX, mesh_for(SINGLE), "dp")[0])
 
 
 @functools.cache
-def run(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = TASK.seq_len) -> Run:
-    """STEPS steps of `impl` ("gspmd" or "shard_map") on mesh `spec` with `strategy`, each step's batch as
-    `microbatches`, on sequences of `seq` (TASK.seq_len or SP_SEQ); one compile."""
-    mesh, model = mesh_for(spec), MODELS[seq]
+def run(
+    impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = TASK.seq_len, moe: bool = False
+) -> Run:
+    """STEPS steps of `impl` ("gspmd", "shard_map" or "explicit") on mesh `spec` with `strategy`, each
+    step's batch as `microbatches`, on sequences of `seq` (TASK.seq_len or SP_SEQ), of gpt-pico or with
+    `moe` of gpt-moe-pico; one compile."""
+    mesh, model = mesh_for(spec), model_for(seq, moe)
     shardings = train.state_shardings(model, TX, mesh, strategy)
-    state = distributed.place(initial_state(seq), shardings.state)  # also across processes
+    state = distributed.place(initial_state(seq, moe), shardings.state)  # also across processes
     make = {"gspmd": train.make_train_step, "shard_map": shard_map_step.make_train_step}.get(
         impl, explicit_step.make_train_step
     )
@@ -174,12 +186,14 @@ def assert_state_matches(got: "Run", ref: "Run", where: str, rtol: float = STATE
     assert int(got.state.step) == int(ref.state.step) == int(got_adam.count) == STEPS, where
 
 
-def by_cause(impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = TASK.seq_len) -> dict:
+def by_cause(
+    impl: str, spec: str, strategy: str, microbatches: int = 1, seq: int = TASK.seq_len, moe: bool = False
+) -> dict:
     """{(cause, kind): reconciliation row} (shardgpt.analysis.theory.by_cause) of run(...)'s compiled step."""
-    mesh, model = mesh_for(spec), MODELS[seq]
+    mesh, model = mesh_for(spec), model_for(seq, moe)
     shardings = train.state_shardings(model, TX, mesh, strategy)
     params = jax.eval_shape(lambda: train.init_params(model, jax.random.key(0)))
-    hlo = run(impl, spec, strategy, microbatches, seq).hlo
+    hlo = run(impl, spec, strategy, microbatches, seq, moe).hlo
     rows = theory.by_cause(
         hlo, model.config, strategy, dict(mesh.shape), params, shardings, BATCH, seq, microbatches, impl
     )

@@ -45,7 +45,7 @@ BOTH = [
     (["--model.n_layers=2"], "unknown model field 'n_layers'"),
     (["--model.n_layer=two"], "model field 'n_layer' takes a int"),
     (["--mesh", "tp=8", "--model", "gpt-nano"], "not divisible by mesh axis tp=8"),
-    (["--mesh", "dp=8", "--batch", "12"], "not divisible by mesh axis dp=8"),
+    (["--mesh", "dp=8", "--batch", "12"], "not divisible by mesh axis dp*ep=8"),
     (["--task", "chars:/no/such/file.txt"], "not found"),
     (["--seq", "5"], "--seq applies to chars:PATH tasks"),
     (["--init-from", "/no/such/ckpt.npz"], "no checkpoint at /no/such/ckpt.npz"),
@@ -170,7 +170,7 @@ def test_smoke_compare_writes_complete_results(smoke):
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
         assert set(r["memory"]) == MEMORY_KEYS and set(r["collectives"]) == set(KINDS)
         assert (
-            r["mesh"] == {"dp": 2, "pp": 1, "cp": 1, "tp": 4}
+            r["mesh"] == {"dp": 2, "pp": 1, "cp": 1, "ep": 1, "tp": 4}
             and r["impl"] == "gspmd"
             and r["generate"] is None
         )

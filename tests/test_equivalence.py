@@ -58,10 +58,11 @@ def test_the_compared_program_carries_the_activation_shardings():
     still hold the model's activation constraints (flax drops them silently when no mesh is set)."""
     program = run("gspmd", "dp=2,tp=4", "zero3").program
     b, length, h, k, d = _runs.BATCH, _runs.TASK.seq_len, 8, 8, 64
-    # Shardy's form first, then GSPMD's (jax may lower either): q/k/v split (batch -> dp, heads -> tp),
-    # and the residual stream split over dp only.
-    qkv = [f'[{{"dp"}}, {{}}, {{"tp"}}, {{}}]> : tensor<{b}x{length}x{h}x{k}xf32>', "{devices=[2,1,4,1]"]
-    residual = [f'[{{"dp"}}, {{}}, {{}}]> : tensor<{b}x{length}x{d}xf32>', "{devices=[2,1,1,4]"]
+    # Shardy's form first, then GSPMD's (jax may lower either): q/k/v split (batch -> dp x ep, length ->
+    # cp, both of size 1 here, heads -> tp), and the residual stream split over dp only.
+    lead = '{"dp", "ep"}, {"cp"}'
+    qkv = [f'[{lead}, {{"tp"}}, {{}}]> : tensor<{b}x{length}x{h}x{k}xf32>', "{devices=[2,1,4,1]"]
+    residual = [f"[{lead}, {{}}]> : tensor<{b}x{length}x{d}xf32>", "{devices=[2,1,1,4]"]
     for what, forms in (("q/k/v", qkv), ("residual", residual)):
         assert any(form in program for form in forms), f"no {what} activation constraint in the program"
 

@@ -261,7 +261,7 @@ def test_stop_token_outside_the_vocabulary_is_an_error(params):
 
 
 def test_batch_not_divisible_by_dp_is_an_error():
-    with pytest.raises(ValueError, match=r"batch=1\) is not divisible by mesh axis dp=2"):
+    with pytest.raises(ValueError, match=r"batch=1\) is not divisible by mesh axis dp\*ep=2"):
         Generator(MODEL, make_mesh("dp=2,tp=4"), batch_size=1)
 
 

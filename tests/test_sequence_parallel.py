@@ -40,10 +40,11 @@ MESH, TP, N_LAYER = "dp=2,tp=4", 4, 2
 def test_the_rule_splits_length_between_the_tensor_parallel_regions_only():
     rules = sharding.rules("zero1+sp", "activations")
     resolve = lambda names: tuple(nn.logical_to_mesh_axes(names, rules))
-    assert resolve(("batch", "length", "embed")) == ("dp", "tp", None)  # the residual stream
-    assert resolve(("batch", "length", "heads", "kv")) == ("dp", None, "tp", None)  # inside attention
-    assert resolve(("batch", "length", "mlp")) == ("dp", None, "tp")
-    assert resolve(("batch", "length", "vocab")) == ("dp", None, "tp")
+    batch = ("dp", "ep")  # ep: 1 without experts
+    assert resolve(("batch", "length", "embed")) == (batch, "tp", None)  # the residual stream
+    assert resolve(("batch", "length", "heads", "kv")) == (batch, None, "tp", None)  # inside attention
+    assert resolve(("batch", "length", "mlp")) == (batch, None, "tp")
+    assert resolve(("batch", "length", "vocab")) == (batch, None, "tp")
     for target in ("params", "grads", "opt_state"):  # the state is laid out exactly as without +sp
         assert sharding.rules("zero1+sp", target) == sharding.rules("zero1", target)
     assert (

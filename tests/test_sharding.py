@@ -24,11 +24,12 @@ EMBED_ON_DP = {
 @pytest.mark.parametrize("strategy", list(sharding.STRATEGIES))
 def test_rule_table_matches_design(strategy):
     act = dict(sharding.rules(strategy, "activations"))
-    assert act["batch"] == "dp" and act["embed"] is None
+    assert act["batch"] == ("dp", "ep") and act["embed"] is None  # every device its own rows
+    assert (act["expert"], act["moe_groups"]) == ("ep", "dp")
     for target in ("params", "grads", "opt_state"):
         table = dict(sharding.rules(strategy, target))
         assert table["embed"] == ("dp" if EMBED_ON_DP[strategy][target] else None), (strategy, target)
-        assert table["batch"] is None
+        assert table["batch"] is None and table["expert"] == "ep" and table["moe_groups"] is None
     for target in sharding.TARGETS:
         table = dict(sharding.rules(strategy, target))
         assert set(table) == set(LOGICAL_AXES)
@@ -104,8 +105,8 @@ def test_real_state_shardings_follow_the_table(strategy, scan):
 def test_every_param_has_one_vocabulary_name_per_dim_and_every_rule_is_used():
     used = set()
     for scan in (True, False):
-        for tie in (True, False):
-            cfg = config.preset("gpt-pico", scan_layers=scan, tie_embeddings=tie)
+        for tie, name in ((True, "gpt-pico"), (False, "gpt-pico"), (False, "gpt-moe-pico")):
+            cfg = config.preset(name, scan_layers=scan, tie_embeddings=tie)
             axes = train.param_axes(GPT(cfg))
             boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), np.zeros((1, 1), np.int32))
             params = jax.tree.leaves(nn.unbox(boxed["params"]))
@@ -115,8 +116,10 @@ def test_every_param_has_one_vocabulary_name_per_dim_and_every_rule_is_used():
                 assert len(names) == leaf.ndim, (names, leaf.shape)
                 assert all(n in LOGICAL_AXES for n in names), names
                 used.update(names)
-    # Activation-only names are used by the model's constraints (batch), the cache (length) and params.
-    assert used | {"batch"} == set(LOGICAL_AXES), f"rules no param uses: {set(LOGICAL_AXES) - used}"
+    # Activation-only names are used by the model's constraints (batch, an MoE's dispatched groups), the
+    # cache (length) and params.
+    unused = set(LOGICAL_AXES) - used - {"batch", "moe_groups"}
+    assert not unused, f"rules no param uses: {unused}"
     for strategy in sharding.STRATEGIES:
         for target in sharding.TARGETS:
             assert {name for name, _ in sharding.rules(strategy, target)} <= set(LOGICAL_AXES)

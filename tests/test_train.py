@@ -132,10 +132,10 @@ def test_global_batch_is_sharded_over_dp_and_equal_across_meshes():
     task = data.SortTask()
     mesh = make_mesh("dp=2,tp=4")
     batch = data.global_batch(task, 3, 8, sharding.batch_sharding(mesh, "zero2"))
-    assert batch["inputs"].sharding.spec == jax.sharding.PartitionSpec("dp", None)
+    assert batch["inputs"].sharding.spec == jax.sharding.PartitionSpec(("dp", "ep"), None)
     assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(4, task.seq_len)}
     np.testing.assert_array_equal(np.asarray(batch["inputs"]), task.rows(3, range(8))[0])
-    with pytest.raises(ValueError, match="batch size 7 is not divisible by dp=2"):
+    with pytest.raises(ValueError, match="batch size 7 is not divisible by the 2 shards of the batch"):
         data.global_batch(task, 0, 7, sharding.batch_sharding(mesh, "dp"))
 
 
@@ -144,7 +144,7 @@ def test_bad_batches_raise_before_compiling():
     mesh = make_mesh("dp=4,tp=2")
     with pytest.raises(ValueError, match="sequence length 11 exceeds the model's block_size 8"):
         layout.check_batch(model.config, mesh, "dp", 8, 11)
-    with pytest.raises(ValueError, match=r"batch=6\) is not divisible by mesh axis dp=4"):
+    with pytest.raises(ValueError, match=r"batch=6\) is not divisible by mesh axis dp\*ep=4"):
         layout.check_batch(model.config, mesh, "zero1", 6, 8)
     layout.check_batch(model.config, mesh, "zero1", 8, 8)
 

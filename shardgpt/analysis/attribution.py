@@ -2,10 +2,10 @@
 
 A collective's cause is read from what XLA kept of the program: the jax named scopes and module paths in
 its op_name (`megatron_g`, `blocks/attn/out`, `zero3_gather`, `optimizer`...), whether it runs in the
-backward pass (`transpose(`), and the mesh axes its device groups span. Both impls name the same places
-(the model, the loss and the steps scope them), so a GSPMD program and its shard_map twin attribute alike.
-A tuple collective that XLA combined from several is split into its elements, each attributed by its
-own name. What no rule explains is "unattributed", never dropped.
+backward pass (`transpose(`), and the mesh axes its device groups span. Every impl names the same places
+(the model, the loss and the steps scope them), so its programs attribute alike. A tuple collective XLA
+combined from several is split into its elements, each attributed by its own name; what no rule explains
+is "unattributed", never dropped.
 
 `reconcile` sets the compiled rows beside theory's (shardgpt.analysis.theory), cause by cause. Needs no
 jax, so a saved results.json can be re-explained anywhere.
@@ -36,6 +36,8 @@ CAUSES = {
     "optimizer": "the global gradient norm for clipping",
     "pp_send": "pipeline: activations to the next stage, cotangents back (pp)",
     "ring_kv": "ring attention: K/V blocks around the ring, cotangents back (cp)",
+    "moe.dispatch": "MoE: routing slots all-to-all to their experts' devices, and the gradient back (ep)",
+    "moe.combine": "MoE: the experts' outputs all-to-all back to their tokens, and the gradient (ep)",
     "kv_gather": "GSPMD's context parallelism: K/V gathered along the sequence, cotangents scattered (cp)",
     "cp_gather": "GSPMD's context parallelism: other activations gathered along the sequence (cp)",
     "unattributed": "no rule names a cause",
@@ -51,8 +53,7 @@ def _scopes(op_name: str) -> set[str]:
 
 
 def mesh_axes(groups: tuple[tuple[int, ...], ...], mesh_shape: dict[str, int]) -> tuple[str, ...]:
-    """The mesh axes along which an op's device groups (partition ids, in the mesh's flat device order)
-    vary: the axes it communicates over."""
+    """The mesh axes an op's device groups (partition ids, in mesh order) vary along: it talks over them."""
     names, sizes = list(mesh_shape), list(mesh_shape.values())
     varying = set()
     for group in groups:
@@ -112,7 +113,7 @@ def _key(dims) -> tuple[int, ...]:
 # Named scopes that state a cause, placed by the code that issues the collective (shard_map) or induces it
 # (the model, the loss and the steps, under GSPMD); Megatron's are resolved by the block around them.
 _CAUSE_SCOPES = {"loss_sum": "loss", "pp_send": "pp_send", "ring_kv_pass": "ring_kv"}
-_CAUSE_SCOPES |= {"kv_gather": "kv_gather", "cp_gather": "cp_gather"}
+_CAUSE_SCOPES |= {scope: scope for scope in ("kv_gather", "cp_gather", "moe.dispatch", "moe.combine")}
 _GRAD_SCOPES = {"grad_reduce", "grad_all_reduce", "grad_reduce_scatter"}
 _MEGATRON_SCOPES = {"megatron_f", "megatron_g", "sp_all_gather", "sp_reduce_scatter"}
 _EMBED_SCOPES = {"embed", "vocab_embed", "sp_vocab_embed"}
@@ -142,8 +143,8 @@ def by_name(op_name: str, kind: str, dims: tuple[int, ...] = (), params: ParamSh
         if backward:  # a param's gradient summed over the devices holding parts of it
             return "grad_reduce"
     if scopes & _MEGATRON_SCOPES:
-        for block in ("attn", "mlp"):
-            if block in scopes:
+        for scope, block in (("attn", "attn"), ("mlp", "mlp"), ("moe", "mlp")):  # experts are MLPs
+            if scope in scopes:
                 return f"{block}.{phase}"
     if scopes & _CE_SCOPES:
         return "cross_entropy"

@@ -49,7 +49,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     QK^T and AV (forward 2x, backward 4x), counted for the full T x T scores as the paper does (no causal
     discount).
     """
-    n = config.n_params(include_embeddings=False)
+    n = config.n_params(include_embeddings=False, active=True)  # an MoE: the experts a token runs
     if config.tie_embeddings:  # n_params leaves a tied head out; its matmul still runs
         n += config.n_embd * config.vocab_size
     attention = 12 * config.n_layer * config.n_head * config.head_dim * seq_len
@@ -157,9 +157,11 @@ def zero_expected_bytes(
     dp: int,
     tp: int,
     pp: int = 1,
+    ep: int = 1,
+    expert_share: float = 0.0,
 ) -> dict[str, int]:
     """The ZeRO paper's idealised bytes per device: every state / (tp x pp), and / dp where the stage
-    shards it.
+    shards it; the `expert_share` of it that is an MoE's experts also / ep.
 
     Idealised: our rule tables shard only heads/mlp/vocab over tp (LayerNorms and the embed-only biases are
     replicated), only the `embed` dim over dp, and only the stacked layers over pp (each stage holds the
@@ -167,7 +169,10 @@ def zero_expected_bytes(
     """
     stage = zero_stage(strategy)
     totals = {"params": params_bytes_total, "grads": grads_bytes_total, "opt_state": opt_state_bytes_total}
+    spread = 1 - expert_share + expert_share / ep  # what is left on a device of a state ep splits in part
     return {
-        f"{name}_bytes_per_device": total // (tp * pp * (dp if stage >= EMBED_ON_DP_FROM_STAGE[name] else 1))
+        f"{name}_bytes_per_device": int(
+            total * spread // (tp * pp * (dp if stage >= EMBED_ON_DP_FROM_STAGE[name] else 1))
+        )
         for name, total in totals.items()
     }

@@ -38,13 +38,15 @@ NO_FIGURE = {
 }
 
 
-def param_counts(config: ModelConfig, tp: int, pp: int) -> tuple[int, int]:
-    """(params one device holds under Megatron's split over tp and pp's split of the layers, the part of
-    them tp does not split: LayerNorms, row-parallel biases, wpe)."""
+def param_counts(config: ModelConfig, tp: int, pp: int, ep: int = 1) -> tuple[int, int]:
+    """(params one device holds under Megatron's split over tp, pp's split of the layers and ep's of the
+    experts, the part of them tp does not split: LayerNorms, row-parallel biases, wpe, a router)."""
     d, f, v, b = config.n_embd, config.mlp_dim, config.padded_vocab_size, int(config.use_bias)
     layers = config.n_layer // pp
-    split = 3 * d * d + 3 * d * b + d * d + d * f + f * b + f * d  # q/k/v, out, up, down: over tp
-    whole = 2 * d * (1 + b) + d * b + d * b  # two LayerNorms, out's and down's biases
+    experts = config.n_experts // ep if config.moe else 1  # an MoE's MLPs on this device
+    split = 3 * d * d + 3 * d * b + d * d + experts * (d * f + f * b + f * d)  # q/k/v, out, up, down: tp
+    whole = 2 * d * (1 + b) + d * b + experts * d * b  # two LayerNorms, out's and down's biases
+    whole += d * config.n_experts if config.moe else 0  # the router
     top_split = v * d * (1 if config.tie_embeddings else 2)  # wte (vocab-parallel) and an untied head
     top_whole = config.block_size * d + d * (1 + b)  # wpe, ln_f
     held = layers * (split // tp + whole) + top_split // tp + top_whole
@@ -64,11 +66,12 @@ def expected(
     shardgpt.analysis.attribution names them; None with the reason where no textbook figure exists."""
     size = lambda axis: mesh_shape.get(axis, 1)
     dp, tp, pp, cp, m = size("dp"), size("tp"), size("pp"), size("cp"), microbatches
+    ep = size("ep")
     item = jnp.dtype(config.dtype).itemsize
     base, sp = strategy.split("+")[0], "+sp" in strategy
     layers, length = config.n_layer // pp, seq // cp
-    act = batch // dp // m * length * config.n_embd * item  # one microbatch's B.L.D on one device
-    held, unsplit = param_counts(config, tp, pp)
+    act = batch // (dp * ep) // m * length * config.n_embd * item  # one microbatch's B.L.D on one device
+    held, unsplit = param_counts(config, tp, pp, ep)
     out: dict = {}
 
     def add(cause, kind, nbytes, why):
@@ -89,15 +92,21 @@ def expected(
         add("head", "all-gather", m * act, "Megatron-SP's f before the head")
         add("head", "reduce-scatter", m * act // tp, "and its backward")
         add("grad_reduce", "all-reduce", unsplit * 4, "Megatron-SP: gradients tp does not split, summed")
+    if config.moe and ep > 1:
+        # Each token's top_k copies to their experts and back (GShard, Lepikhin et al. 2020), forward and
+        # backward; a ring's (ep - 1) / ep of it crosses devices: a factor for the cost model, not here.
+        moe = 2 * m * layers * act * config.moe_top_k
+        add("moe.dispatch", "all-to-all", moe, "MoE: each token's top_k copies to their experts, both passes")
+        add("moe.combine", "all-to-all", moe, "and the experts' outputs back")
     if tp > 1:
-        ce = 3 * batch // dp * length * 4
+        ce = 3 * batch // (dp * ep) * length * 4
         add("cross_entropy", "all-reduce", ce, "vocab-parallel cross-entropy: 3 fp32 values a position")
     grads = held * 4
     if dp > 1 and base in ("zero2", "zero3"):
         add("grad_reduce", "reduce-scatter", m * grads // dp, "ZeRO-2/3: each microbatch's gradient")
-        if cp > 1:
-            add("grad_reduce", "all-reduce", grads // dp, "summed over cp too")
-    elif dp * cp > 1:
+        if cp * ep > 1:
+            add("grad_reduce", "all-reduce", grads // dp, "summed over cp (or ep) too")
+    elif dp * cp * ep > 1:
         add("grad_reduce", "all-reduce", grads, "data parallelism: the fp32 gradients, once a step")
     if dp > 1 and base == "zero3":
         add("zero3_gather.fwd", "all-gather", m * held * item, "ZeRO-3: every param before its forward")

@@ -32,6 +32,7 @@ class Leaf:
     grad_shard_bytes: int  # fp32 bytes of its gradient in the grads layout
     on_dp: dict[str, bool]  # target -> does that target's layout split it over the data axis
     on_tp: bool = False  # do the params split it over tp (Megatron's heads, mlp, vocab)
+    on_ep: bool = False  # an expert's, split over ep (its gradient's partial sums are over dp alone)
 
 
 def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "dp") -> list[Leaf]:
@@ -57,8 +58,8 @@ def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "d
         on_dp = {t: data_axis in sharding.spec_axes(specs[t][path].spec) for t in specs}
         in_block = path[0] == "blocks" or path[0].startswith("block_")
         read = local * compute // 4 if dense else local
-        on_tp = "tp" in sharding.spec_axes(where.spec)
-        out.append(Leaf(path, layers, in_block, local, read, grad, on_dp, on_tp))
+        on_tp, on_ep = ("tp" in sharding.spec_axes(where.spec), "ep" in sharding.spec_axes(where.spec))
+        out.append(Leaf(path, layers, in_block, local, read, grad, on_dp, on_tp, on_ep))
     return out
 
 
@@ -105,12 +106,14 @@ def expected(
     """
     size = lambda axis: mesh_shape.get(axis, 1)
     dp, tp, pp, cp, m = size("dp"), size("tp"), size("pp"), size("cp"), microbatches
+    ep = size("ep")
     passes, whole_times = (m + pp - 1, 1) if pp > 1 else (m, m)
     layers = config.n_layer // pp
     item, length = jnp.dtype(config.dtype).itemsize, seq // cp
-    rows = batch // dp // m  # one microbatch's rows on one device
+    rows = batch // (dp * ep) // m  # one microbatch's rows on one device (the batch splits over dp x ep)
     act = rows * length * config.n_embd * item  # one layer's output for one microbatch
-    whole = batch // dp * length * config.n_embd  # elements of the whole local batch's layer output
+    whole = batch // (dp * ep) * length * config.n_embd  # elements of the whole local batch's layer output
+    slots = moe_slots_bytes(config, rows, length)  # an MoE layer's dispatched slots on one device
     out: dict = defaultdict(lambda: {"count": 0, "bytes": 0, "dtypes": defaultdict(int)})
     compute = hlo_dtype(config.dtype)
 
@@ -136,9 +139,11 @@ def expected(
         else:
             add("embed", "all-reduce", whole_times, embed32, "f32")
             for cause in ("attn.fwd", "attn.bwd", "mlp.fwd", "mlp.bwd"):
-                add(cause, "all-reduce", per_layer, per_layer * act)
+                # an MoE's experts reduce their slots (at the experts), not the tokens
+                block = slots if config.moe and cause.startswith("mlp") else act
+                add(cause, "all-reduce", per_layer, per_layer * block)
             add("head", "all-reduce", whole_times, head)
-        ce = 3 * batch // dp * length * 4  # max, sum of exponentials, target logit: fp32 per position
+        ce = 3 * batch // (dp * ep) * length * 4  # max, sum of exponentials, target logit: fp32 a position
         add("cross_entropy", "all-reduce", 3 * whole_times, ce, "f32")
         if sharding.is_sequence_parallel(strategy):
             # A param tp does not split, read beside a sequence slice, has its gradient summed over tp at
@@ -156,10 +161,14 @@ def expected(
             add("kv_gather", "reduce-scatter", 2 * per_layer, 2 * per_layer * kv)
     if pp > 1:  # GPipe: one send a tick forward, one back
         add("pp_send", "collective-permute", 2 * passes, 2 * passes * act)
-    for leaf in param_leaves if dp * pp * cp > 1 else ():
+    if config.moe and ep > 1:  # the slots to their experts and back, each way again in the backward pass
+        for cause in ("moe.dispatch", "moe.combine"):
+            add(cause, "all-to-all", 2 * per_layer, 2 * per_layer * slots)
+    for leaf in param_leaves if dp * pp * cp * ep > 1 else ():
         reads = uses(leaf)
-        # Partial sums to add over cp, and over pp where only some stages use the param (not their own).
-        others = cp > 1 or (pp > 1 and not leaf.in_block)
+        # Partial sums to add over cp, over ep but for an expert (each device its own tokens), and over pp
+        # where only some stages use the param (not their own).
+        others = cp > 1 or (ep > 1 and not leaf.on_ep) or (pp > 1 and not leaf.in_block)
         if dp > 1 and leaf.on_dp["grads"]:  # ZeRO-2/3: each use's gradient into its shard
             add("grad_reduce", "reduce-scatter", reads, reads * leaf.grad_shard_bytes, "f32")
             if others:
@@ -172,9 +181,21 @@ def expected(
                 add("zero3_gather.bwd", "all-gather", reads, reads * leaf.read_bytes, read(leaf))
         elif dp > 1 and leaf.on_dp["opt_state"]:
             add("param_gather", "all-gather", leaf.layers, leaf.layers * leaf.local_bytes, "f32")
-    if dp * pp * cp > 1:
+    if dp * pp * cp * ep > 1:
         add("loss", "all-reduce", 1, 8, "f32")  # (loss sum, token count)
+        if config.moe and impl != "shard_map":  # each layer's load-balancing term, summed over the groups
+            add("loss", "all-reduce", per_layer, per_layer * 4, "f32")
     return {key: row | {"dtypes": dict(row["dtypes"])} for key, row in out.items()}
+
+
+def moe_slots_bytes(config: ModelConfig, rows: int, length: int) -> int:
+    """Bytes of one MoE layer's dispatched slots on a device holding `rows` rows of `length` tokens: every
+    expert's capacity in each of its routing groups, (E, groups, C, D) in the compute dtype; 0 if dense."""
+    if not config.moe:
+        return 0
+    groups, group = rows // config.moe_group_rows, config.moe_group_rows * length
+    capacity = config.expert_capacity(group)
+    return config.n_experts * groups * capacity * config.n_embd * jnp.dtype(config.dtype).itemsize
 
 
 def hlo_dtype(name: str) -> str:

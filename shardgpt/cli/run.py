@@ -15,6 +15,7 @@ from pathlib import Path
 from shardgpt.analysis import hardware  # no jax: the profiles are the --target choices
 from shardgpt.cli import flags
 from shardgpt.cli.flags import STRATEGIES, say
+from shardgpt.cli.planning import run_plan, validate_plan  # the compile-only branch: --plan, --recommend
 
 DEFAULT_GENERATE = 32
 SCRIPT = "experiments/run.py"
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         return 0
-    flags.predict_implies_plan(args, parser)
+    flags.predict_implies_plan(args, parser)  # and --recommend's conflicts, before jax starts
     if args.target and not args.plan:
         parser.error(
             f"--target {args.target} names the machine a --plan is for: give --plan, or drop --target"
@@ -291,73 +292,13 @@ def validate(args: argparse.Namespace) -> list:
     specs = make_specs(args, jax.device_count(), platform)
     for setup in prepare_all(specs, args, runner.prepare):  # every spec validated before the first compile
         flags.note_tp_across_hosts(setup.mesh)
+    if args.measure:  # before any run: the prediction must be for the devices that will be timed
+        from shardgpt.lab import predict
+
+        predict.check_measurable(args.hardware, jax.devices(), jax.process_count())
     if jax.process_index() == 0:
         check_outputs(args)
     return specs
-
-
-def validate_plan(args: argparse.Namespace) -> tuple:
-    """--plan: (planners, their target.Placement), every one validated; nothing compiles.
-
-    The meshes compile on the accelerator present (a mock GPU topology past its device count), else on
-    XLA:CPU's simulated devices (an estimate), in the accelerators' compute dtype (bfloat16) unless --dtype
-    says otherwise; each mesh over the first devices it needs.
-    """
-    from shardgpt.lab import plan, predict, target
-
-    if args.init_from or args.task != "sort":
-        raise ValueError("--plan takes a preset (--model) and --seq, not --init-from or --task")
-    given = plan.parse_bytes(args.device_memory) if args.device_memory else None
-    placement = target.place(args.mesh or ["dp=-1"], args.target, given)
-    devices = placement.devices
-    args.attention = args.attention or flags.default_attention(devices[0])
-    attention = dict(args.overrides).get("attention", args.attention)
-    if attention == "cudnn" and devices[0].platform != "gpu":
-        raise ValueError(
-            f"--plan --attention cudnn: cuDNN's attention compiles only for NVIDIA GPUs, and this plan "
-            f"compiles for {placement.compiled_for}: plan it on a GPU host, or plan --attention xla"
-        )
-    specs = make_specs(args, len(devices), "accelerator")
-    # Each mesh over the first devices it needs: "dp=2" plans on 2 of 8 simulated devices, or of 8 GPUs.
-    first = lambda spec: devices[: target.devices_needed(spec.mesh, len(devices))]
-    planners = prepare_all(specs, args, lambda spec: plan.Planner.prepare(spec, first(spec)))
-    if args.predict:  # a mesh larger than the cluster, refused before anything compiles
-        predict.check(planners, args.hardware)
-    check_outputs(args)
-    return planners, placement
-
-
-def run_plan(planners: list, placement, args: argparse.Namespace, argv: list[str]) -> int:
-    """Compile every planner's step (abstract arrays only), print the ranked table, write results.json."""
-    import time
-
-    from shardgpt.lab import html_report, predict, runner
-    from shardgpt.lab import plan as planning
-
-    started = time.perf_counter()
-    devices = placement.devices
-    print(
-        f"planning {len(planners)} run(s) on up to {len(devices)} {devices[0].device_kind} devices: compile "
-        f"only, nothing allocated; the figures: {placement.describe()}"
-    )
-    if placement.budget is None:
-        print("note: no --device-memory or --target: fits and max batch are not computed")
-    rows = []
-    for planner in planners:
-        row = planning.plan(planner, placement.budget, placement.record())
-        print(f"{row['name']}: {row['compiles']} compile(s), {row['wall_s']:.1f} s", file=sys.stderr)
-        rows.append(row)
-    if args.predict:
-        print("\n" + predict.add(rows, planners, args.hardware))
-    rows = planning.rank(rows)
-    print("\n" + planning.table(rows, placement.describe()))
-    print(f"wall time {time.perf_counter() - started:.0f} s for {sum(r['compiles'] for r in rows)} compiles")
-    if args.out:
-        meta = runner.meta(shlex.join([flags.prog(SCRIPT), *argv]))
-        paths = planning.write(rows, meta, args.out, plots=not args.no_plots)
-        paths.append(html_report.write(args.out))  # report.html, rendered from the results.json just written
-        print(f"\nwrote {', '.join(str(p) for p in paths)}")
-    return 0
 
 
 def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
@@ -365,7 +306,7 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
     import jax
 
     from shardgpt.analysis import metrics
-    from shardgpt.lab import html_report, report, runner
+    from shardgpt.lab import experts, html_report, report, runner
 
     kind, platform = jax.devices()[0].device_kind, jax.devices()[0].platform
     peak = metrics.peak_flops(kind)
@@ -385,7 +326,13 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
             f"{result['name']}: compile {result['compile_s']:.2f} s, step {1e3 * result['step_time_s']:.2f} "
             f"ms, {result['tokens_per_s']:,.0f} tokens/s, final loss {result['final_loss']:.6f}"
         )
+        if result["moe"]:
+            say(f"  last step's routing: {experts.summary(result['moe']['at'][-1])}")
         runs.append(result)
+    if args.measure:  # each run's prediction on this machine beside its measured step time
+        from shardgpt.lab import predict
+
+        say("\n" + predict.beside_measured(runs, specs, args.hardware))
     command = shlex.join([flags.prog(SCRIPT), *argv])
     results = {"meta": runner.meta(command), "runs": runs, "agreement": report.agreement(runs)}
     say("\n" + report.table(results))

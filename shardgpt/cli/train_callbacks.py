@@ -53,6 +53,7 @@ class Evaluate:
         import jax
 
         from shardgpt.generation import generate
+        from shardgpt.parallel import sharding
 
         if state is None or not self.wants_state(step) or not math.isfinite(metrics["loss"]):
             return  # not an evaluation step (another callback's), or a NaN step that StopOnNonFinite ends
@@ -63,7 +64,7 @@ class Evaluate:
             prompt = s.task.splits["val"][:8]
             room = s.config.block_size + 1 - len(prompt)
             (tokens, *_) = generate.generate(  # a fixed key per step: a resumed run prints the same sample
-                s.model, state.params, [prompt] * s.mesh.shape["dp"], min(SAMPLE_CHARS, room),
+                s.model, state.params, [prompt] * sharding.batch_shards(s.mesh), min(SAMPLE_CHARS, room),
                 mesh=s.mesh, strategy=s.strategy, sampling=generate.Sampling(**SAMPLING),
                 key=jax.random.key(step),
             )  # fmt: skip

@@ -79,6 +79,14 @@ def matmul_weights_in(params: Any, dtype: str) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def _placed_as(x: jax.Array, target: NamedSharding) -> bool:
+    """True where `x` already has the `target` layout, on a mesh of the same axis types: params trained
+    under explicit sharding are equivalent in layout but typed on Explicit axes, which the Auto-axes
+    generation program refuses."""
+    same_types = getattr(x.sharding, "mesh", target.mesh).axis_types == target.mesh.axis_types
+    return same_types and (x.sharding == target or x.sharding.is_equivalent_to(target, x.ndim))
+
+
 class Generator:
     """Jitted prefill + decode for one (model, mesh, strategy, batch size, sampling): compiled once.
 
@@ -152,8 +160,8 @@ class Generator:
         cfg, tp = self.model.config, self.mesh.shape["tp"]
         weights = sum(x.size for x in jax.tree.leaves(abstract_params)) * 4 // tp  # fp32 as stored
         weights += weights * jnp.dtype(cfg.dtype).itemsize // 4  # and the compute-dtype copy decode reads
-        dp = self.mesh.shape["dp"]
-        cache = 2 * cfg.n_layer * -(-batch_size // dp) * cfg.block_size * cfg.n_embd // tp
+        shards = sharding.batch_shards(self.mesh)
+        cache = 2 * cfg.n_layer * -(-batch_size // shards) * cfg.block_size * cfg.n_embd // tp
         need = weights + cache * jnp.dtype(cfg.dtype).itemsize
         if need > limit:
             raise ValueError(
@@ -280,8 +288,7 @@ class Generator:
         ):
             return params  # the arrays of the last call, already checked
         if len(leaves) != len(targets) or not all(
-            isinstance(x, jax.Array) and (x.sharding == s or x.sharding.is_equivalent_to(s, x.ndim))
-            for x, s in zip(leaves, targets, strict=True)
+            isinstance(x, jax.Array) and _placed_as(x, s) for x, s in zip(leaves, targets, strict=True)
         ):  # device_put costs ~1 ms a call on CPU even where nothing moves: only where something must
             on_host = not all(isinstance(x, jax.Array) for x in leaves)  # placed slice by slice
             params = (distributed.place if on_host else jax.device_put)(params, self.param_shardings)

@@ -115,7 +115,7 @@ class Planner:
         what a bisection would. On a line it takes 4 compiles; it ends when the bracket is one unit (dp x
         microbatches) wide.
         """
-        unit = self.mesh.shape["dp"] * self.microbatches  # every batch must split this way
+        unit = sharding.batch_shards(self.mesh) * self.microbatches  # every batch must split this way
         ceiling = MAX_BATCH // unit * unit
         total = lambda batch: self.memory(batch)["total_bytes"]
         if total(unit) > budget:

@@ -19,7 +19,7 @@ import jax
 
 from shardgpt.analysis import metrics, theory
 from shardgpt.io import weight_files, weights
-from shardgpt.lab import generation_bench
+from shardgpt.lab import experts, generation_bench
 from shardgpt.model import config
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import layout, pipeline, sharding
@@ -177,8 +177,8 @@ def prepare(spec: RunSpec) -> Setup:
             f"{cfg.block_size}: generate at most {cfg.block_size + 1 - prompt_len}, or raise "
             "--model.block_size"
         )
-    dp = mesh.shape["dp"]
-    generate_batch = -(-8 // dp) * dp
+    shards = sharding.batch_shards(mesh)
+    generate_batch = -(-8 // shards) * shards
     return Setup(
         task, mesh, strategy, cfg, model, tx, make_step, prompt_len, generate_batch, optim_config, warmup
     )
@@ -270,6 +270,10 @@ def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> d
         spec.microbatches, spec.impl, mesh.devices.flat[0].platform,
     )  # fmt: skip
 
+    # An MoE's routing at the first step (before its update) and the last, by the run's own params.
+    probe = experts.RoutingProbe(s.model, mesh, s.strategy) if s.config.moe else None
+    routing = {"steps": [1, spec.steps], "at": [probe(state.params, first)]} if probe else None
+
     # Train through the compiled executable itself: the timed loop can never hide a recompile.
     tokens_per_step = spec.batch * seq
     trainer = loop.Trainer(
@@ -282,6 +286,8 @@ def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> d
     step_time = statistics.median(timed)
     losses = [h["loss"] for h in trainer.history]
     grad_norms = [h["grad_norm"] for h in trainer.history if "grad_norm" in h]
+    if probe:
+        routing["at"].append(probe(state.params, batch_for(spec.steps - 1)))
 
     profile_dir = None
     if spec.profile:
@@ -333,14 +339,23 @@ def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> d
         "memory": memory | {"device_peak_bytes": metrics.device_peak_bytes(mesh.devices.flat[0])},
         "memory_sources": MEMORY_SOURCES,
         "expected_memory": metrics.zero_expected_bytes(
-            totals[0], totals[1], totals[0], s.strategy, dp, tp, pp=mesh.shape.get("pp", 1)
-        ),
+            totals[0],
+            totals[1],
+            totals[0],
+            s.strategy,
+            dp,
+            tp,
+            mesh.shape["pp"],
+            mesh.shape["ep"],
+            experts.share(state.params),
+        ),  # fmt: skip
         "collectives": metrics.collectives(compiled.as_text()),
         "collectives_by_cause": by_cause,
         "losses": losses,
         "final_loss": losses[-1],
         "grad_norms": grad_norms,
         "generate": generate,
+        "moe": routing,
         "pipeline": pipeline_figures(mesh, spec.microbatches),
         "profile_dir": profile_dir,
         "wall_s": time.perf_counter() - started,

@@ -1,6 +1,7 @@
 """Model configuration: one frozen dataclass, named presets, type-checked overrides."""
 
 import dataclasses
+import math
 from typing import Any
 
 _GPT2 = dict(vocab_size=50257, block_size=1024, tie_embeddings=True)  # GPT-2 ties its head to wte
@@ -17,6 +18,10 @@ PRESETS: dict[str, dict[str, int | bool]] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **_GPT2),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **_GPT2),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **_GPT2),
+    # Mixture-of-experts: every block's MLP is n_experts experts, each the dense MLP's size, and a router.
+    # Top-1, so a token's active params (and FLOPs) equal the dense preset's: the comparison is like for like.
+    "gpt-moe-pico": dict(n_layer=2, n_head=8, n_embd=64, n_experts=8),
+    "gpt2-moe": dict(n_layer=12, n_head=12, n_embd=768, n_experts=8, **_GPT2),
 }
 
 # No float16: its 5-bit exponent underflows small gradients without loss scaling, which shardgpt does not do;
@@ -53,6 +58,16 @@ class ModelConfig:
     # cp under shard_map: which positions each device holds. "zigzag": chunks i and 2 cp - 1 - i of 2 cp,
     # so every device does the same causal work (ring_attention.py); "contiguous": chunk i.
     ring_layout: str = "contiguous"
+    # Mixture of experts (model/moe.py; 0 experts: the dense MLP). Tokens are routed in groups of
+    # moe_group_rows whole sequences, each expert taking at most its capacity per group,
+    # ceil(top_k x group tokens x capacity_factor / n_experts): set by the model and the sequence length,
+    # never by the layout (the batch splits into whole rows), so which tokens are dropped does not depend
+    # on the mesh. capacity_factor 0: dropless (capacity = the group).
+    n_experts: int = 0
+    moe_top_k: int = 1  # 1: Switch; 2: GShard (the two gates renormalised to sum to 1)
+    moe_capacity_factor: float = 1.25
+    moe_group_rows: int = 1
+    moe_aux_weight: float = 0.01  # the load-balancing loss's weight (Switch: E x sum_e f_e P_e)
 
     def __post_init__(self):
         for name in (
@@ -86,6 +101,15 @@ class ModelConfig:
             raise ValueError(
                 f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}"
             )
+        if self.n_experts < 0 or self.n_experts == 1:
+            raise ValueError(f"n_experts must be 0 (a dense MLP) or >= 2, got {self.n_experts}")
+        if self.n_experts and not 1 <= self.moe_top_k <= min(2, self.n_experts):
+            raise ValueError(f"moe_top_k must be 1 or 2 (and at most n_experts), got {self.moe_top_k}")
+        if self.n_experts and (self.moe_group_rows < 1 or self.moe_capacity_factor < 0):
+            raise ValueError(
+                f"moe_group_rows must be >= 1 and moe_capacity_factor >= 0 (0: dropless), got "
+                f"{self.moe_group_rows} and {self.moe_capacity_factor}"
+            )
         if self.ring_layout not in RING_LAYOUTS:
             raise ValueError(
                 f"unknown ring_layout {self.ring_layout!r}: choose one of {', '.join(RING_LAYOUTS)}"
@@ -100,6 +124,16 @@ class ModelConfig:
         return self.mlp_ratio * self.n_embd
 
     @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
+
+    def expert_capacity(self, group: int) -> int:
+        """Tokens each expert takes from a routing group of `group` tokens (dropless: the whole group)."""
+        if not self.moe_capacity_factor:
+            return group
+        return min(group, math.ceil(self.moe_top_k * group * self.moe_capacity_factor / self.n_experts))
+
+    @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
@@ -107,12 +141,16 @@ class ModelConfig:
         """A copy with fields replaced; each value is checked against (or coerced to) the field's type."""
         return replace_typed(self, "model", overrides)
 
-    def n_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count (unpadded vocab); without embeddings it is the N of the 6N FLOPs rule."""
+    def n_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count (unpadded vocab); without embeddings it is the N of the 6N FLOPs rule. `active`:
+        the params one token computes with (an MoE's router and top_k of its experts)."""
         d, f, v = self.n_embd, self.mlp_dim, self.vocab_size
         b = int(self.use_bias)
         ln = d * (1 + b)  # scale (+ bias)
-        block = 2 * ln + (3 * d * d + 3 * d * b) + (d * d + d * b) + (d * f + f * b) + (f * d + d * b)
+        mlp = (d * f + f * b) + (f * d + d * b)
+        if self.moe:
+            mlp = d * self.n_experts + (self.moe_top_k if active else self.n_experts) * mlp
+        block = 2 * ln + (3 * d * d + 3 * d * b) + (d * d + d * b) + mlp
         body = self.n_layer * block + ln
         head = 0 if self.tie_embeddings else d * v
         embeddings = v * d + self.block_size * d

@@ -12,10 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from shardgpt.model.config import ModelConfig
+from shardgpt.model.moe import STATS, MoE
 from shardgpt.model.plan import GLOBAL_VIEW, Plan, megatron_scope
 
 # The closed vocabulary of logical axis names (DESIGN.md); sharding rules map these to mesh axes.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
+LOGICAL_AXES = (
+    "batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "expert", "moe_groups", "route"
+)  # fmt: skip
 
 BxL = ("batch", "length")
 BxLxD = ("batch", "length", "embed")
@@ -172,7 +175,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) (a mixture of experts' where
+    config.n_experts > 0)."""
 
     config: ModelConfig
     plan: Plan
@@ -184,7 +188,11 @@ class Block(nn.Module):
             LayerNorm(cfg, plan, name="ln_1")(x_BxLxD), positions_BxL, cache
         )
         x_BxLxD = x_BxLxD + attn_BxLxD
-        x_BxLxD = x_BxLxD + MLP(cfg, plan, name="mlp")(LayerNorm(cfg, plan, name="ln_2")(x_BxLxD))
+        h_BxLxD = LayerNorm(cfg, plan, name="ln_2")(x_BxLxD)
+        if cfg.moe:
+            x_BxLxD = x_BxLxD + MoE(cfg, plan, name="moe")(h_BxLxD, decoding=cache is not None)
+        else:
+            x_BxLxD = x_BxLxD + MLP(cfg, plan, name="mlp")(h_BxLxD)
         return plan.constrain(x_BxLxD, BxLxD), cache
 
 
@@ -231,7 +239,7 @@ class GPT(nn.Module):
             # One traced block, params stacked on a leading `layers` axis: compile time flat in depth.
             blocks = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, STATS: 0},  # an MoE's statistics per layer
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, 0),
                 length=cfg.n_layer,

@@ -104,6 +104,15 @@ class Plan:
             q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=implementation
         )
 
+    def to_experts(self, x_ExNxCxD):
+        """Each routing group's dispatched slots (experts first): where the experts are split over ep, sent
+        to the devices that hold their experts (an all-to-all over ep); the identity here."""
+        return x_ExNxCxD
+
+    def from_experts(self, y_ExNxCxD):
+        """The experts' outputs sent back to their tokens' devices: to_experts' inverse."""
+        return y_ExNxCxD
+
     # True where the stacked blocks run as pipeline stages (shard_map_step's pp): GPT then calls run_blocks.
     pipelined = False
 

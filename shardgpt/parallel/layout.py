@@ -23,29 +23,20 @@ def check(
     """Every check below for one run: ValueError naming what to change, or None."""
     check_mesh_axes(mesh, strategy, impl, config, microbatches)
     check_batch(config, mesh, strategy, batch_size, seq_len, microbatches)
+    check_experts(mesh, strategy, impl, config, batch_size, microbatches)
 
 
 def check_mesh_axes(mesh: Mesh, strategy: str, impl: str, config: ModelConfig, microbatches: int = 1) -> None:
     """Raise before compiling where pp or cp cannot run: pp needs shard_map (GPipe is written there) and the
     stacked layers; cp does not combine with +sp (both split the sequence); explicit sharding runs dp, tp,
-    ZeRO and +sp on one process, for now."""
+    ZeRO and +sp (on one process or several), not yet cp."""
     check_axes(mesh)
     pp, cp = mesh.shape.get("pp", 1), mesh.shape.get("cp", 1)
-    if impl == "explicit":
-        unsupported = [
-            what
-            for what, present in (
-                (f"cp={cp}", cp > 1),
-                ("a mesh over several processes", len({d.process_index for d in mesh.devices.flat}) > 1),
-            )
-            if present
-        ]
-        if unsupported:
-            raise ValueError(
-                f"--impl explicit runs dp, tp, ZeRO-1/2/3, +sp and microbatches on one process, not yet "
-                f"{' or '.join(unsupported)}: use --impl gspmd or shard_map"
-                + (" (pp: shard_map only)" if pp > 1 else "")
-            )
+    if impl == "explicit" and cp > 1:
+        raise ValueError(
+            f"--impl explicit runs dp, tp, ZeRO-1/2/3, +sp and microbatches (on one process or several), not "
+            f"yet cp={cp}: use --impl gspmd or shard_map" + (" (pp: shard_map only)" if pp > 1 else "")
+        )
     n_layer, scan_layers = config.n_layer, config.scan_layers
     if pp > 1 and impl != "shard_map":
         raise ValueError(
@@ -76,8 +67,8 @@ def check_batch(
     spec = sharding.batch_sharding(mesh, strategy).spec
     sharding.check_divisible("batch", (batch_size, seq_len), ("batch", "length"), spec, mesh)
     check_sequence_parallel(mesh, strategy, seq_len)
-    data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
-    microbatch.check(batch_size, microbatches, mesh.shape[data_axis])
+    shards = sharding.batch_shards(mesh)
+    microbatch.check(batch_size, microbatches, shards)
     cp, zigzag = mesh.shape.get("cp", 1), config.ring_layout == "zigzag"
     if cp > 1 and seq_len % (2 * cp if zigzag else cp):
         parts = f"2 x cp = {2 * cp} chunks (ring_layout zigzag)" if zigzag else f"cp={cp}"
@@ -86,7 +77,7 @@ def check_batch(
             f"{2 * cp if zigzag else cp} (a chars:PATH task; sort's length is odd), or another cp"
         )
     if (pp := mesh.shape.get("pp", 1)) > 1:
-        pipeline.check(config.n_layer, pp, microbatches, batch_size // mesh.shape[data_axis])
+        pipeline.check(config.n_layer, pp, microbatches, batch_size // shards)
 
 
 def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int) -> None:
@@ -104,4 +95,48 @@ def check_sequence_parallel(mesh: Mesh, strategy: str, seq_len: int) -> None:
         raise ValueError(
             f"{name}: sequence length {seq_len} is not divisible by tp={tp}: choose "
             f"--seq a multiple of {tp} (a chars:PATH task; sort's length is odd), or a tp dividing {seq_len}"
+        )
+
+
+def check_experts(
+    mesh: Mesh, strategy: str, impl: str, config: ModelConfig, batch_size: int, microbatches: int = 1
+) -> None:
+    """Raise before compiling where experts cannot lay out: ep without experts or not dividing them, an MoE
+    with the axes and loops it does not run with yet, or a device's rows not filling whole routing groups."""
+    ep = mesh.shape.get("ep", 1)
+    if not config.moe:
+        if ep > 1:
+            raise ValueError(
+                f"ep={ep} splits a mixture of experts' experts, and this model is dense: use an MoE model "
+                "(gpt-moe-pico, gpt2-moe, or --model.n_experts=8) or a mesh without ep"
+            )
+        return
+    if config.n_experts % ep:
+        raise ValueError(f"n_experts {config.n_experts} does not split over ep={ep}: choose ep dividing it")
+    unsupported = [
+        what
+        for what, present in (
+            (f"pp={mesh.shape.get('pp', 1)}", mesh.shape.get("pp", 1) > 1),
+            (f"cp={mesh.shape.get('cp', 1)}", mesh.shape.get("cp", 1) > 1),
+            (sharding.canonical(strategy), sharding.is_sequence_parallel(strategy)),
+        )
+        if present
+    ]
+    if unsupported:
+        raise ValueError(
+            f"a mixture of experts runs on dp, ep, tp and ZeRO, not yet with {' or '.join(unsupported)}: "
+            "drop it, or use a dense model"
+        )
+    if microbatches > 1 and impl != "shard_map":
+        raise ValueError(
+            f"a mixture of experts with --microbatches {microbatches} runs under --impl shard_map: the "
+            f"{impl} microbatch loop keeps each device's rows apart in a vmap over dp x ep, which the "
+            "experts' split over ep cannot enter; use --impl shard_map or --microbatches 1"
+        )
+    rows = batch_size // (sharding.batch_shards(mesh) * microbatches)
+    if rows % config.moe_group_rows:
+        raise ValueError(
+            f"each device routes {rows} rows a microbatch, not whole groups of model.moe_group_rows="
+            f"{config.moe_group_rows}: choose a batch (or moe_group_rows) so that batch / (dp x ep x "
+            "microbatches) is a multiple of it"
         )

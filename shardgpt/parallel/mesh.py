@@ -7,10 +7,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-# Mesh axes, outermost first: data parallel (and ZeRO), pipeline stages, context (the sequence), then Megatron
-# tensor parallel, the chattiest, innermost (on one host's fast links). Every mesh has all four; a spec names
-# the ones it splits.
-AXES = ("dp", "pp", "cp", "tp")
+# Mesh axes, outermost first: data parallel (and ZeRO), pipeline stages, context (the sequence), experts
+# (an all-to-all each way per MoE layer), then Megatron tensor parallel, the chattiest, innermost (on one
+# host's fast links). Every mesh has all five; a spec names the ones it splits.
+AXES = ("dp", "pp", "cp", "ep", "tp")
 ALWAYS_NAMED = ("dp", "tp")  # describe() names these even at size 1; pp and cp only where they split
 
 

@@ -120,13 +120,15 @@ class ShardMapPlan(Plan):
     def __init__(self, mesh: Mesh, strategy: str, microbatches: int = 1, ring_layout: str = "contiguous"):
         self.sizes = active_axes(mesh)
         at_rest = {name: axis for name, axis in sharding.rules(strategy, "params") if axis in self.sizes}
-        batch_axis = dict(sharding.rules(strategy, "activations"))["batch"]
+        batch_axis = sharding.ZERO_AXIS  # a param split over it is gathered (ZeRO-3): dp splits the batch
         self.gathered = {name: axis for name, axis in at_rest.items() if axis == batch_axis}
         # (`layers` over pp is not a split a layer computes with: each device runs its own stage's layers.)
         self.split = {n: a for n, a in at_rest.items() if a != batch_axis and n != "layers"}
         grads = {name: axis for name, axis in sharding.rules(strategy, "grads") if axis in self.sizes}
         self.scattered = {n: a for n, a in grads.items() if a == batch_axis and n not in self.gathered}
-        self.split_axes = tuple(sorted(set(self.split.values())))
+        # Megatron's f makes activations vary over the axes their weights split (tp); an expert split over
+        # ep reads slots that vary over ep already (the batch's axis, which the tokens came by).
+        self.split_axes = tuple(sorted(set(self.split.values()) - set(sharding.BATCH_AXES)))
         self.remat_policy = _save_all_but_gathers if self.gathered else None
         self.limit = scatter_limit(mesh)
         # Where the activation rules split `length`: over tp between its regions (Megatron-SP, `sequence`),
@@ -224,6 +226,19 @@ class ShardMapPlan(Plan):
         return pipeline.run_blocks(
             block, stacked_params, x_BxLxD, self.microbatches, self.stages, policy, remat
         )
+
+    def to_experts(self, x_ExNxCxD_):
+        if "ep" not in self.sizes:
+            return x_ExNxCxD_
+        # Each device's groups, every expert's slots -> every device's groups, this device's experts' slots.
+        with jax.named_scope("moe.dispatch"):
+            return jax.lax.all_to_all(x_ExNxCxD_, "ep", split_axis=0, concat_axis=1, tiled=True)
+
+    def from_experts(self, y_ExNxCxD_):
+        if "ep" not in self.sizes:
+            return y_ExNxCxD_
+        with jax.named_scope("moe.combine"):
+            return jax.lax.all_to_all(y_ExNxCxD_, "ep", split_axis=1, concat_axis=0, tiled=True)
 
     def vocab_ids(self, n):
         if "vocab" not in self.split:

@@ -6,6 +6,7 @@ mesh axes separately for four targets: the state at rest (params, grads, optimiz
 activations. `print(strategy_table())` is the documentation.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,13 @@ _SEQUENCE_ON_TP = (("length", "tp"),)
 _LAYERS_ON_PP = (("layers", "pp"),)
 _LENGTH_ON_CP = (("length", "cp"),)
 
-Rules = tuple[tuple[str, str | None], ...]
+# Expert parallelism (model/moe.py): the experts split over ep in every target. The batch splits over dp
+# and ep together (every device its own tokens), ZeRO over dp alone; tokens travel to their experts'
+# devices and back by an all-to-all over ep, after which each expert's slots split over dp (`moe_groups`).
+ZERO_AXIS = "dp"
+BATCH_AXES = ("dp", "ep")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def canonical(strategy: str) -> str:
@@ -82,20 +89,22 @@ def rules(strategy: str, target: str) -> Rules:
     if target not in TARGETS:
         raise ValueError(f"unknown sharding target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "activations":
-        data = (("batch", "dp"), ("embed", None))
+        data = (("batch", BATCH_AXES), ("embed", None))
         # The sequence: over tp between Megatron's regions with +sp, else over cp (context parallelism).
         length = _SEQUENCE_ON_TP if is_sequence_parallel(strategy) else _LENGTH_ON_CP
-        return data + _MEGATRON + length + (("kv", None), ("layers", None))
+        experts = (("expert", "ep"), ("moe_groups", ZERO_AXIS), ("route", None))
+        return data + _MEGATRON + length + (("kv", None), ("layers", None)) + experts
     on_dp = stage >= EMBED_ON_DP_FROM_STAGE[target]
-    data = (("batch", None), ("embed", "dp" if on_dp else None))
-    return data + _MEGATRON + (("length", None), ("kv", None)) + _LAYERS_ON_PP
+    data = (("batch", None), ("embed", ZERO_AXIS if on_dp else None))
+    experts = (("expert", "ep"), ("moe_groups", None), ("route", None))
+    return data + _MEGATRON + (("length", None), ("kv", None)) + _LAYERS_ON_PP + experts
 
 
 def strategy_table() -> str:
     """Every strategy's rules as a text table: target rows, logical-axis columns; then what +sp changes."""
     names = list(LOGICAL_AXES)
     row = lambda strategy, target, table: (
-        f"{strategy:<8} {target:<12} " + " ".join(f"{table[n] or '-':>7}" for n in names)
+        f"{strategy:<8} {target:<12} " + " ".join(f"{show_axes(table[n]):>7}" for n in names)
     )
     lines = [f"{'strategy':<8} {'target':<12} " + " ".join(f"{n:>7}" for n in names)]
     for strategy in STRATEGIES:
@@ -124,7 +133,9 @@ def logical_to_spec(names: Sequence[str | None], rules_: Rules, where: str = "ar
         if name not in table:
             raise ValueError(f"{where}: logical axis {name!r} has no rule; known: {', '.join(table)}")
         axes.append(table[name])
-    used = [a for a in axes if a is not None]
+    used = [
+        a for entry in axes if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))
+    ]
     if len(used) != len(set(used)):
         raise ValueError(f"{where}: logical axes {tuple(names)} put two dims on one mesh axis ({axes})")
     return P(*axes)
@@ -134,11 +145,19 @@ def check_divisible(where: str, shape: Sequence[int], names: Sequence[str | None
     """Raise, naming the dim, the mesh axis and the fix, when a sharded dim is not divisible."""
     axes = tuple(spec) + (None,) * (len(shape) - len(spec))
     for dim, (size, name, axis) in enumerate(zip(shape, names, axes, strict=True)):
-        if axis is not None and size % mesh.shape[axis]:
+        if axis is not None and size % axes_size(mesh, axis):
+            shown = show_axes(axis)
             raise ValueError(
                 f"{where}: dim {dim} ({name}={size}) is not divisible by mesh axis "
-                f"{axis}={mesh.shape[axis]}; {_FIX.get(name, f'choose {axis} dividing {size}')}"
+                f"{shown}={axes_size(mesh, axis)}; {_FIX.get(name, f'choose {shown} dividing {size}')}"
             )
+
+
+def show_axes(axes: str | tuple[str, ...] | None) -> str:
+    """A rule's mesh axes as text: "dp", "dp*ep" (a dim split over both), or "-"."""
+    if axes is None:
+        return "-"
+    return axes if isinstance(axes, str) else "*".join(axes)
 
 
 _FIX = {
@@ -146,7 +165,8 @@ _FIX = {
     "mlp": "choose tp dividing the MLP width (4 * n_embd)",
     "vocab": "choose tp dividing vocab_multiple, or raise model.vocab_multiple",
     "embed": "choose dp dividing n_embd, or strategy 'dp' (which does not shard embed over dp)",
-    "batch": "choose a batch size divisible by dp",
+    "batch": "choose a batch size divisible by dp x ep",
+    "expert": "choose ep dividing n_experts",
 }
 
 
@@ -208,6 +228,18 @@ def vary(x: jax.Array, axes: Sequence[str]) -> jax.Array:
 def spec_axes(spec: P) -> tuple[str, ...]:
     """The mesh axes `spec` splits over, sorted."""
     return tuple(sorted(a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))))
+
+
+def axes_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
+    """How many shards a rule's mesh axis (or tuple of them, e.g. the batch's dp x ep) makes on `mesh`."""
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many parts the activation rules split the batch on `mesh` (dp x ep)."""
+    return axes_size(mesh, BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh, strategy: str, rank: int = 2) -> NamedSharding:

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from shardgpt.parallel.sharding import axes_size
+
 IGNORE_INDEX = -1  # targets with this value carry no loss
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.1  # of a text file, held out at its end
@@ -248,9 +250,12 @@ def global_batch(
 
     With `vocab_size` (the model's), every row's ids are checked as they are built (see check_ids).
     """
-    dp = sharding.mesh.shape[sharding.spec[0]] if sharding.spec and sharding.spec[0] else 1
-    if batch_size % dp:
-        raise ValueError(f"batch size {batch_size} is not divisible by dp={dp}: choose a multiple of {dp}")
+    shards = axes_size(sharding.mesh, sharding.spec[0] if sharding.spec else None)  # dp x ep
+    if batch_size % shards:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {shards} shards of the batch (dp x ep): "
+            f"choose a multiple of {shards}"
+        )
     shape = (batch_size, task.seq_len)
     built: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 

@@ -55,12 +55,13 @@ class ShardMap(step.Implementation):
         self.piped = "pp" in active  # pp: the microbatches are the pipeline's, not an accumulation loop's
         self.plan = ShardMapPlan(mesh, strategy, microbatches if self.piped else 1, model.config.ring_layout)
         self.model = model.clone(plan=self.plan)
-        data_axis = dict(sharding.rules(strategy, "activations"))["batch"]
-        self.dp = data_axis if data_axis in active else None
-        # Axes over which a param's gradient has partial sums to add up: dp (its rows of the batch), cp (its
-        # positions) and pp (stages other than the one using it: the embedding, the head), each unless the
-        # param is split over it. ZeRO-2/3's dp part is reduce-scattered inside the backward pass instead.
-        self.partial_axes = tuple(a for a in (self.dp, self.plan.stages, self.plan.context) if a)
+        self.dp = sharding.ZERO_AXIS if sharding.ZERO_AXIS in active else None  # ZeRO's axis
+        ep = "ep" if "ep" in active else None
+        # Axes over which a param's gradient has partial sums to add up: dp and ep (its rows of the batch),
+        # cp (its positions) and pp (stages other than the one using it: the embedding, the head), each
+        # unless the param is split over it (an expert over ep). ZeRO-2/3's dp part is reduce-scattered
+        # inside the backward pass instead.
+        self.partial_axes = tuple(a for a in (self.dp, ep, self.plan.stages, self.plan.context) if a)
 
         def specs(target: str) -> Any:
             rules = sharding.rules(strategy, target)

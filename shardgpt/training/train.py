@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from shardgpt.model import moe
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import layout, microbatch, sharding
 from shardgpt.parallel.gspmd_plan import GSPMDPlan
@@ -28,11 +29,20 @@ def loss_sum(model: GPT, params: Any, batch: dict, targets_BxL=None) -> tuple[ja
     with the chunked cross-entropy (shardgpt.training.loss), so the whole batch's logits never exist.
     `targets_BxL` replaces the batch's own (cp: this device's positions)."""
     targets_BxL = batch["targets"] if targets_BxL is None else targets_BxL
+    cfg = model.config
     with jax.named_scope("forward"):  # the backward pass's ops are named transpose(jvp(forward))
-        x_BxLxD, head_DxV = model.apply({"params": params}, batch["inputs"], head=False)
-        return loss.head_cross_entropy_sum(
-            x_BxLxD, head_DxV, targets_BxL, model.config.vocab_size, model.plan
+        if cfg.moe:  # and the experts' load-balancing loss, a term of the sum
+            (x_BxLxD, head_DxV), stats = model.apply(
+                {"params": params}, batch["inputs"], head=False, mutable=[moe.STATS]
+            )
+        else:
+            x_BxLxD, head_DxV = model.apply({"params": params}, batch["inputs"], head=False)
+        loss_sum, count = loss.head_cross_entropy_sum(
+            x_BxLxD, head_DxV, targets_BxL, cfg.vocab_size, model.plan
         )
+        if cfg.moe:
+            loss_sum = loss_sum + moe.aux_loss_sum(cfg, stats[moe.STATS], batch["inputs"].shape[1])
+        return loss_sum, count
 
 
 @flax.struct.dataclass
