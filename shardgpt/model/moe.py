@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.ad_checkpoint import checkpoint_name
 
 from shardgpt.model.config import ModelConfig
 from shardgpt.model.plan import Plan, megatron_scope
@@ -66,8 +67,10 @@ class MoE(nn.Module):
             slots_ExNxCxD = jnp.einsum(
                 "ngec,ngd->encd", dispatch_NxGxExC.astype(dtype), x_NxGxD.astype(dtype)
             )
-        slots_ExNxCxD = plan.copy_to_shards(plan.to_experts(slots_ExNxCxD))
-        y_ExNxCxD = plan.from_experts(self._experts(slots_ExNxCxD, dtype))
+        # Named, so a remat policy that recomputes the layouts it states (ZeRO-3's, which re-gather the
+        # params) saves these two instead of redoing their all-to-alls in the backward pass.
+        slots_ExNxCxD = checkpoint_name(plan.copy_to_shards(plan.to_experts(slots_ExNxCxD)), "moe_slots")
+        y_ExNxCxD = checkpoint_name(plan.from_experts(self._experts(slots_ExNxCxD, dtype)), "moe_outputs")
         with jax.named_scope("combine"):
             y_NxGxD = jnp.einsum("ngec,encd->ngd", combine_NxGxExC.astype(dtype), y_ExNxCxD)
         return plan.constrain(y_NxGxD, ("batch", None, "embed")).reshape(b, length, d)
@@ -105,8 +108,8 @@ class MoE(nn.Module):
         return dispatch_NxGxExC, combine_NxGxExC
 
     def _experts(self, slots_ExNxCxD, dtype):
-        """Every local expert's MLP on its slots: up (column-parallel over tp), GELU, down (row-parallel).
-        Each result is laid out at the experts, so the way back starts from the layout the way there made."""
+        """Every local expert's MLP on its slots: up (column-parallel over tp), GELU, down (row-parallel);
+        the hidden slots stated at the experts, where the plan's to_experts put them."""
         cfg, plan = self.config, self.plan
         e, f, d = cfg.n_experts, cfg.mlp_dim, cfg.n_embd
         zeros = nn.initializers.zeros_init()
