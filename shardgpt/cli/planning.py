@@ -1,8 +1,8 @@
 """run.py's compile-only branch: --plan (will it fit), --predict (step time on a cluster) and --recommend
 (the cluster's layouts searched), each validated before anything compiles, then compiled and tabled.
 
-Imports no jax at module level (cli/run.py imports it before the flags are set); it reaches back into
-cli/run.py for the grid of specs and the output checks, lazily.
+Imports no jax at module level (cli/run.py imports it before the flags are set); the grid of specs and
+the output checks are cli/specs.py's, which run.py shares.
 """
 
 import argparse
@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from shardgpt.cli import flags
+from shardgpt.cli import flags, specs
 
 
 def _check_attention(args: argparse.Namespace, placement: Any) -> None:
@@ -35,7 +35,6 @@ def validate_plan(args: argparse.Namespace) -> tuple:
     says otherwise; each mesh over the first devices it needs.
     """
     from shardgpt.analysis import hardware
-    from shardgpt.cli import run as cli
     from shardgpt.lab import plan, predict, recommend, target
 
     if args.init_from or args.task != "sort":
@@ -44,31 +43,30 @@ def validate_plan(args: argparse.Namespace) -> tuple:
     if args.recommend:  # every device present; the budget the cluster's device's unless given
         placement = target.place(["dp=-1"], hardware.cluster(args.hardware).profile.name, given)
         _check_attention(args, placement)
-        base = cli.make_specs(args, len(placement.devices), "accelerator")[0]
+        base = specs.make_specs(args, len(placement.devices), "accelerator")[0]
         cfg, seq = recommend.resolve(base.model, base.overrides, base.dtype, base.attention, base.seq)
         if seq > cfg.block_size:
             raise ValueError(
                 f"--seq {seq} exceeds {base.model}'s context {cfg.block_size}: give a shorter one"
             )
-        cli.check_outputs(args)
+        specs.check_outputs(args)
         return base, placement
     placement = target.place(args.mesh or ["dp=-1"], args.target, given)
     _check_attention(args, placement)
     devices = placement.devices
-    specs = cli.make_specs(args, len(devices), "accelerator")
+    grid = specs.make_specs(args, len(devices), "accelerator")
     # Each mesh over the first devices it needs: "dp=2" plans on 2 of 8 simulated devices, or of 8 GPUs.
     first = lambda spec: devices[: target.devices_needed(spec.mesh, len(devices))]
-    planners = cli.prepare_all(specs, args, lambda spec: plan.Planner.prepare(spec, first(spec)))
+    planners = specs.prepare_all(grid, args, lambda spec: plan.Planner.prepare(spec, first(spec)))
     if args.predict:  # a mesh larger than the cluster, refused before anything compiles
         predict.check(planners, args.hardware)
-    cli.check_outputs(args)
+    specs.check_outputs(args)
     return planners, placement
 
 
 def run_plan(work: Any, placement: Any, args: argparse.Namespace, argv: list[str]) -> int:
     """Compile every planner's step (abstract arrays only), print the ranked table, write results.json;
     with --recommend, run_recommend."""
-    from shardgpt.cli import run as cli
     from shardgpt.lab import html_report, predict, runner
     from shardgpt.lab import plan as planning
 
@@ -92,7 +90,7 @@ def run_plan(work: Any, placement: Any, args: argparse.Namespace, argv: list[str
     print("\n" + planning.table(rows, placement.describe()))
     print(f"wall time {time.perf_counter() - started:.0f} s for {sum(r['compiles'] for r in rows)} compiles")
     if args.out:
-        meta = runner.meta(shlex.join([flags.prog(cli.SCRIPT), *argv]))
+        meta = runner.meta(shlex.join([flags.prog(specs.SCRIPT), *argv]))
         paths = planning.write(rows, meta, args.out, plots=not args.no_plots)
         paths.append(html_report.write(args.out))  # report.html, rendered from the results.json just written
         print(f"\nwrote {', '.join(str(p) for p in paths)}")
@@ -106,7 +104,6 @@ def run_recommend(base: Any, placement: Any, args: argparse.Namespace, argv: lis
     from pathlib import Path
 
     from shardgpt.analysis import hardware
-    from shardgpt.cli import run as cli
     from shardgpt.lab import recommend, recommend_table, report, runner
 
     started = time.perf_counter()
@@ -124,13 +121,13 @@ def run_recommend(base: Any, placement: Any, args: argparse.Namespace, argv: lis
     log(f"analytic search: {result['searched']} layouts in {time.perf_counter() - started:.1f} s")
     if not result["ranked"] and result["refused"] and not result["over"]:
         label, why = next(iter(result["refused"].items()))
-        raise SystemExit(f"{cli.SCRIPT}: error: no layout of {cluster.spec} lays out ({label}: {why})")
+        raise SystemExit(f"{specs.SCRIPT}: error: no layout of {cluster.spec} lays out ({label}: {why})")
     recommend_table.confirm(result["ranked"], base, placement.devices, placement.record(), cluster, log)
     why = recommend.reason(result, cluster, budget)
     print("\n" + recommend_table.table(result, cluster, budget, why))
     print(f"wall time {time.perf_counter() - started:.0f} s")
     if args.out:
-        meta = runner.meta(shlex.join([flags.prog(cli.SCRIPT), *argv]))
+        meta = runner.meta(shlex.join([flags.prog(specs.SCRIPT), *argv]))
         path = Path(args.out) / "results.json"
         record = recommend.record(result, cluster, budget, why)
         path.write_text(json.dumps({"meta": meta, "recommendation": record}, indent=2, default=str) + "\n")
