@@ -53,6 +53,10 @@ def _compiled_memory(done: dict[str, Any], budget: int) -> str:
     return report.size(total) + (" (over)" if total > budget else "")
 
 
+def _compiled_total(row: dict[str, Any]) -> int:
+    return row["confirmed"]["memory"]["total_bytes"]
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.4g}"
 
@@ -108,4 +112,13 @@ def table(result: dict[str, Any], cluster: hardware.Cluster, budget: int, why: s
     unconfirmed = {d["note"] for d in confirmed if "note" in d}
     notes += sorted(unconfirmed)
     notes.append(f"recommended: {why}")
+    compiled = [r for r in result["ranked"] if "memory" in (r.get("confirmed") or {})]
+    if compiled and compiled[0] is result["ranked"][0] and _compiled_total(compiled[0]) > budget:
+        fits = next((r for r in compiled if _compiled_total(r) <= budget), None)
+        label = (
+            f"#{fits['rank']}, {fits['candidate'].label()}" if fits else f"none of the top {len(compiled)}"
+        )
+        notes.append(
+            f"  but its compiled total is over the budget; the best whose compiled total fits: {label}"
+        )
     return "\n".join(report.grid(header, lines) + notes)
