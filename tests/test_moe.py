@@ -26,7 +26,7 @@ from _runs import (
 from _runs import batch as sort_batch
 
 from shardgpt.generation import generate
-from shardgpt.lab import experts
+from shardgpt.lab import experts, html_report
 from shardgpt.model import config
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import layout
@@ -133,3 +133,13 @@ def test_dense_presets_are_unchanged():
     params = jax.eval_shape(lambda: GPT(DENSE).init(jax.random.key(0), np.zeros((1, 1), np.int32)))
     assert "mlp" in params["params"]["blocks"] and "moe" not in params["params"]["blocks"]
     assert DENSE.n_params() == DENSE.n_params(active=True)
+
+
+def test_the_report_shows_routing_per_layer():
+    run = {
+        "name": "dp=2,ep=4 dp",
+        "moe": {"steps": [1, 5], "at": [{"load": [[3, 1], [2, 2]], "dropped": [1, 0], "choices": 4}] * 2},
+    }
+    html = "".join(html_report._routing([run, {"name": "dense", "moe": None}]))
+    assert "Expert routing" in html and "25%, 0%" in html and "1.50x, 1.00x" in html
+    assert html.count("<tr><td>") == 2  # the dense run has no rows

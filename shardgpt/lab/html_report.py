@@ -114,6 +114,7 @@ def comparison_page(results: dict[str, Any]) -> str:
     body += html_collectives.section(runs)
     body += _bubbles(runs)
     body += _predictions(runs)
+    body += _routing(runs)
     body += _generation(runs)
     body += _config(runs)
     body += H.meta_section(meta)
@@ -244,6 +245,31 @@ def _predictions(runs: Sequence[dict]) -> list[str]:
         H.para(
             "The cost model's prediction for this machine, from each run's step compiled again, beside its "
             "measured median step time; the profile's figures come from microbenchmarks, never these runs."
+        ),
+    ]
+
+
+def _routing(runs: Sequence[dict]) -> list[str]:
+    """An MoE run's routing at its first and last step: the choices dropped past the capacity and the
+    busiest expert's load over the mean, per layer."""
+    routed = [r for r in runs if r.get("moe")]
+    if not routed:
+        return []
+    rows = []
+    for r in routed:
+        for step, at in zip(r["moe"]["steps"], r["moe"]["at"], strict=True):
+            load = [max(layer) / max(sum(layer) / len(layer), 1e-9) for layer in at["load"]]
+            dropped = [f"{d / at['choices']:.0%}" for d in at["dropped"]]
+            rows.append([r["name"], str(step), ", ".join(dropped), ", ".join(f"{x:.2f}x" for x in load)])
+    header = ["run", "step", "dropped, per layer", "busiest expert / mean, per layer"]
+    sources = ["", "before its update", MEASURED, MEASURED]
+    return [
+        H.heading("Expert routing", anchor="routing"),
+        H.table(header, rows, sources=sources),
+        H.para(
+            "Choices (tokens x top_k) routed past an expert's capacity in a routing group are dropped (the "
+            "token passes through the residual); read by one forward of the run's own params on that step's "
+            "batch (lab/experts.py). The same on every layout at step 1: the groups are whole rows."
         ),
     ]
 
