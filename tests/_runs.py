@@ -50,6 +50,7 @@ class Run(NamedTuple):
     temp_bytes: int  # XLA's temporaries per device (compiled memory_analysis)
     grads: Any  # step 1's gradients on the host, before clipping (first_grads)
     types: tuple[tuple[str, ...], ...]  # jax.typeof of every state leaf after step 1 and after the last
+    dropped: np.ndarray  # an MoE's choices dropped past the capacity at each step (empty: dense)
 
 
 def mesh_for(spec: str):
@@ -89,11 +90,13 @@ def run(
     step = make(model, TX, mesh, strategy, shardings, microbatches=microbatches)
     lowered = step.jitted.lower(state, batch(0, mesh, seq))
     compiled = lowered.compile()
-    losses, norms, types, mu_1 = [], [], [], None
+    losses, norms, types, mu_1, dropped = [], [], [], None, []
     for i in range(STEPS):
         state, step_metrics = compiled(state, batch(i, mesh, seq))
         losses.append(float(step_metrics["loss"]))
         norms.append(float(step_metrics["grad_norm"]))
+        if "moe_dropped" in step_metrics:
+            dropped.append(float(step_metrics["moe_dropped"]))
         if i in (0, STEPS - 1):  # read before the next call, which donates this state
             types.append(tuple(str(jax.typeof(leaf)) for leaf in jax.tree.leaves(state)))
         if i == 0:
@@ -107,6 +110,7 @@ def run(
         metrics.compiled_memory(compiled)["temp_bytes"],
         first_grads(mu_1, norms[0]),
         tuple(types),
+        np.array(dropped),
     )
 
 

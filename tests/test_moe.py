@@ -52,6 +52,8 @@ def test_moe_trains_like_one_device(impl, spec, strategy, microbatches):
     np.testing.assert_allclose(got.grad_norms, ref.grad_norms, rtol=0, atol=1e-5, err_msg=f"{where} norms")
     assert_grads_match(got, ref, where)
     assert_state_matches(got, ref, where, STATE_RTOL)
+    # Each step counts the choices it dropped (its metrics' moe_dropped): the same on every layout.
+    assert len(got.dropped) == len(ref.dropped) > 0 and (got.dropped == ref.dropped).all(), where
 
 
 def test_the_reference_batches_drop_tokens_and_the_probe_counts_them():
@@ -63,6 +65,7 @@ def test_the_reference_batches_drop_tokens_and_the_probe_counts_them():
     assert load.shape == (MOE.config.n_layer, MOE.config.n_experts)
     assert (load.sum(1) == found["choices"]).all() and found["choices"] == sort_batch(0, mesh)["inputs"].size
     assert all(0 < d < found["choices"] for d in found["dropped"]), found
+    assert run("gspmd", SINGLE, "dp", moe=True).dropped[0] == sum(found["dropped"])  # the step's own count
     assert "dropped / busiest expert" in experts.summary(found)
 
 

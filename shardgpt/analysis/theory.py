@@ -182,9 +182,10 @@ def expected(
         elif dp > 1 and leaf.on_dp["opt_state"]:
             add("param_gather", "all-gather", leaf.layers, leaf.layers * leaf.local_bytes, "f32")
     if dp * pp * cp * ep > 1:
-        add("loss", "all-reduce", 1, 8, "f32")  # (loss sum, token count)
-        if config.moe and impl != "shard_map":  # each layer's load-balancing term, summed over the groups
-            add("loss", "all-reduce", per_layer, per_layer * 4, "f32")
+        # (loss sum, token count), and in shard_map an MoE's dropped choices: one vector (step.as_vector)
+        add("loss", "all-reduce", 1, 12 if config.moe and impl == "shard_map" else 8, "f32")
+        if config.moe and impl != "shard_map":  # each layer's load-balancing term and dropped choices,
+            add("loss", "all-reduce", per_layer, per_layer * 8, "f32")  # summed over the groups
     return {key: row | {"dtypes": dict(row["dtypes"])} for key, row in out.items()}
 
 

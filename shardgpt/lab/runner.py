@@ -286,8 +286,10 @@ def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> d
     step_time = statistics.median(timed)
     losses = [h["loss"] for h in trainer.history]
     grad_norms = [h["grad_norm"] for h in trainer.history if "grad_norm" in h]
-    if probe:
+    if probe:  # and every step's choices dropped, as the step itself counted them
         routing["at"].append(probe(state.params, batch_for(spec.steps - 1)))
+        routing["dropped_per_step"] = [h["moe_dropped"] for h in trainer.history]
+        routing["choices_per_step"] = tokens_per_step * s.config.moe_top_k * s.config.n_layer
 
     profile_dir = None
     if spec.profile:

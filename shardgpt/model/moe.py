@@ -101,10 +101,12 @@ class MoE(nn.Module):
         # Switch's load-balancing loss per group, E x sum_e f_e P_e (f: the share of first choices, P: the
         # mean router probability); 1 when balanced. Summed over groups here, averaged by the loss.
         first_NxE = chosen_NxTxE[:, :g].mean(1)
-        with jax.named_scope("loss_sum"):  # a term of the loss sum (GSPMD: its all-reduce over the groups)
+        # Terms of the step's sums (the loss's, the count's: train.loss_sum), summed over the groups here
+        # (GSPMD: an all-reduce each, named for the loss's).
+        with jax.named_scope("loss_sum"):
             self.sow(STATS, "aux_sum", e * jnp.sum(first_NxE * probs_NxGxE.mean(1)))
+            self.sow(STATS, "dropped", (chosen_NxTxE - kept_NxTxE).sum())
         self.sow(STATS, "load", chosen_NxTxE.sum((0, 1)))
-        self.sow(STATS, "dropped", (chosen_NxTxE - kept_NxTxE).sum())
         return dispatch_NxGxExC, combine_NxGxExC
 
     def _experts(self, slots_ExNxCxD, dtype):

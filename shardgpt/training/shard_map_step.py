@@ -130,7 +130,8 @@ class ShardMap(step.Implementation):
         scalar_ = batch_["targets"][0, 0].astype(jnp.float32)
         if self.plan.context:  # cp: each device sums its own positions' losses
             scalar_ = jax.lax.pcast(scalar_, self.plan.context, to="varying")
-        init = microbatch.zeros_like(((scalar_, scalar_), wrt_))
+        count_ = jnp.stack([scalar_, scalar_]) if self.model.config.moe else scalar_  # train.loss_sum's
+        init = microbatch.zeros_like(((scalar_, count_), wrt_))
         value_and_grad = jax.value_and_grad(lambda w_, b_: self.loss(w_, b_, whole_), has_aux=True)
         return microbatch.accumulate(value_and_grad, wrt_, microbatch.split(batch_, microbatches), init)
 

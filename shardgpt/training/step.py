@@ -35,7 +35,8 @@ class Implementation:
 
     def loss(self, wrt: Any, batch: dict, read: Any) -> tuple[jax.Array, jax.Array]:
         """(token-loss sum, token count) of `batch` as this device or program sees it, the model reading
-        `wrt` (differentiated) and `read` (not), as `differentiable` split the params."""
+        `wrt` (differentiated) and `read` (not), as `differentiable` split the params (an MoE's count:
+        [count, choices dropped], train.loss_sum)."""
         raise NotImplementedError
 
     def differentiable(self, params: Any) -> tuple[Any, Any]:
@@ -74,6 +75,13 @@ class Implementation:
         return params
 
 
+def as_vector(sums: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """(loss sum, count) -> [loss sum, count]: one array for one reduction. An MoE's count comes as
+    [count, choices dropped] (train.loss_sum), which the vector carries on: every entry a sum over tokens."""
+    total, count = sums
+    return jnp.stack(sums) if jnp.ndim(count) == 0 else jnp.concatenate([total[None], count])
+
+
 def build(impl: Implementation, tx: optax.GradientTransformation, microbatches: int = 1) -> Callable:
     """`train_step(state, batch) -> (state, metrics)` for `impl`, not yet placed (jit it, or shard_map
     and jit it). `tx` gets the global norm as `tx.update(..., grad_norm=)`: optim.make_optimizer's clips
@@ -87,10 +95,10 @@ def build(impl: Implementation, tx: optax.GradientTransformation, microbatches: 
         m = impl.accumulated(microbatches)
         sums, grads = value_and_grad(wrt, batch) if m == 1 else impl.accumulate(wrt, batch, read, m)
         with jax.named_scope("grad_reduce"):
-            sums_2, grads = impl.reduce_sums(jnp.stack(sums)), impl.reduce_grads(grads)
+            sums_k, grads = impl.reduce_sums(as_vector(sums)), impl.reduce_grads(grads)
             # The mean over every non-ignored token of the batch (never a mean of microbatch means).
-            scale = 1 / jnp.maximum(sums_2[1], 1)
-            loss, grads = sums_2[0] * scale, jax.tree.map(lambda g: g * scale, grads)
+            scale = 1 / jnp.maximum(sums_k[1], 1)
+            loss, grads = sums_k[0] * scale, jax.tree.map(lambda g: g * scale, grads)
         with jax.named_scope("optimizer"):
             grads, params = (
                 impl.to_update_layout(grads, "grads"),
@@ -100,7 +108,10 @@ def build(impl: Implementation, tx: optax.GradientTransformation, microbatches: 
             updates, opt_state = tx.update(grads, state.opt_state, params, grad_norm=grad_norm)
             params = impl.to_param_layout(optax.apply_updates(params, updates))
         state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return state, {"loss": loss, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if sums_k.shape[0] > 2:  # an MoE's choices dropped past the experts' capacity, summed like the loss
+            metrics["moe_dropped"] = sums_k[2]
+        return state, metrics
 
     return train_step
 
@@ -111,6 +122,6 @@ def build_eval(impl: Implementation) -> Callable:
 
     def eval_sums(params: Any, batch: dict) -> jax.Array:
         wrt, read = impl.differentiable(params)
-        return impl.reduce_sums(jnp.stack(impl.loss(wrt, batch, read)))
+        return impl.reduce_sums(as_vector(impl.loss(wrt, batch, read)))[:2]
 
     return eval_sums

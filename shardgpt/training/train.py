@@ -27,7 +27,8 @@ from shardgpt.training.step import TrainState
 def loss_sum(model: GPT, params: Any, batch: dict, targets_BxL=None) -> tuple[jax.Array, jax.Array]:
     """(token-loss sum, token count) of `batch` in the model's plan: the forward pass, then the head fused
     with the chunked cross-entropy (shardgpt.training.loss), so the whole batch's logits never exist.
-    `targets_BxL` replaces the batch's own (cp: this device's positions)."""
+    `targets_BxL` replaces the batch's own (cp: this device's positions). A mixture of experts adds its
+    load-balancing term to the sum, and its count is [token count, choices dropped past the capacity]."""
     targets_BxL = batch["targets"] if targets_BxL is None else targets_BxL
     cfg = model.config
     with jax.named_scope("forward"):  # the backward pass's ops are named transpose(jvp(forward))
@@ -42,6 +43,8 @@ def loss_sum(model: GPT, params: Any, batch: dict, targets_BxL=None) -> tuple[ja
         )
         if cfg.moe:
             loss_sum = loss_sum + moe.aux_loss_sum(cfg, stats[moe.STATS], batch["inputs"].shape[1])
+            dropped = sum(jnp.sum(leaf) for leaf in moe.sown(stats[moe.STATS], "dropped"))
+            count = jnp.stack([count, jax.lax.stop_gradient(dropped)])  # carried beside the count
         return loss_sum, count
 
 
