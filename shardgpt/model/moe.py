@@ -26,7 +26,8 @@ from shardgpt.model.plan import Plan, megatron_scope
 
 # The collection the layer sows into: `aux_sum` (the load-balancing loss summed over this call's groups),
 # `load` (choices per expert, before the capacity) and `dropped` (choices past it), per layer. The loss
-# reads aux_sum (training.train.loss_sum); the lab reads the rest.
+# reads aux_sum and dropped (training.train.loss_sum: a term of the sum, a count beside the token count);
+# the lab reads load (lab/experts.py).
 STATS = "moe"
 
 # A layer's slots (experts, groups, capacity; then the features) at their experts (split over ep, the groups
