@@ -102,6 +102,11 @@ def table(
     return "".join(out) + "</tbody></table></div>"
 
 
+def table_section(title: str, anchor: str, header, rows, text: str, **table_options) -> list[str]:
+    """A report section of one table: its heading (linkable by `anchor`), the table, a note under it."""
+    return [heading(title, anchor=anchor), table(header, rows, **table_options), para(text)]
+
+
 def key_values(pairs: dict, caption: str | None = None, ident: str | None = None) -> str:
     """A two-column table: name, value (values shown as text; None as "null", as results.json says)."""
     show = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)

@@ -211,14 +211,13 @@ def _bubbles(runs: Sequence[dict]) -> list[str]:
     ]
     header = ["run", "pp", "M", "ticks", "step (ms)", "bubble", "bubble"]
     sources = ["", "", "", "M + pp - 1", MEASURED, f"{THEORY}: (pp - 1) / (M + pp - 1)", MEASURED]
-    return [
-        H.heading("Pipeline bubble (GPipe in shard_map)", anchor="pipeline"),
-        H.table(header, rows, sources=sources),
-        H.para(
-            "measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks "
-            "across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough."
-        ),
-    ]
+    text = (
+        "measured = (pp - 1) x tick time / step time; tick time: the slope of step time over ticks "
+        "across runs of one microbatch size (n/a with one run); on simulated CPU devices, rough."
+    )
+    return H.table_section(
+        "Pipeline bubble (GPipe in shard_map)", "pipeline", header, rows, text, sources=sources
+    )
 
 
 def _predictions(runs: Sequence[dict]) -> list[str]:
@@ -237,16 +236,12 @@ def _predictions(runs: Sequence[dict]) -> list[str]:
     header = ["run", "step (ms)", "no overlap (ms)", "full overlap (ms)", "error", "error"]
     kind = "prediction (analysis/cost.py)"
     sources = ["", MEASURED, kind, kind, "no overlap / measured - 1", "full overlap / measured - 1"]
-    return [
-        H.heading(
-            f"Predicted beside measured ({predicted[0]['prediction']['hardware']})", anchor="predicted"
-        ),
-        H.table(header, rows, sources=sources),
-        H.para(
-            "The cost model's prediction for this machine, from each run's step compiled again, beside its "
-            "measured median step time; the profile's figures come from microbenchmarks, never these runs."
-        ),
-    ]
+    title = f"Predicted beside measured ({predicted[0]['prediction']['hardware']})"
+    text = (
+        "The cost model's prediction for this machine, from each run's step compiled again, beside its "
+        "measured median step time; the profile's figures come from microbenchmarks, never these runs."
+    )
+    return H.table_section(title, "predicted", header, rows, text, sources=sources)
 
 
 def _routing(runs: Sequence[dict]) -> list[str]:
@@ -263,15 +258,12 @@ def _routing(runs: Sequence[dict]) -> list[str]:
             rows.append([r["name"], str(step), ", ".join(dropped), ", ".join(f"{x:.2f}x" for x in load)])
     header = ["run", "step", "dropped, per layer", "busiest expert / mean, per layer"]
     sources = ["", "before its update", MEASURED, MEASURED]
-    return [
-        H.heading("Expert routing", anchor="routing"),
-        H.table(header, rows, sources=sources),
-        H.para(
-            "Choices (tokens x top_k) routed past an expert's capacity in a routing group are dropped (the "
-            "token passes through the residual); read by one forward of the run's own params on that step's "
-            "batch (lab/experts.py). The same on every layout at step 1: the groups are whole rows."
-        ),
-    ]
+    text = (
+        "Choices (tokens x top_k) routed past an expert's capacity in a routing group are dropped (the "
+        "token passes through the residual); read by one forward of the run's own params on that step's "
+        "batch (lab/experts.py). The same on every layout at step 1: the groups are whole rows."
+    )
+    return H.table_section("Expert routing", "routing", header, rows, text, sources=sources)
 
 
 def _generation(runs: Sequence[dict]) -> list[str]:
@@ -280,11 +272,11 @@ def _generation(runs: Sequence[dict]) -> list[str]:
         return []
     rows = [[r["name"], *(number(r["generate"].get(k)) for k in GENERATE_COLUMNS)] for r in generated]
     sources = ["", "", "tokens", "tokens", MEASURED, "counted", MEASURED, MEASURED, "compared"]
-    return [
-        H.heading("Generation", anchor="generation"),
-        H.table(["run", *GENERATE_COLUMNS.values()], rows, sources=sources, ident="generation"),
-        H.para("KV-cache generator, timed; naive = re-jit per length; recompute = full forward per token."),
-    ]
+    header = ["run", *GENERATE_COLUMNS.values()]
+    text = "KV-cache generator, timed; naive = re-jit per length; recompute = full forward per token."
+    return H.table_section(
+        "Generation", "generation", header, rows, text, sources=sources, ident="generation"
+    )
 
 
 RUN_FIELDS = ("model", "n_params", "mesh", "strategy", "impl", "task", "batch", "microbatches", "seq")
