@@ -27,8 +27,9 @@ from _runs import batch as sort_batch
 
 from shardgpt.generation import generate
 from shardgpt.lab import experts, html_report
-from shardgpt.model import config
+from shardgpt.model import config, moe
 from shardgpt.model.gpt import GPT
+from shardgpt.model.plan import GLOBAL_VIEW
 from shardgpt.parallel import layout
 from shardgpt.parallel.explicit_plan import explicit_mesh
 from shardgpt.parallel.mesh import make_mesh
@@ -146,3 +147,31 @@ def test_the_report_shows_routing_per_layer():
     html = "".join(html_report._routing([run, {"name": "dense", "moe": None}]))
     assert "Expert routing" in html and "25%, 0%" in html and "1.50x, 1.00x" in html
     assert html.count("<tr><td>") == 2  # the dense run has no rows
+
+
+def test_top2_routing_keeps_first_choices_first_and_respects_the_capacity():
+    """GShard's top-2 on one group: every expert holds at most its capacity, each slot at most one token,
+    a token at most 2 slots whose gates sum to 1 where both are kept; second choices never displace a
+    first choice (all first choices are placed before any second)."""
+    cfg = MOE.config.replace(moe_top_k=2, n_experts=4)
+    module = moe.MoE(cfg, GLOBAL_VIEW)
+    x = jax.random.normal(jax.random.key(1), (1, 11, cfg.n_embd))
+    router = jax.random.normal(jax.random.key(2), (cfg.n_embd, cfg.n_experts))
+    capacity = cfg.expert_capacity(11)  # ceil(2 x 11 x 1.25 / 4) = 7
+    (dispatch, combine), stats = module.apply(
+        {}, x, router, capacity, method=moe.MoE._route, mutable=[moe.STATS]
+    )
+    dispatch, combine = np.asarray(dispatch[0]), np.asarray(combine[0])  # (G, E, C)
+    assert capacity == 7 and dispatch.sum((0, 2)).max() <= capacity and dispatch.sum(0).max() <= 1
+    per_token = dispatch.sum((1, 2))
+    assert per_token.max() <= 2
+    both = per_token == 2
+    np.testing.assert_allclose(combine.sum((1, 2))[both], 1, rtol=1e-6)
+    probs = np.asarray(jax.nn.softmax(x[0] @ router))
+    first = probs.argmax(-1)
+    kept_first = dispatch[np.arange(11), first].sum(-1)
+    expert_full = dispatch.sum((0, 2)) >= capacity
+    # A first choice is dropped only where its expert is full of first choices.
+    assert all(kept_first[t] or expert_full[first[t]] for t in range(11))
+    dropped = float(moe.sown(stats[moe.STATS], "dropped")[0])
+    assert dropped == 2 * 11 - dispatch.sum()
