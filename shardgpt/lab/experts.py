@@ -13,6 +13,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from shardgpt.lab import html_report
 from shardgpt.model import moe
 from shardgpt.model.gpt import GPT
 from shardgpt.parallel import sharding
@@ -52,10 +53,7 @@ class RoutingProbe:
 
 def summary(record: dict[str, Any]) -> str:
     """One line: the share of choices dropped, and the busiest expert's load over the mean, per layer."""
-    load = np.array(record["load"], dtype=float)
-    imbalance = load.max(1) / np.maximum(load.mean(1), 1e-9)
-    dropped = 100 * np.array(record["dropped"]) / record["choices"]
-    per_layer = ", ".join(f"{d:.0f}%/{m:.2f}x" for d, m in zip(dropped, imbalance, strict=True))
+    per_layer = ", ".join(f"{d:.0%}/{m:.2f}x" for d, m in html_report.routing_per_layer(record))
     return f"dropped / busiest expert over the mean, per layer: {per_layer}"
 
 

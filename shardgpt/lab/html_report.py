@@ -244,6 +244,15 @@ def _predictions(runs: Sequence[dict]) -> list[str]:
     return H.table_section(title, "predicted", header, rows, text, sources=sources)
 
 
+def routing_per_layer(at: dict[str, Any]) -> list[tuple[float, float]]:
+    """(share of choices dropped, busiest expert's load over the mean) per layer, of one routing record
+    (results.json's moe.at[i], lab/experts.RoutingProbe's)."""
+    return [
+        (dropped / at["choices"], max(load) / max(sum(load) / len(load), 1e-9))
+        for dropped, load in zip(at["dropped"], at["load"], strict=True)
+    ]
+
+
 def _routing(runs: Sequence[dict]) -> list[str]:
     """An MoE run's routing at its first and last step: the choices dropped past the capacity and the
     busiest expert's load over the mean, per layer."""
@@ -253,9 +262,9 @@ def _routing(runs: Sequence[dict]) -> list[str]:
     rows = []
     for r in routed:
         for step, at in zip(r["moe"]["steps"], r["moe"]["at"], strict=True):
-            load = [max(layer) / max(sum(layer) / len(layer), 1e-9) for layer in at["load"]]
-            dropped = [f"{d / at['choices']:.0%}" for d in at["dropped"]]
-            rows.append([r["name"], str(step), ", ".join(dropped), ", ".join(f"{x:.2f}x" for x in load)])
+            dropped, busiest = zip(*routing_per_layer(at), strict=True)
+            rows.append([r["name"], str(step), ", ".join(f"{d:.0%}" for d in dropped)])
+            rows[-1].append(", ".join(f"{x:.2f}x" for x in busiest))
     header = ["run", "step", "dropped, per layer", "busiest expert / mean, per layer"]
     sources = ["", "before its update", MEASURED, MEASURED]
     text = (

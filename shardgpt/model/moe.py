@@ -157,9 +157,14 @@ def sown(stats, name: str) -> list[jax.Array]:
     return [leaf for path, value in sorted(flat.items()) if path[-1] == name for leaf in value]
 
 
+def total(stats, name: str) -> jax.Array:
+    """The sum of `name` over every layer (and every group: each layer's is already summed over them)."""
+    return sum(jnp.sum(leaf) for leaf in sown(stats, name))
+
+
 def aux_loss_sum(config: ModelConfig, stats, seq_len: int) -> jax.Array:
     """The load-balancing loss as a term of the token-loss sum: weight x (mean over groups and layers of
     each group's loss) x tokens, so that the step's division by the token count leaves weight x the mean
     (exactly, where no target is ignored); a sum, so the devices' parts add up as the loss's do."""
-    aux = sum(jnp.sum(leaf) for leaf in sown(stats, "aux_sum"))
+    aux = total(stats, "aux_sum")
     return config.moe_aux_weight * config.moe_group_rows * seq_len * aux / config.n_layer

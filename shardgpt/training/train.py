@@ -43,7 +43,7 @@ def loss_sum(model: GPT, params: Any, batch: dict, targets_BxL=None) -> tuple[ja
         )
         if cfg.moe:
             loss_sum = loss_sum + moe.aux_loss_sum(cfg, stats[moe.STATS], batch["inputs"].shape[1])
-            dropped = sum(jnp.sum(leaf) for leaf in moe.sown(stats[moe.STATS], "dropped"))
+            dropped = moe.total(stats[moe.STATS], "dropped")
             count = jnp.stack([count, jax.lax.stop_gradient(dropped)])  # carried beside the count
         return loss_sum, count
 
