@@ -227,7 +227,7 @@ def compare(specs: list, args: argparse.Namespace, argv: list[str]) -> int:
             f"ms, {result['tokens_per_s']:,.0f} tokens/s, final loss {result['final_loss']:.6f}"
         )
         if result["moe"]:
-            say(f"  last step's routing: {experts.summary(result['moe']['at'][-1])}")
+            say(f"  routing after training: {experts.summary(result['moe']['at'][-1])}")
         runs.append(result)
     if args.measure:  # each run's prediction on this machine beside its measured step time
         from shardgpt.lab import predict

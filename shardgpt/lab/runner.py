@@ -270,7 +270,8 @@ def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> d
         spec.microbatches, spec.impl, mesh.devices.flat[0].platform,
     )  # fmt: skip
 
-    # An MoE's routing at the first step (before its update) and the last, by the run's own params.
+    # An MoE's routing by the run's own params: at step 1 (before its update: the step's own routing), and
+    # after training, on the last step's batch.
     probe = experts.RoutingProbe(s.model, mesh, s.strategy) if s.config.moe else None
     routing = {"steps": [1, spec.steps], "at": [probe(state.params, first)]} if probe else None
 
@@ -286,7 +287,7 @@ def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> d
     step_time = statistics.median(timed)
     losses = [h["loss"] for h in trainer.history]
     grad_norms = [h["grad_norm"] for h in trainer.history if "grad_norm" in h]
-    if probe:  # and every step's choices dropped, as the step itself counted them
+    if probe:  # and every step's choices dropped, as the step itself counted them (exact, every step)
         routing["at"].append(probe(state.params, batch_for(spec.steps - 1)))
         routing["dropped_per_step"] = [h["moe_dropped"] for h in trainer.history]
         routing["choices_per_step"] = tokens_per_step * s.config.moe_top_k * s.config.n_layer
@@ -350,7 +351,7 @@ def run(spec: RunSpec, progress: bool = True, log_every: int | None = None) -> d
             mesh.shape["pp"],
             mesh.shape["ep"],
             experts.share(state.params),
-        ),  # fmt: skip
+        ),
         "collectives": metrics.collectives(compiled.as_text()),
         "collectives_by_cause": by_cause,
         "losses": losses,
