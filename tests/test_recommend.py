@@ -131,3 +131,31 @@ def test_recommend_cli_on_gpt_pico(tmp_path, capsys, monkeypatch):
     confirmed = [r["confirmed"] for r in record["ranked"][: recommend.CONFIRM]]
     assert all(c["compiled_for"] == "cpu" and c["memory"]["total_bytes"] > 0 for c in confirmed)
     assert record["winner"]["rank"] == 1 and record["reason"] in out
+
+
+def test_confirmation_goes_on_down_the_ranking_until_a_layout_fits_as_compiled(monkeypatch):
+    """Stub planner (no compile): compiled totals 9, 9, 9, 9, 9, 9, 4, 4, ... against a budget of 5: the
+    top CONFIRM are over it, so rows are compiled until the first that fits (#7), and no further."""
+    from types import SimpleNamespace
+
+    from shardgpt.analysis import cost
+    from shardgpt.lab import plan, recommend_table, runner
+
+    totals = iter([9] * (recommend.CONFIRM + 1) + [4] * recommend.CONFIRM)
+
+    def prepare(spec, devices):
+        memory = {"total_bytes": next(totals)}
+        return SimpleNamespace(
+            memory=lambda batch: memory, hlo={1: ""}, config=None, strategy="dp", mesh=mesh, seq=1
+        )
+
+    mesh = SimpleNamespace(shape={"dp": 1})
+    monkeypatch.setattr(plan.Planner, "prepare", staticmethod(prepare))
+    monkeypatch.setattr(cost, "predict", lambda *args: {})
+    candidate = recommend.Candidate(1, 1, 1, "dp", 1, False)
+    ranked = [{"rank": i + 1, "candidate": candidate} for i in range(3 * recommend.CONFIRM)]
+    base = runner.RunSpec(model="gpt-pico", batch=1)
+    recommend_table.confirm(ranked, base, [None], {}, H100X2, lambda _: None, budget=5)
+    compiled = [r["rank"] for r in ranked if "confirmed" in r]
+    assert compiled == list(range(1, recommend.CONFIRM + 3)), compiled
+    recommend_table.confirm(ranked[:1], base, [None], {}, H100X2, lambda _: None)  # no budget: the top only

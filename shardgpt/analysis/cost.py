@@ -6,15 +6,18 @@ Terms, each in seconds per step on one device:
   forward again, `recompute_factor`) over achievable FLOP/s: a measured matmul figure where the profile has
   one, else the datasheet peak x DATASHEET_EFFICIENCY. Not cost_analysis' FLOPs: it counts a scanned body
   once;
-- memory: analytic bytes moved (state read and written, activations saved and read back, logits) over the
-  measured copy bandwidth, else the datasheet HBM's. Analytic again: cost_analysis' bytes accessed also
-  counts a scan's body once;
+- memory: analytic bytes the non-matmul kernels move (the optimizer's update, gradient accumulation,
+  activations saved and read back, logits) over the measured copy bandwidth, else the datasheet HBM's. A
+  matmul's own operands (params, grads) are taken as hidden under its FLOPs. Analytic again:
+  cost_analysis' bytes accessed also counts a scan's body once;
 - communication: each collective by an alpha-beta model, alpha + factor(kind, n) x bytes / one-way link
   bandwidth, the link intra-node unless one of the op's device groups spans nodes;
 - launch: the profile's measured cost of starting one program, where it states one (cpu).
-compute and memory are one device's local work, bound by the larger (a roofline); communication overlaps it
-fully (full_overlap: the max) or not at all (no_overlap: the sum). A pipeline's GPipe bubble scales both by
-(M + pp - 1) / M. Plain data in and out.
+compute and memory are one device's local work, added: a device runs its kernels one after another, each
+bound by its own FLOPs (a matmul) or its own bytes (the rest): a roofline per kernel, summed. A roofline
+over the whole step (their max) would hide the elementwise kernels under matmuls they never run beside.
+Communication overlaps the local work fully (full_overlap: the max) or not at all (no_overlap: the sum). A
+pipeline's GPipe bubble scales both by (M + pp - 1) / M. Plain data in and out.
 """
 
 from collections.abc import Sequence
@@ -127,31 +130,46 @@ def communication(
     return seconds
 
 
-def memory_bytes(
+def memory_parts(
     config: ModelConfig, strategy: str, mesh: dict[str, int], batch: int, seq: int, microbatches: int
-) -> float:
-    """Analytic bytes one device reads and writes in a step (an estimate, stated in cost.MEMORY_SOURCE)."""
+) -> dict[str, float]:
+    """Analytic bytes one device reads and writes in a step, by what moves them (MEMORY_SOURCE):
+    "matmul_operands" (hidden under the matmuls' FLOPs, not in the memory term) and the non-matmul kernels'
+    "update", "accumulation", "activations" and "logits"."""
     dp, tp, pp, cp = (mesh.get(a, 1) for a in ("dp", "tp", "pp", "cp"))
-    params = config.n_params() * 4  # params are always float32
+    params = config.n_params() * 4  # params are always float32, and so are their grads
     shards = metrics.zero_expected_bytes(params, 2 * params, params, strategy, dp, tp, pp)
     model_split = tp * pp  # what the forward and backward read: the compute layout, whole over dp
-    fwd_bwd = (
-        microbatches * (2 * params + 2 * params) / model_split
-    )  # params read twice, grads read + written
     update = 2 * shards["params_bytes_per_device"] + shards["grads_bytes_per_device"]
     update += 2 * shards["opt_state_bytes_per_device"]  # the moments read and written
     tokens = batch * seq / (dp * cp)
     item = 2 if config.dtype == "bfloat16" else 4
     per_token_layer = (34 * config.n_embd + 5 * config.n_head * seq) * item / 2
-    activations = 2 * tokens * config.n_layer / pp * per_token_layer / tp  # saved forward, read backward
-    logits = 3 * tokens * config.vocab_size * item / tp  # written, softmaxed, their gradient
-    return fwd_bwd + update + activations + logits
+    return {
+        # params read forward and backward, grads read + written, per microbatch
+        "matmul_operands": microbatches * 4 * params / model_split,
+        "update": update,
+        # M > 1: each microbatch's grads added to the accumulator (both read, the sum written)
+        "accumulation": 3 * microbatches * params / model_split if microbatches > 1 else 0.0,
+        "activations": 2 * tokens * config.n_layer / pp * per_token_layer / tp,  # saved, read backward
+        "logits": 3 * tokens * config.vocab_size * item / tp,  # written, softmaxed, their gradient
+    }
+
+
+def memory_bytes(
+    config: ModelConfig, strategy: str, mesh: dict[str, int], batch: int, seq: int, microbatches: int
+) -> float:
+    """The bytes the memory term moves: memory_parts' all but the matmuls' own operands."""
+    parts = memory_parts(config, strategy, mesh, batch, seq, microbatches)
+    return sum(v for k, v in parts.items() if k != "matmul_operands")
 
 
 MEMORY_SOURCE = (
-    "analytic: params read forward and backward and grads read + written per microbatch (compute layout), "
-    "the update's params, grads and AdamW moments in the strategy's shards, activations saved and read back "
-    f"({ACTIVATION_BYTES_SOURCE}), logits 3x; not cost_analysis (a scanned body is counted once)"
+    "analytic: the non-matmul kernels' bytes, i.e. the update's params, grads and AdamW moments in the "
+    "strategy's shards, gradient accumulation (M > 1: 3 x the grads per microbatch), activations saved and "
+    f"read back ({ACTIVATION_BYTES_SOURCE}), logits 3x; the matmuls' operands (params read forward and "
+    "backward, grads written) count as hidden under their FLOPs; not cost_analysis (a scanned body is "
+    "counted once)"
 )
 
 
@@ -214,7 +232,7 @@ def predict(
         "communication_inter_node": comm["inter"],
         "launch": constants.get("launch_s", {}).get("value", 0.0),
     }
-    local = max(terms["compute"], terms["memory"])
+    local = terms["compute"] + terms["memory"]  # kernel after kernel: see the module's docstring
     bubble = bubble_factor(mesh.get("pp", 1), microbatches)
     step = {
         "no_overlap": (local + terms["communication"]) * bubble + terms["launch"],
@@ -242,6 +260,7 @@ def predict(
             bound: metrics.mfu(t, flops_per_token, peak, num_devices) for bound, t in tokens_per_s.items()
         },
         "binding": binding,
-        "overlap": "no_overlap: compute/memory + communication; full_overlap: their max",
+        "overlap": "no_overlap: compute + memory + communication; full_overlap: max(compute + memory, "
+        "communication)",
         "constants": constants,
     }

@@ -122,7 +122,9 @@ def run_recommend(base: Any, placement: Any, args: argparse.Namespace, argv: lis
     if not result["ranked"] and result["refused"] and not result["over"]:
         label, why = next(iter(result["refused"].items()))
         raise SystemExit(f"{specs.SCRIPT}: error: no layout of {cluster.spec} lays out ({label}: {why})")
-    recommend_table.confirm(result["ranked"], base, placement.devices, placement.record(), cluster, log)
+    recommend_table.confirm(
+        result["ranked"], base, placement.devices, placement.record(), cluster, log, budget
+    )
     why = recommend.reason(result, cluster, budget)
     print("\n" + recommend_table.table(result, cluster, budget, why))
     print(f"wall time {time.perf_counter() - started:.0f} s")

@@ -157,12 +157,12 @@ def parts(ops: list, prediction: dict[str, Any], cluster: hardware.Cluster, c: C
     """The no-overlap step time by what takes it, {name: (seconds, inter-node seconds)}: the local work as
     compute (remat's share apart) and memory's excess over it, each group of collectives, the bubble."""
     terms, constants = prediction["terms_s"], prediction["constants"]
-    compute, local = terms["compute"], max(terms["compute"], terms["memory"])
+    compute, local = terms["compute"], terms["compute"] + terms["memory"]
     recompute = constants.get("recompute_factor", {}).get("value", 1.0)
     out = {
         "compute": [compute / recompute, 0.0],
         "recompute": [compute - compute / recompute, 0.0],
-        "memory": [local - compute, 0.0],  # the roofline: memory counts only where it binds
+        "memory": [terms["memory"], 0.0],
     }
     for op in ops:
         group = _GROUP.get(op.op_name, "tp" if estimate.CAUSE_AXES.get(op.op_name) == ("tp",) else "other")

@@ -20,11 +20,17 @@ def confirm(
     where: dict[str, Any],
     cluster: hardware.Cluster,
     say=print,
+    budget: int | None = None,
 ) -> None:
     """Compile the first recommend.CONFIRM rows with the planner (abstract arrays, nothing allocated) and set
     each row's "confirmed": compiled memory and the prediction from the compiled collectives, with `where`
-    (target.Placement.record); or a note where its mesh needs more devices than are present."""
-    for row in ranked[: recommend.CONFIRM]:
+    (target.Placement.record); or a note where its mesh needs more devices than are present.
+
+    Where none of them compiles within `budget`, go on down the ranking, up to CONFIRM rows more, until
+    one does: a recommendation should end with a layout that fits as compiled."""
+    for i, row in enumerate(ranked[: 2 * recommend.CONFIRM]):
+        if i >= recommend.CONFIRM and (budget is None or _any_fits(ranked[:i], budget)):
+            break
         c = row["candidate"]
         note = recommend.needs_devices(c, len(devices))
         if note is not None:
@@ -55,6 +61,10 @@ def _compiled_memory(done: dict[str, Any], budget: int) -> str:
 
 def _compiled_total(row: dict[str, Any]) -> int:
     return row["confirmed"]["memory"]["total_bytes"]
+
+
+def _any_fits(rows: list[dict[str, Any]], budget: int) -> bool:
+    return any("memory" in r["confirmed"] and _compiled_total(r) <= budget for r in rows)
 
 
 def _ms(seconds: float) -> str:
@@ -100,7 +110,7 @@ def table(result: dict[str, Any], cluster: hardware.Cluster, budget: int, why: s
     if done is not None:
         estimate_for = f", an {ESTIMATE} for {cluster.profile.name}" if done["estimate"] else ""
         notes.append(
-            f"mem (compiled), compiled: the top {recommend.CONFIRM} compiled by the planner for "
+            f"mem (compiled), compiled: the top {len(confirmed)} compiled by the planner for "
             f"{done['compiled_for']}{estimate_for}: XLA's buffer assignment, and cost.predict on the "
             "compiled collectives"
         )
