@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SORT_STEPS
 
 from shardgpt.analysis import metrics
 from shardgpt.generation.generate import Generator, decode_windows, generate, generate_text
@@ -289,16 +290,16 @@ def test_matmul_weights_are_cast_once_per_call_and_nothing_else():
     assert matmul_weights_in(params, "float32") is params
 
 
-# Here, not in test_train.py: the suite's two workers take whole files, and the 300-step fixture is paid
+# Here, not in test_train.py: the suite's two workers take whole files, and the SORT_STEPS fixture is paid
 # once per worker that asks for it.
 def test_sort_task_trains_to_low_loss(trained_sort):
-    """gpt-pico learns to sort 6 digits: loss on the sorted half below 0.05 within 300 steps."""
+    """gpt-pico learns to sort 6 digits: loss on the sorted half below 0.05 within SORT_STEPS steps."""
     _, _, state, trainer = trained_sort
-    assert int(state.step) == 300
+    assert int(state.step) == SORT_STEPS
     assert trainer.events[0] == "begin" and trainer.events[-1] == "end"
-    assert trainer.events[1:-1] == list(range(300)), "on_step_end must see every step once, in order"
+    assert trainer.events[1:-1] == list(range(SORT_STEPS)), "on_step_end must see every step once, in order"
     final = np.mean([h["loss"] for h in trainer.history[-10:]])
-    assert final < 0.05, f"sort loss {final:.3f} after 300 steps: the model or optimizer regressed"
+    assert final < 0.05, f"sort loss {final:.3f} after {SORT_STEPS} steps: the model or optimizer regressed"
 
 
 def test_a_model_too_large_for_the_generation_layout_is_refused_before_anything_is_placed(monkeypatch):
