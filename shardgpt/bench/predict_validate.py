@@ -1,13 +1,14 @@
 """Validate the cost model on this CPU: predict each config with the cpu profile (calibrated by
 shardgpt.bench.cpu_calibrate's microbenchmarks only), then train it with the lab's runner and compare.
 
-The host is shared, so each config is measured in ROUNDS rounds, each round in a fresh random order (another
-process's load then falls on different configs each round): a config's measured step time is the least of
-its rounds' medians, and Spearman's rho between two rounds is the measurement's own repeatability, the
-ceiling for any model's rho. Prints one row per config (predicted bounds, each round, error) and rho;
-writes the rows as JSON to the path given (default /tmp/validate.json).
+The host may be shared, so each config is measured in --rounds rounds (default 2), each round in a fresh
+random order (another process's load then falls on different configs each round): a config's measured step
+time is the least of its rounds' medians, and Spearman's rho between two rounds is the measurement's own
+repeatability, the ceiling for any model's rho. Prints one row per config (predicted bounds, each round,
+error) and rho; writes the rows as JSON to --out. Run it on a quiet machine: under load the rounds disagree.
 """
 
+import argparse
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import numpy as np
 
 from shardgpt.analysis import cost, hardware
 from shardgpt.lab import plan, runner
+from shardgpt.model import config
 
 MESHES = ("dp=8", "dp=2,tp=4", "dp=4,tp=2", "tp=8")
 STRATEGIES = ("dp", "zero3")
@@ -42,10 +44,26 @@ def predicted(spec: runner.RunSpec, cluster: hardware.Cluster) -> dict:
     )
 
 
-def main(argv: list[str] | None = None, model: str = "gpt-micro", steps: int = 30) -> int:
-    """Predict every config, then run each in ROUNDS shuffled rounds; argv: [the JSON file to write]."""
-    argv = sys.argv[1:] if argv is None else argv
-    out = argv[0] if argv else "/tmp/validate.json"
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="experiments/predict_validate.py", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
+    p.add_argument("--model", default="gpt-micro", help="a preset (default gpt-micro)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help=f"measurements per config (default {ROUNDS})")
+    p.add_argument("--out", default="/tmp/validate.json", help="where the rows go, as JSON")
+    args = p.parse_args(argv)
+    if args.model not in config.PRESETS:
+        p.error(f"--model takes a preset ({', '.join(config.PRESETS)}), got {args.model!r}")
+    if args.steps < 2 or args.rounds < 1:
+        p.error(f"--steps must be >= 2 and --rounds >= 1, got {args.steps} and {args.rounds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Predict every config, then run each in --rounds shuffled rounds."""
+    args = parse_args(argv)
+    model, steps, rounds_n, out = args.model, args.steps, args.rounds, args.out
     cluster = hardware.cluster("cpux8")
     specs, rows = [], []
     for mesh in MESHES:
@@ -69,7 +87,7 @@ def main(argv: list[str] | None = None, model: str = "gpt-micro", steps: int = 3
                     }
                 )
     order = random.Random(0)
-    for r in range(ROUNDS):
+    for r in range(rounds_n):
         for i in order.sample(range(len(specs)), len(specs)):
             measured = runner.run(specs[i], progress=False)["step_time_s"]
             rows[i]["measured_rounds_s"].append(measured)
@@ -83,8 +101,8 @@ def main(argv: list[str] | None = None, model: str = "gpt-micro", steps: int = 3
             f"{row['binding']}"
         )
     measured = [r["measured_s"] for r in rows]
-    rounds = [[r["measured_rounds_s"][k] for r in rows] for k in range(ROUNDS)]
-    repeat = spearman(rounds[0], rounds[1]) if ROUNDS > 1 else float("nan")
+    rounds = [[r["measured_rounds_s"][k] for r in rows] for k in range(rounds_n)]
+    repeat = spearman(rounds[0], rounds[1]) if rounds_n > 1 else float("nan")
     print(f"measurement repeatability: Spearman rho {repeat:.3f} between rounds 1 and 2")
     for bound in ("no_overlap", "full_overlap"):
         predicted_s = [r[f"predicted_{bound}_s"] for r in rows]
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None, model: str = "gpt-micro", steps: int = 3
             f"median |error| {100 * np.median(np.abs(errors)):.0f}%"
         )
     with open(out, "w") as f:
-        json.dump({"model": model, "steps": steps, "rounds": ROUNDS, "rows": rows}, f, indent=2)
+        json.dump({"model": model, "steps": steps, "rounds": rounds_n, "rows": rows}, f, indent=2)
     return 0
 
 
