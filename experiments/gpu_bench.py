@@ -1,4 +1,4 @@
-"""One-GPU benchmark: gpt2 training MFU, decode against its bandwidth floor, naive decode.
+"""One-GPU benchmark (`make bench-gpu`): every GPU figure, in sections under one time budget.
 
 The command lives in shardgpt.bench.gpu (`python experiments/gpu_bench.py --help` lists its flags).
 """

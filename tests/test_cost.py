@@ -44,9 +44,7 @@ def test_bounds_are_ordered_and_the_bubble_scales_the_step():
     p = cost.predict(ops, cfg, "dp", mesh, 64, 1024, 1, hardware.cluster("h100x8"))
     step, terms = p["step_time_s"], p["terms_s"]
     assert step["full_overlap"] <= step["no_overlap"]
-    assert step["no_overlap"] == pytest.approx(
-        terms["compute"] + terms["memory"] + terms["communication"]
-    )
+    assert step["no_overlap"] == pytest.approx(terms["compute"] + terms["memory"] + terms["communication"])
     assert p["binding"] == max(("compute", "memory", "communication"), key=terms.get)
     assert 0 < p["mfu"]["no_overlap"] <= p["mfu"]["full_overlap"] < 1
     assert cost.bubble_factor(1, 1) == 1 and cost.bubble_factor(4, 4) == pytest.approx(7 / 4)

@@ -1,16 +1,22 @@
-"""One-GPU benchmark (issue 13): gpt2 training MFU, KV-cache decode against its bandwidth floor, naive decode.
+"""One-GPU benchmark (`make bench-gpu`), the one script for every figure an issue needs a GPU for.
 
-Measured on the live device, in this order, each part under a wall-clock budget (a part that would start past
-it is recorded as skipped, with the reason; a part that fails records its error and the run goes on):
-  1. copy bandwidth: x * s over a bf16 array, bytes read + written over the median time;
-  2. decode ms/step of shardgpt.generation.generate at batch 1 and 64, beside its floor: the bytes one
-     step must read (bf16 weights and the live KV cache) over that bandwidth;
-  3. the naive generator (generation_bench's re-jit-per-length loop): seconds per token, compile included;
-  4. training MFU for {unrolled, scanned} layers x {cudnn, xla} attention x batch {16, 32, 8}, nearest the
-     headline config (the first value of each flag) first.
-Writes OUT/results.json (rewritten after every part) and OUT/table.txt. Needs only jax, flax, optax, numpy:
-`PYTHONPATH=. python3 experiments/gpu_bench.py --out results/gpu` (`make bench-gpu`); `--tiny` is a CPU
-smoke run.
+Sections in priority order, each under its own time limit (--limit), all under one budget (--budget, 450 s:
+the whole run stays under 8 minutes on an H200); a measurement whose projected time would pass either is
+skipped with the reason, a section that fails records its error and the next one runs:
+  headline    copy bandwidth; gpt2 train at the headline config (unrolled, cuDNN attention on NVIDIA GPUs) at
+              batch 16 and 32, MFU beside the 45% / 47% goals; decode at batch 1 and 64 (prompt 128 + 256
+              new): ms/step against the floor at the measured copy and at PyTorch's 4.3 TB/s
+  anchor      the plain-JAX anchor (.anchors/gpu_ref.py or ../shared/anchors/gpu_ref.py, in its own process)
+              at the same configs, its figures beside ours
+  planner     run.py --plan's memory for the headline config on this device against the same step's
+              compiled memory and its live peak (issue 24; a fresh process where the device keeps a peak)
+  mock        run.py --plan for dp=8 and dp=2,tp=4 on a mock GPU topology (a process of its own)
+  cost_model  the cost model's predicted step time against 8+ measured one-GPU configs (issue 28)
+  xl          gpt2-xl: train at the best batch that fits (50% MFU goal); decode at batch 1 against the copy
+  rest        the rest of the train matrix (--layers x --attention x --batches), the naive generator
+Writes OUT/results.json, rewritten as each measurement finishes (every figure's source under "sources"), and
+OUT/table.txt at the end. Needs only jax, flax, optax, numpy: `PYTHONPATH=. python3 experiments/gpu_bench.py
+--out results/gpu`; `--tiny` is a CPU smoke run (gpt-pico, the cpu profile).
 """
 
 import argparse
@@ -20,86 +26,76 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shardgpt.analysis import hardware  # imports no jax
 from shardgpt.cli import flags  # imports no jax
 from shardgpt.model import config  # imports no jax
 from shardgpt.parallel import xla_flags  # imports no jax
 
 SCRIPT = "experiments/gpu_bench.py"
+BUDGET_S = 450.0
+LIMITS_S = {  # each section's limit, in priority order; the budget, not their sum, bounds the run
+    "headline": 120.0,
+    "anchor": 110.0,
+    "planner": 50.0,
+    "mock": 50.0,
+    "cost_model": 100.0,
+    "xl": 110.0,
+    "rest": 60.0,
+}
 
 
-def _fmt(value: Any, spec: str, scale: float = 1) -> str:
-    return "n/a" if value is None else format(value * scale, spec)
-
-
-def _status(row: dict[str, Any]) -> str:
-    return row["status"] + (f": {row['error']}" if row["error"] else "")
-
-
-def _columns(rows: list[dict[str, Any]], columns: list[tuple[str, str, str, float]]) -> list[str]:
-    """A header and one line per row; a column is (title, key, format, scale), right-aligned."""
-    width = lambda title: max(len(title) + 2, 9)
-    lines = ["".join(f"{title:>{width(title)}}" for title, *_ in columns) + "  status"]
-    for r in rows:
-        cells = (f"{_fmt(r[key], spec, scale):>{width(title)}}" for title, key, spec, scale in columns)
-        lines.append("".join(cells) + f"  {_status(r)}")
-    return lines
-
-
-def table(results: dict[str, Any]) -> str:
-    """The human summary: every measurement beside its goal and the reference (plain JAX, one H100)."""
-    m, bw, naive = results["meta"], results["copy_bandwidth_bytes_per_s"], results["naive"]
-    out = [
-        f"gpu_bench: {m['model']} ({m['n_params'] / 1e6:.2f}M params), {m['device_kind']}, jax "
-        f"{m['jax_version']}, seq {m['seq']}, {m['dtype']}, {m['date']}",
-        f"copy bandwidth (measured, read + write): {_fmt(bw, '.4g', 1e-9)} GB/s",
-        "train (MFU goal, ref: plain JAX on one H100)",
-    ]
-    out += _columns(
-        results["train"],
-        [("layers", "layers", "", 1), ("attn", "attention", "", 1), ("batch", "batch", "d", 1)]
-        + [("compile s", "compile_s", ".1f", 1), ("step ms", "step_time_s", ".1f", 1e3)]
-        + [("tok/s", "tokens_per_s", ",.0f", 1), ("MFU", "mfu", ".1%", 1), ("goal", "goal_mfu", ".0%", 1)]
-        + [("ref", "reference_mfu", ".1%", 1)],
-    )
-    out.append("decode (KV cache; floor = weight + cache bytes / copy bandwidth; goal: x floor)")
-    out += _columns(
-        results["decode"],
-        [("batch", "batch", "d", 1), ("ms/step", "ms_per_step", ".3f", 1), ("floor ms", "floor_ms", ".3f", 1)]
-        + [("x floor", "ratio_to_floor", ".2f", 1), ("goal", "goal_ratio", ".1f", 1)]
-        + [("ref ms", "reference_ms_per_step", ".2f", 1), ("compile s", "compile_s", ".1f", 1)],
-    )
-    per_token, tokens = _fmt(naive["s_per_token"], ".3f"), _fmt(naive["tokens"], "d")
-    reference = _fmt(naive["reference_s_per_token"], ".1f")
-    out.append(
-        f"naive generator, batch 1: {per_token} s/token over {tokens} tokens (compile included; ref "
-        f"{reference} s)  {_status(naive)}"
-    )
-    out.append(f"wall {m['wall_s']:.0f} s of a {m['budget_s']:.0f} s budget")
-    return "\n".join(out)
+def _limits(pairs: list[str], p: argparse.ArgumentParser) -> dict[str, float]:
+    limits = dict(LIMITS_S)
+    for pair in pairs:
+        name, _, seconds = pair.partition("=")
+        try:
+            limits[name] = float(seconds) if name in LIMITS_S else p.error(f"--limit: no section {name!r}")
+        except ValueError:
+            p.error(f"--limit takes SECTION=SECONDS, e.g. xl=90; got {pair!r}")
+    return limits
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags; list flags are comma lists whose first value is the headline config."""
-    p = argparse.ArgumentParser(prog=SCRIPT, description=__doc__.split("\n")[0])
+    raw = argparse.RawDescriptionHelpFormatter  # the docstring's section list, as written
+    p = argparse.ArgumentParser(
+        prog=SCRIPT,
+        description=__doc__.split("\n")[0],
+        epilog="\n".join(__doc__.split("\n")[2:]),
+        formatter_class=raw,
+    )
     p.add_argument("--out", default="results/gpu", help="folder for results.json and table.txt")
     p.add_argument("--tiny", action="store_true", help="gpt-pico, seq 32, a few steps: a CPU smoke run")
     p.add_argument(
-        "--no-gpu-flags",
-        action="store_true",
-        help="leave out XLA's GPU flags (shardgpt.parallel.xla_flags.GPU_FLAGS)",
+        "--no-gpu-flags", action="store_true", help="leave out XLA's GPU flags (shardgpt.parallel.xla_flags)"
     )
-    p.add_argument("--layers", default="unrolled,scan", help="comma list of unrolled, scan")
+    p.add_argument(
+        "--budget", type=float, default=BUDGET_S, help=f"seconds for the whole run (default {BUDGET_S:.0f})"
+    )
+    defaults = ", ".join(f"{k} {v:.0f}" for k, v in LIMITS_S.items())
+    p.add_argument(
+        "--limit", action="append", default=[], metavar="SECTION=SECONDS",
+        help=f"a section's time limit, repeatable (defaults, in order: {defaults}); 0 skips it",
+    )  # fmt: skip
+    p.add_argument(
+        "--sections", default=",".join(LIMITS_S), help="comma list of the sections to run (default: all)"
+    )
+    p.add_argument(
+        "--anchor", metavar="PATH", help="the anchor script (default: .anchors/ or ../shared/anchors/)"
+    )
+    p.add_argument("--layers", help="comma list of unrolled, scan (default unrolled,scan; --tiny unrolled)")
     p.add_argument(
         "--attention",
         default=None,
         help="comma list of cudnn, xla, the first the headline (default: cudnn,xla on NVIDIA GPUs, else xla)",
     )
     p.add_argument("--batches", default=None, help="comma list of train batches (default 16,32,8; --tiny 2)")
-    p.add_argument(
-        "--budget", type=float, default=420.0, help="seconds (default 420); parts past it are skipped"
-    )
     args = p.parse_args(argv)
-    args.layers = args.layers.split(",")
+    args.limits = _limits(args.limit, p)
+    args.sections = args.sections.split(",")
+    if not set(args.sections) <= set(LIMITS_S):
+        p.error(f"--sections takes {', '.join(LIMITS_S)}; got {','.join(args.sections)}")
+    args.layers = (args.layers or ("unrolled" if args.tiny else "unrolled,scan")).split(",")
     if not set(args.layers) <= {"unrolled", "scan"}:
         p.error(f"--layers takes unrolled and/or scan, got {args.layers}")
     # Without --attention: both on a GPU, decided once jax has started (main).
@@ -125,38 +121,52 @@ def _start_xla(gpu_flags: bool):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it wrote to OUT/results.json."""
     args = parse_args(argv)
+    env = dict(os.environ)  # as the user started us: the anchor runs as plain JAX would, without our flags
     _start_xla(not args.no_gpu_flags)
     import jax
 
+    from shardgpt.bench import gpu_apart, gpu_sections, gpu_table
     from shardgpt.bench import gpu_parts as parts
+    from shardgpt.bench.gpu_run import Run
     from shardgpt.lab import runner
     from shardgpt.parallel.mesh import make_mesh
 
+    device = jax.devices()[0]
     if args.attention is None:  # the platform's default first: it is the headline
-        args.attention = ["cudnn", "xla"] if flags.default_attention(jax.devices()[0]) == "cudnn" else ["xla"]
+        args.attention = ["cudnn", "xla"] if flags.default_attention(device) == "cudnn" else ["xla"]
     s = parts.TINY if args.tiny else parts.FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = jax.devices()[0]
+    profile = "cpu" if device.platform == "cpu" else hardware.for_device_kind(device.device_kind)
     mesh = make_mesh("dp=1", [device])  # one device, whatever else is present
-    cfg = config.preset(s.model, dtype="bfloat16", **dict(s.overrides))
+    cluster = hardware.cluster(f"{profile}x1") if profile else None  # the cost model's
+    matrix = (args.layers, args.attention, args.batches)
+    ctx = gpu_sections.Context(
+        s, args.tiny, device, mesh, args.attention[0], cluster, out, matrix, args.anchor, env
+    )
+    cfg = gpu_sections.model_config(ctx, s.model)
     command = " ".join([SCRIPT, *(sys.argv[1:] if argv is None else argv)])
     meta = runner.meta(command) | dict(model=s.model, n_params=cfg.n_params(), seq=s.seq, dtype=cfg.dtype)
-    meta |= dict(device=str(device), budget_s=args.budget, tiny=args.tiny, sizes=dataclasses.asdict(s))
+    meta |= dict(device=str(device), budget_s=args.budget, limits_s=args.limits, tiny=args.tiny)
+    meta |= dict(sizes=dataclasses.asdict(s), hardware=ctx.cluster.spec if ctx.cluster else None)
     meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")  # what this run's XLA was started with
-    results = dict(
-        meta=meta, sources=parts.SOURCES, copy_bandwidth_bytes_per_s=None, copy={}, train=[], decode=[]
-    )
-    results["naive"] = parts.blank_row(parts.NAIVE_KEYS, batch=1, prompt_len=s.prompt_len)
-    run = parts.Budget(results, out, args.budget)
-
-    results["copy"] = dict(array_bytes=2 * s.copy_elements, bytes_per_s=None, status=None, error=None)
-    run.attempt(results["copy"], lambda: dict(bytes_per_s=parts.copy_bandwidth(s.copy_elements, 10)))
-    results["copy_bandwidth_bytes_per_s"] = results["copy"]["bytes_per_s"]
-    parts.measure_generation(run, cfg, mesh, s, args.tiny)  # bounded and cheap: measured before training
-    parts.measure_training(run, cfg, mesh, s, args)
+    results: dict[str, Any] = dict(meta=meta, sources=parts.SOURCES, sections={}, copy=None)
+    results |= dict(copy_bandwidth_bytes_per_s=None, train=[], decode=[], anchor=None, planner=None)
+    results |= dict(mock=None, cost_model=None, xl=None, naive=None)
+    run = Run(results, out, args.budget, args.limits)
+    bodies = dict(headline=gpu_sections.headline, anchor=gpu_apart.anchor, planner=gpu_apart.planner)
+    bodies |= dict(mock=gpu_apart.mock, cost_model=gpu_sections.cost_model, xl=gpu_sections.xl)
+    bodies["rest"] = gpu_sections.rest
+    for name in LIMITS_S:
+        if name in args.sections:
+            run.section(name, lambda run, body=bodies[name]: body(run, ctx))
+        else:
+            results["sections"][name] = dict(
+                status="skipped", error="not in --sections", limit_s=0, wall_s=None
+            )
+        (out / "table.txt").write_text(gpu_table.table(results) + "\n")  # a run cut short keeps one too
     run.save()
-    text = table(results)
+    text = gpu_table.table(results)
     (out / "table.txt").write_text(text + "\n")
     print(text, flush=True)
     return results

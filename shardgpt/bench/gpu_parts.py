@@ -1,15 +1,12 @@
-"""The one-GPU benchmark's parts (shardgpt.bench.gpu runs them): copy bandwidth, decode against its floor,
-the naive generator and training MFU, each filling one row of results.json under the run's time budget.
+"""The one-GPU benchmark's measurements (shardgpt.bench.gpu_sections calls them): copy bandwidth, training
+MFU, decode against its floor, the naive generator; and the sizes of a full (gpt2) and a tiny (CPU smoke) run.
 
 Imports jax: shardgpt.bench.gpu sets XLA's flags before it imports this module.
 """
 
-import argparse
 import dataclasses
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,9 +21,9 @@ from shardgpt.model.gpt import GPT
 from shardgpt.parallel import sharding
 from shardgpt.training import loop, optim, train
 
-GOAL_MFU = 0.45
 GOAL_FLOOR_RATIO = {1: 3.0}  # decode step / floor; every other batch: DEFAULT_FLOOR_GOAL
 DEFAULT_FLOOR_GOAL = 1.5
+PYTORCH_COPY_BYTES_PER_S = 4.3e12  # issue 30: PyTorch's copy on one H200, where JAX's reaches 2.6-2.75 TB/s
 # DESIGN.md's anchors: one H100, plain-JAX gpt2 124M, seq 1024, bf16 (shared/anchors/gpu_ref.py).
 REFERENCE_MFU = {("unrolled", "cudnn", 16): 0.366, ("scan", "cudnn", 16): 0.254}
 REFERENCE_MFU |= {("scan", "cudnn", 32): 0.271, ("scan", "xla", 16): 0.119}
@@ -47,38 +44,65 @@ SOURCES = {
     "cache_bytes": "derived: keys + values of the live context, prompt + new/2 positions on average",
     "floor_ms": "derived: (weight_bytes + cache_bytes) / copy_bandwidth_bytes_per_s",
     "ratio_to_floor": "derived: ms_per_step / floor_ms",
+    "floor_ms_pytorch": "derived: (weight_bytes + cache_bytes) / 4.3e12 B/s, the copy bandwidth PyTorch "
+    "reaches on an H200 (issue 30, measured by a session on one H200, 2026-12-04; not this run)",
+    "ratio_to_floor_pytorch": "derived: ms_per_step / floor_ms_pytorch",
+    "bandwidth_fraction": "derived: (weight_bytes + cache_bytes) / ms_per_step / copy_bandwidth_bytes_per_s",
     "s_per_token": "measured: median seconds per token of the naive loop (each re-jits: compile included)",
     "first_token_ms": "measured: median call for 1 new token (prefill + the phases' cache copies)",
     "total_ms": "measured: median call for new_tokens tokens",
     "temp_bytes": "compiled program (memory_analysis)",
+    "memory": "compiled program (memory_analysis, metrics.compiled_memory): arguments, outputs, aliased, "
+    "temporaries, total",
+    "predicted": "cost model: shardgpt.analysis.cost.predict on the compiled step's HLO for this device's "
+    "hardware profile; one device has no collectives, so its communication term is unvalidated on GPU",
     "first_loss": "measured: loss of the first step on random tokens (a sanity check: about ln(vocab))",
     "last_loss": "measured: loss of the last timed step",
-    "wall_s": "measured: wall time of the whole part, compile and warmup included",
-    "goal_mfu": "issue 13's goal",
-    "goal_ratio": "issue 13's goal (ms_per_step / floor_ms at most this)",
+    "wall_s": "measured: wall time of the whole measurement, compile and warmup included",
+    "projected_s": "the time the run's clock expected the measurement to take (shardgpt.bench.gpu_run)",
+    "goal_mfu": "issue 30's goals: 45% at the headline batch, 47% at the second, 50% for gpt2-xl",
+    "goal_ratio": "issue 30's goal (ms_per_step / floor_ms at most this)",
     "reference_mfu": "not this run: DESIGN.md anchors, plain JAX gpt2, one H100 (shared/anchors/gpu_ref.py)",
     "reference_ms_per_step": "not this run: as reference_mfu",
     "reference_s_per_token": "not this run: as reference_mfu",
+    "anchor": "not ours: the plain-JAX anchor's own figures (its gpu_ref.json), run in this run at our "
+    "configs with its own timing; speedup = its time / ours",
+    "planner": "planned: run.py --plan's compiled memory (compile only, another process); compiled: this "
+    "run's compile of the same step (memory_analysis); live peak: memory_stats peak_bytes_in_use after a "
+    "few steps of the planned program in that fresh process (null where the backend has none)",
+    "mock": "run.py --plan compiled on a mock GPU topology (compile only, another process); its prediction: "
+    "cost.predict on that program's HLO (collective terms unvalidated on GPU)",
+    "cost_model": "predicted: each train row's `predicted`; measured: its step_time_s; rel_error = predicted "
+    "/ measured - 1; median over the configs both exist for",
 }
 
-TRAIN_KEYS = ("layers", "attention", "batch", "seq", "status", "error", "compile_s", "step_time_s")
-TRAIN_KEYS += ("step_time_median_s", "tokens_per_s", "flops_per_token", "peak_flops", "mfu")
-TRAIN_KEYS += ("goal_mfu", "reference_mfu", "first_loss", "last_loss", "temp_bytes", "wall_s")
-DECODE_KEYS = ("batch", "prompt_len", "new_tokens", "status", "error", "compile_s", "first_token_ms")
-DECODE_KEYS += ("total_ms", "ms_per_step", "compiles", "weight_bytes", "cache_bytes", "floor_ms")
-DECODE_KEYS += ("ratio_to_floor", "goal_ratio", "reference_ms_per_step", "wall_s")
+TRAIN_KEYS = ("name", "section", "model", "layers", "attention", "batch", "remat", "seq", "status", "error")
+TRAIN_KEYS += ("projected_s", "compile_s", "step_time_s", "step_time_median_s", "tokens_per_s")
+TRAIN_KEYS += ("flops_per_token", "peak_flops", "mfu", "goal_mfu", "reference_mfu", "first_loss", "last_loss")
+TRAIN_KEYS += ("temp_bytes", "memory", "predicted", "wall_s")
+DECODE_KEYS = ("name", "section", "model", "batch", "prompt_len", "new_tokens", "status", "error")
+DECODE_KEYS += ("projected_s", "compile_s", "first_token_ms", "total_ms", "ms_per_step", "compiles")
+DECODE_KEYS += ("weight_bytes", "cache_bytes", "floor_ms", "ratio_to_floor", "floor_ms_pytorch")
+DECODE_KEYS += (
+    "ratio_to_floor_pytorch",
+    "bandwidth_fraction",
+    "goal_ratio",
+    "reference_ms_per_step",
+    "wall_s",
+)
 NAIVE_KEYS = ("batch", "prompt_len", "tokens", "status", "error", "s_per_token", "per_token_s")
-NAIVE_KEYS += ("compiles", "reference_s_per_token", "wall_s")
+NAIVE_KEYS += ("compiles", "reference_s_per_token", "projected_s", "wall_s")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """What one run measures: the full gpt2 benchmark, or the tiny CPU smoke run."""
 
-    model: str
+    model: str  # the headline model
     seq: int
     warmup: int
     steps: int
+    headline_batches: tuple[int, ...]  # the headline train config at each: goals 45%, then 47%
     decode_batches: tuple[int, ...]
     prompt_len: int
     new_tokens: int
@@ -86,29 +110,49 @@ class Sizes:
     naive_tokens: int
     naive_cap_s: float
     copy_elements: int
-    overrides: tuple[tuple[str, Any], ...] = ()
+    held_out: tuple[
+        tuple[str, str, str, int, bool], ...
+    ]  # the cost model's (model, layers, attention, batch,
+    # remat), most wanted first; attention "head" is the headline's (cuDNN's on an NVIDIA GPU)
+    xl_model: str
+    xl_layers: str
+    xl_candidates: tuple[tuple[int, bool], ...]  # (batch, remat), best first: the first that fits is measured
+    train_s: float  # a train measurement's projected seconds before any has been measured
+    decode_s: float  # likewise a decode measurement's
+    child_s: float  # the least time worth starting another process with
+    overrides: tuple[tuple[str, Any], ...] = ()  # every model's config
 
 
-FULL = Sizes("gpt2", 1024, 3, 10, (1, 64), 128, 256, 5, 4, 30.0, 2**30)
-# Tiny: each train config costs ~2.5 s of init and compile on a 2-core CPU, so one batch by default.
-TINY = Sizes("gpt-pico", 32, 1, 2, (1, 4), 8, 48, 5, 2, 10.0, 2**20, (("block_size", 64), ("n_layer", 1)))
-
-
-def train_matrix(layers: list[str], attention: list[str], batches: list[int]) -> list[tuple[str, str, int]]:
-    """Every (layers, attention, batch), the headline (each list's first value) first, then by how many
-    axes differ from it: each single change is measured before the combinations."""
-    configs = [(la, at, b) for la in layers for at in attention for b in batches]
-    head = (layers[0], attention[0], batches[0])
-    return sorted(configs, key=lambda c: sum(x != h for x, h in zip(c, head, strict=True)))  # stable
+HEAD = "head"  # in held_out: the headline's attention
+HELD_OUT = (  # the headline's two (measured there), then scanned ones (their compile is flat in depth)
+    ("gpt2", "unrolled", HEAD, 16, False),
+    ("gpt2", "unrolled", HEAD, 32, False),
+    ("gpt2", "scan", HEAD, 16, False),
+    ("gpt2", "scan", HEAD, 16, True),
+    ("gpt2-medium", "scan", HEAD, 8, False),
+    ("gpt2-medium", "scan", HEAD, 8, True),
+    ("gpt2", "scan", "xla", 16, False),
+    ("gpt2-medium", "scan", HEAD, 16, False),
+    ("gpt2", "unrolled", "xla", 16, False),
+    ("gpt2", "unrolled", HEAD, 8, False),
+    ("gpt2-medium", "unrolled", HEAD, 8, False),
+)
+XL_CANDIDATES = ((16, False), (8, False), (16, True), (4, True))
+FULL = Sizes(
+    "gpt2", 1024, 3, 10, (16, 32), (1, 64), 128, 256, 5, 4, 30.0, 2**30, HELD_OUT, "gpt2-xl", "scan",
+    XL_CANDIDATES, 60.0, 30.0, 20.0,
+)  # fmt: skip
+# Tiny: each train or decode config costs 2-5 s of init and compile on a 2-core CPU, so it measures one of
+# each, which the cost model, gpt2-xl's stand-in and the rest reuse (tests/test_gpu_bench.py runs it whole).
+TINY = Sizes(
+    "gpt-pico", 32, 1, 2, (2,), (1,), 8, 48, 5, 2, 10.0, 2**20, (("gpt-pico", "unrolled", HEAD, 2, False),),
+    "gpt-pico", "unrolled", ((2, False),), 5.0, 3.0, 2.0, (("block_size", 64), ("n_layer", 1)),
+)  # fmt: skip
 
 
 def blank_row(keys: tuple[str, ...], **values: Any) -> dict[str, Any]:
-    return {k: None for k in keys} | values  # every row has every key; a skipped row's figures are null
-
-
-def _error(e: Exception) -> str:
-    lines = str(e).strip().splitlines() or [""]
-    return f"{type(e).__name__}: {lines[0][:200]}"
+    """A row with every key, null until measured: a skipped row's figures stay null."""
+    return {k: None for k in keys} | values
 
 
 def median_s(fn, iters: int) -> float:
@@ -157,7 +201,8 @@ def bench_decode(model: GPT, params: Any, mesh, batch: int, s: Sizes, bandwidth:
     one, many = (median_s(lambda n=n: call(n), s.iters) for n in (1, s.new_tokens))
     step_ms = 1e3 * (many - one) / (s.new_tokens - 1)
     weight_bytes, cache_bytes = decode_bytes(cfg, params, batch, s.prompt_len + s.new_tokens / 2)
-    floor_ms = 1e3 * (weight_bytes + cache_bytes) / bandwidth
+    moved = weight_bytes + cache_bytes
+    floor_ms, floor_ms_pytorch = (1e3 * moved / b for b in (bandwidth, PYTORCH_COPY_BYTES_PER_S))
     return dict(
         compile_s=compile_s,
         first_token_ms=1e3 * one,
@@ -168,6 +213,9 @@ def bench_decode(model: GPT, params: Any, mesh, batch: int, s: Sizes, bandwidth:
         cache_bytes=cache_bytes,
         floor_ms=floor_ms,
         ratio_to_floor=step_ms / floor_ms,
+        floor_ms_pytorch=floor_ms_pytorch,
+        ratio_to_floor_pytorch=step_ms / floor_ms_pytorch,
+        bandwidth_fraction=floor_ms / step_ms,
     )
 
 
@@ -184,8 +232,14 @@ def bench_naive(model: GPT, params: Any, s: Sizes) -> dict[str, Any]:
     return dict(tokens=len(times), s_per_token=statistics.median(times), per_token_s=times, compiles=compiles)
 
 
-def bench_train(cfg: config.ModelConfig, mesh, batch: int, s: Sizes) -> dict[str, Any]:
-    """One config compiled once, `warmup` steps, then `steps` timed between two block_until_ready."""
+def bench_train(
+    cfg: config.ModelConfig, mesh, batch: int, s: Sizes, on_compiled=None, limit_bytes: int | None = None
+) -> dict[str, Any]:
+    """One config compiled once, `warmup` steps, then `steps` timed between two block_until_ready.
+
+    `on_compiled(compiled)` returns more fields for the row (the cost model's prediction of this program);
+    a program whose compiled total exceeds `limit_bytes` raises before it runs.
+    """
     model = GPT(cfg)
     tx = optim.make_optimizer(optim.OptimConfig(warmup_steps=1, total_steps=s.warmup + s.steps))
     state, shardings = train.init_state(model, tx, mesh, "dp")
@@ -197,7 +251,13 @@ def bench_train(cfg: config.ModelConfig, mesh, batch: int, s: Sizes) -> dict[str
     start = time.perf_counter()
     compiled = step.jitted.lower(state, placed).compile()
     compile_s = time.perf_counter() - start
-    temp_bytes = (metrics.compiled_memory(compiled) or {}).get("temp_bytes")
+    memory = metrics.compiled_memory(compiled)
+    if limit_bytes and memory and memory["total_bytes"] > limit_bytes:
+        raise MemoryError(
+            f"does not fit: the compiled step needs {memory['total_bytes'] / 2**30:.1f} GiB, the device "
+            f"allows {limit_bytes / 2**30:.1f} GiB"
+        )
+    extra = on_compiled(compiled) if on_compiled else {}
     trainer = loop.Trainer(compiled, state, lambda _: placed, batch * s.seq, progress=False)
     jax.block_until_ready(trainer.run(s.warmup))
     start = time.perf_counter()
@@ -207,82 +267,19 @@ def bench_train(cfg: config.ModelConfig, mesh, batch: int, s: Sizes) -> dict[str
     tokens_per_s = batch * s.seq / step_time
     flops = metrics.flops_per_token(cfg, s.seq)
     peak = metrics.peak_flops(mesh.devices.flat[0].device_kind)
-    return dict(
-        compile_s=compile_s,
-        step_time_s=step_time,
-        step_time_median_s=statistics.median(batch * s.seq / h["tokens_per_s"] for h in history),
-        tokens_per_s=tokens_per_s,
-        flops_per_token=flops,
-        peak_flops=peak,
-        mfu=metrics.mfu(tokens_per_s, flops, peak, 1),
-        first_loss=trainer.history[0]["loss"],
-        last_loss=trainer.history[-1]["loss"],
-        temp_bytes=temp_bytes,
+    return (
+        dict(
+            compile_s=compile_s,
+            step_time_s=step_time,
+            step_time_median_s=statistics.median(batch * s.seq / h["tokens_per_s"] for h in history),
+            tokens_per_s=tokens_per_s,
+            flops_per_token=flops,
+            peak_flops=peak,
+            mfu=metrics.mfu(tokens_per_s, flops, peak, 1),
+            first_loss=trainer.history[0]["loss"],
+            last_loss=trainer.history[-1]["loss"],
+            temp_bytes=(memory or {}).get("temp_bytes"),
+            memory=memory,
+        )
+        | extra
     )
-
-
-class Budget:
-    """Runs the parts under the wall-clock budget, records each one's outcome and rewrites results.json."""
-
-    def __init__(self, results: dict[str, Any], out: Path, budget_s: float):
-        self.results, self.out, self.budget_s = results, out, budget_s
-        self.started = time.perf_counter()
-
-    def save(self):
-        self.results["meta"]["wall_s"] = time.perf_counter() - self.started
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
-
-    def attempt(self, row: dict[str, Any], measure, projected_s: float = 0.0) -> dict[str, Any]:
-        """Fill `row` from measure(): skipped past the budget, its error if it fails; saved either way."""
-        begin = time.perf_counter()
-        if begin - self.started + projected_s > self.budget_s:
-            row |= dict(status="skipped", error=f"past the {self.budget_s:.0f} s budget")
-        else:
-            try:
-                row |= measure() | dict(status="ok")
-            except Exception as e:  # cuDNN unsupported, out of memory: recorded, and the run goes on
-                row |= dict(status="error", error=_error(e))
-            row["wall_s"] = time.perf_counter() - begin
-        print(json.dumps({k: v for k, v in row.items() if k != "per_token_s"}), flush=True)
-        self.save()
-        return row
-
-
-def measure_generation(run: Budget, cfg: config.ModelConfig, mesh, s: Sizes, tiny: bool):
-    """Decode at each batch beside its floor, then the naive loop: into run.results."""
-    results, bandwidth = run.results, run.results["copy_bandwidth_bytes_per_s"]
-    model = GPT(cfg)
-    params = jax.jit(lambda rng: train.init_params(model, rng))(jax.random.key(0))
-    for batch in s.decode_batches:
-        goal = GOAL_FLOOR_RATIO.get(batch, DEFAULT_FLOOR_GOAL)
-        reference = None if tiny else REFERENCE_DECODE_MS.get(batch)
-        row = blank_row(DECODE_KEYS, batch=batch, prompt_len=s.prompt_len, new_tokens=s.new_tokens)
-        row |= dict(goal_ratio=goal, reference_ms_per_step=reference)
-        if bandwidth is None:
-            row |= dict(status="skipped", error="no copy bandwidth was measured: no floor")
-        else:
-            row = run.attempt(row, lambda b=batch: bench_decode(model, params, mesh, b, s, bandwidth))
-        results["decode"].append(row)
-    results["naive"]["reference_s_per_token"] = None if tiny else REFERENCE_NAIVE_S
-    run.attempt(results["naive"], lambda: bench_naive(model, params, s))
-
-
-def measure_training(run: Budget, cfg: config.ModelConfig, mesh, s: Sizes, args: argparse.Namespace):
-    """Every config of the matrix, headline first, each skipped where its layout's slowest config so far
-    would overrun the budget (an unrolled model compiles slower than a scanned one)."""
-    platform = mesh.devices.flat[0].platform
-    slowest: dict[str, float] = {}  # per layout; before a layout's first config, the other's
-    for layers, attention, batch in train_matrix(args.layers, args.attention, args.batches):
-        reference = None if args.tiny else REFERENCE_MFU.get((layers, attention, batch))
-        row = blank_row(TRAIN_KEYS, layers=layers, attention=attention, batch=batch, seq=s.seq)
-        row |= dict(goal_mfu=GOAL_MFU, reference_mfu=reference)
-        if attention == "cudnn" and platform != "gpu":
-            row |= dict(status="skipped", error=f"cudnn attention needs an NVIDIA GPU, not {platform}")
-        else:
-            run_cfg = cfg.replace(attention=attention, scan_layers=layers == "scan")
-            measure = lambda c=run_cfg, b=batch: bench_train(c, mesh, b, s)
-            projected = slowest.get(layers, max(slowest.values(), default=0.0))
-            row = run.attempt(row, measure, projected)
-            if row["status"] == "ok":
-                slowest[layers] = max(slowest.get(layers, 0.0), row["wall_s"])
-        run.results["train"].append(row)

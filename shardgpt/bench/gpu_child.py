@@ -1,0 +1,128 @@
+"""The one-GPU benchmark's jobs that need a process of their own (gpu_apart.py starts them), each on run.py's
+--plan flags:
+  planner: run.py --plan's figures for one config (validate_plan, then plan.plan), and the same compiled
+           program run on real state for a few steps: memory_stats' peak, in a process no earlier
+           measurement has raised it in (where the device keeps none, gpu_apart runs it in its own);
+  mock:    run.py --plan for meshes past this host's devices, i.e. jax_mock_gpu_topology's path
+           (lab/target.py clears jax's backends to take it), each plan's memory and the cost model's
+           prediction from the GPU compiler's collectives. Refused off a GPU.
+
+  python -m shardgpt.bench.gpu_child planner|mock RESULT.json [--steps N] -- RUN_PY_PLAN_FLAGS...
+
+XLA's flags are set as run.py --plan sets them, before jax starts; RESULT.json is rewritten as each part ends.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from shardgpt.bench.gpu_run import error_text  # imports no jax
+from shardgpt.cli import flags
+from shardgpt.cli import run as run_command
+
+PREDICTED = ("hardware", "step_time_s", "terms_s", "binding", "mfu")
+
+
+def planner_job(args: argparse.Namespace, steps: int, out: dict[str, Any], write):
+    """The planner's figures for the one planned config, then its compiled program run live."""
+    import jax
+    import numpy as np
+
+    from shardgpt.analysis import metrics
+    from shardgpt.cli import planning
+    from shardgpt.lab import plan
+    from shardgpt.parallel import sharding
+    from shardgpt.training import train
+
+    (planner,), placement = planning.validate_plan(args)
+    batch = planner.spec.batch
+    # Planner.memory's own compile, kept here to run: plan.plan then reads the figures it stored.
+    step = (planner.make_step, planner.model, planner.tx, planner.mesh, planner.strategy)
+    compiled = plan.lower_step(*step, batch, planner.seq, planner.microbatches).compile()
+    planner.compiled[batch], planner.hlo[batch] = metrics.compiled_memory(compiled), compiled.as_text()
+    out["plan"] = plan.plan(planner, None, placement.record())  # no budget: no max-batch search
+    out |= dict(placement=placement.describe(), budget_bytes=placement.budget)
+    write()
+    state, _ = train.init_state(planner.model, planner.tx, planner.mesh, planner.strategy)
+    tokens = np.random.default_rng(0).integers(0, planner.config.vocab_size, (batch, planner.seq + 1))
+    tokens = tokens.astype(np.int32)
+    where = sharding.batch_sharding(planner.mesh, planner.strategy)
+    placed = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, where)
+    for _ in range(steps):
+        state, _ = compiled(state, placed)
+    jax.block_until_ready(state)
+    device = planner.mesh.devices.flat[0]
+    peak = metrics.device_peak_bytes(device)
+    note = None if peak else f"{device.platform} reports no memory_stats peak_bytes_in_use: no live peak"
+    out |= dict(live_steps=steps, live_peak_bytes=peak, live_note=note)
+
+
+def mock_job(args: argparse.Namespace, steps: int, out: dict[str, Any], write):
+    """Each mesh planned on a mock GPU topology, with the cost model's prediction for that many GPUs."""
+    import jax
+
+    from shardgpt.lab import target  # imports no more of jax than this
+
+    first = jax.devices()[0]
+    if first.platform != "gpu":  # run.py --plan plans on XLA:CPU here; the mock path itself refuses
+        needed = max(target.devices_needed(mesh, len(jax.devices())) for mesh in args.mesh)
+        try:
+            target._mock_gpus(needed)
+        except ValueError as e:
+            out |= dict(status="skipped", error=str(e))
+            return
+    from shardgpt.analysis import cost, hardware
+    from shardgpt.cli import planning
+    from shardgpt.lab import plan
+
+    planners, placement = planning.validate_plan(args)  # target.place: a mock topology past this host's GPUs
+    out |= dict(compiled_for=placement.compiled_for, placement=placement.describe(), rows=[])
+    out["budget_bytes"] = placement.budget
+    spec = f"{placement.target}x{len(placement.devices)}" if placement.target else None
+    for planner in planners:
+        row = plan.plan(planner, None, placement.record())
+        row["fits"] = None if placement.budget is None else row["compiled"]["total_bytes"] <= placement.budget
+        if spec:
+            p = cost.predict(
+                planner.hlo[row["batch"]], planner.config, planner.strategy, dict(planner.mesh.shape),
+                row["batch"], planner.seq, planner.microbatches, hardware.cluster(spec),
+            )  # fmt: skip
+            row["prediction"] = {k: p[k] for k in PREDICTED}
+        out["rows"].append(row)
+        write()
+
+
+def run_job(job: str, plan_argv: list[str], steps: int, result: Path | None = None) -> dict[str, Any]:
+    """One job on run.py's --plan flags: its outcome (ok, skipped or error, with the reason), also written to
+    `result` as it goes. In a fresh process XLA's flags are set as run.py --plan sets them; in one where jax
+    has started (gpu_apart runs the planner here where the device keeps no memory peak), as they are."""
+    args = flags.parse_args(run_command.build_parser(), plan_argv)
+    flags.set_xla_flags(args.devices, True, args.gpu_flags)  # as run.py --plan: only before jax starts
+    out: dict[str, Any] = dict(job=job, argv=plan_argv, status=None, error=None)
+    write = lambda: result and result.write_text(json.dumps(out, indent=1, default=str))
+    try:
+        (planner_job if job == "planner" else mock_job)(args, steps, out, write)
+        out["status"] = out["status"] or "ok"
+    except Exception as e:  # recorded for the benchmark, which goes on
+        out |= dict(status="error", error=error_text(e))
+    write()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one job (run_job) into RESULT.json. Exits 0: the outcome is in the file."""
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(prog="python -m shardgpt.bench.gpu_child", description=__doc__.split("\n")[0])
+    p.add_argument("job", choices=("planner", "mock"))
+    p.add_argument("result", help="the JSON file to write")
+    p.add_argument("--steps", type=int, default=3, help="planner: steps run live (default 3)")
+    opts = p.parse_args(argv[:split])
+    run_job(opts.job, argv[split + 1 :], opts.steps, Path(opts.result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
