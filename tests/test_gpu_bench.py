@@ -13,14 +13,16 @@ import pytest
 
 from shardgpt.bench import gpu as bench
 from shardgpt.bench import gpu_apart as apart
+from shardgpt.bench import gpu_levers as levers
 from shardgpt.bench import gpu_parts as parts
 from shardgpt.bench import gpu_sections as sections
+from shardgpt.bench import gpu_table
 from shardgpt.bench.gpu_run import Run, Skipped
 
 META_KEYS = {"jax_version", "platform", "device_kind", "num_devices", "command", "date", "model", "n_params"}
 META_KEYS |= {"seq", "dtype", "budget_s", "limits_s", "wall_s", "tiny", "sizes", "xla_flags", "hardware"}
 TOP_KEYS = {"meta", "sources", "sections", "copy", "copy_bandwidth_bytes_per_s", "train", "decode", "anchor"}
-TOP_KEYS |= {"planner", "mock", "cost_model", "xl", "naive"}
+TOP_KEYS |= {"planner", "mock", "cost_model", "xl", "levers", "naive"}
 # The anchor's output shape (gpu_ref.py's $OUT/gpu_ref.json), with the argv it was given and the env it saw.
 FAKE_ANCHOR = """
     import json, os, sys, time
@@ -45,10 +47,11 @@ def fake_anchor(folder):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(results returned, results.json as written, table.txt) of one --tiny run, the anchor a fake."""
+    """(results returned, results.json as written, table.txt) of one --tiny run, the anchor a fake; the
+    levers' processes (jax started twice more) are tested with fakes below."""
     out = tmp_path_factory.mktemp("gpu_bench")
     anchor = fake_anchor(tmp_path_factory.mktemp("anchor"))
-    results = bench.main(["--tiny", "--out", str(out), "--anchor", str(anchor)])
+    results = bench.main(["--tiny", "--out", str(out), "--anchor", str(anchor), "--limit", "levers=0"])
     return results, json.loads((out / "results.json").read_text()), (out / "table.txt").read_text()
 
 
@@ -65,7 +68,7 @@ def test_tiny_runs_every_section_and_writes_every_field(tiny):
     assert written["meta"]["platform"] == "cpu" and written["meta"]["tiny"] is True
     assert list(written["sections"]) == list(bench.LIMITS_S)  # in priority order
     statuses = {name: r["status"] for name, r in written["sections"].items()}
-    assert statuses == dict.fromkeys(bench.LIMITS_S, "ok") | {"mock": "skipped"}, written["sections"]
+    assert statuses == dict.fromkeys(bench.LIMITS_S, "ok") | {"mock": "skipped", "levers": "skipped"}
     _positive(written, "copy_bandwidth_bytes_per_s")
     assert [set(r) for r in written["train"]] == [set(parts.TRAIN_KEYS)]
     assert [set(r) for r in written["decode"]] == [set(parts.DECODE_KEYS)]
@@ -297,3 +300,95 @@ def test_train_matrix_runs_the_headline_then_one_change_at_a_time():
         ("scan", "cudnn", 16),
     ]
     assert order[-2:] == [("scan", "xla", 32), ("scan", "xla", 8)]
+
+
+# A lever's process, faked: its spec after "--"; the command-buffer flag in XLA_FLAGS halves decode, the PGLE
+# option halves training; with FAKE_REJECT it aborts on the flag as an XLA that does not know it would.
+FAKE_CHILD = """
+    import json, os, sys, time
+    argv = sys.argv[1:]
+    result, spec = argv[1], json.loads(argv[argv.index("--") + 1])
+    flagged = "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", "")
+    if flagged and os.environ.get("FAKE_REJECT"):
+        print("E1205 debug_options_flags.cc:145] Illegal value for --xla_gpu_enable_command_buffer 'WHILE'")
+        print("usage:", *(f"  --xla_flag_{i}=0  a usage line" for i in range(20)), sep=chr(10))
+        sys.exit(1)
+    time.sleep(float(os.environ.get("FAKE_CHILD_SLEEP", "0")))
+    out = dict(status="ok", spec=spec, prealloc=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
+    if spec["kind"] == "decode":
+        out["ms_per_step"] = 0.5 if flagged else 1.0
+    else:
+        out["step_time_s"] = 0.002 if spec["jax"].get("jax_enable_pgle") else 0.004
+    open(result, "w").write(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def lever_run(tmp_path, monkeypatch):
+    """(a levers clock with this run's headline rows measured, its context), the lever processes and the
+    chunk's train measurement faked (it records the loss chunk it was traced with)."""
+    fake = tmp_path / "fake_child.py"
+    fake.write_text(textwrap.dedent(FAKE_CHILD))
+    monkeypatch.setattr(apart, "CHILD", (str(fake),))
+    chunks = []
+
+    def fake_train(cfg, mesh, batch, s, on_compiled=None, limit_bytes=None):
+        chunks.append(sections.train.loss.head_cross_entropy_sum.keywords["chunk"])
+        return dict(step_time_s=0.010, compile_s=1.0)
+
+    monkeypatch.setattr(parts, "bench_train", fake_train)
+    run = _clock(tmp_path, levers=60)
+    head = dict(section="headline", status="ok", wall_s=0.1, model="gpt-pico")
+    train = dict(name="gpt-pico unrolled xla b2", step_time_s=0.008, layers="unrolled")
+    run.results["train"].append(head | train)
+    run.results["decode"].append(head | dict(name="gpt-pico b1", ms_per_step=2.0))
+    run.results["copy_bandwidth_bytes_per_s"] = 1.0
+    return run, _context(tmp_path, dataclasses.replace(parts.TINY, child_s=0.1)), chunks
+
+
+def test_each_lever_beside_the_runs_own_figure_a_failing_process_is_its_error_and_the_next_runs(
+    lever_run, monkeypatch
+):
+    run, ctx, chunks = lever_run
+    monkeypatch.setenv("FAKE_REJECT", "1")
+    run.section("levers", lambda run: levers.levers(run, ctx))
+    assert run.results["sections"]["levers"]["status"] == "ok"
+    cb, pgle, chunk = run.results["levers"]["rows"]
+    assert set(cb) == set(levers.LEVER_KEYS) and (cb["lever"], cb["status"]) == ("command buffers", "error")
+    assert "Illegal value for --xla_gpu_enable_command_buffer" in cb["error"] and "usage" in cb["log_tail"]
+    assert cb["settings"] == f"XLA_FLAGS += --xla_gpu_enable_command_buffer={levers.COMMAND_BUFFER}"
+    assert pgle["status"] == "ok" and pgle["baseline_ms"] == 8.0 and pgle["variant_ms"] == 2.0
+    assert pgle["speedup"] == 4.0 and pgle["baseline_from"] == "this run's headline row"
+    child = json.loads((ctx.out / "lever_pgle.json").read_text())  # what the process was given
+    assert child["spec"]["jax"] == levers.PGLE and child["spec"]["untimed"] == 4
+    assert child["prealloc"] == "false"  # beside the parent's preallocated memory
+    assert chunks == [16] and not hasattr(levers.loss.head_cross_entropy_sum, "keywords")  # restored after
+    assert chunk["status"] == "ok" and chunk["speedup"] == pytest.approx(0.8), chunk  # 8 ms / 10 ms
+    assert chunk["settings"].startswith("loss chunk 128 -> 16")
+    text = "\n".join(gpu_table._levers(run.results["levers"]))
+    for word in ("command buffers: gpt-pico b1", "Illegal value", "pgle: gpt-pico", "4.00", "predicted"):
+        assert word in text, word
+
+
+def test_a_lever_without_a_headline_figure_measures_its_own_baseline_apart(lever_run):
+    run, ctx, _ = lever_run
+    run.results["decode"].clear()
+    run.results["levers"] = dict(rows=[])
+    run.section("levers", lambda run: levers.command_buffers(run, ctx, 1))
+    (row,) = run.results["levers"]["rows"]
+    assert row["status"] == "ok" and row["baseline_from"] == "a process of its own, without the lever"
+    assert (row["baseline_ms"], row["variant_ms"], row["speedup"]) == (1.0, 0.5, 2.0)
+
+
+def test_the_levers_stop_at_their_limit(lever_run, monkeypatch):
+    run, ctx, chunks = lever_run
+    run.limits["levers"] = 0.5
+    monkeypatch.setenv("FAKE_CHILD_SLEEP", "30")
+    begin = time.perf_counter()
+    run.section("levers", lambda run: levers.levers(run, ctx))
+    assert time.perf_counter() - begin < 10  # the process killed at the limit, not after its sleep
+    cb, pgle, chunk = run.results["levers"]["rows"]
+    assert cb["status"] == "error" and "killed at its" in cb["error"]
+    for row in (pgle, chunk):
+        assert row["status"] == "skipped" and "past the levers section's 0.5 s limit" in row["error"], row
+    assert chunks == []

@@ -13,6 +13,9 @@ skipped with the reason, a section that fails records its error and the next one
   mock        run.py --plan for dp=8 and dp=2,tp=4 on a mock GPU topology (a process of its own)
   cost_model  the cost model's predicted step time against 8+ measured one-GPU configs (issue 28)
   xl          gpt2-xl: train at the best batch that fits (50% MFU goal); decode at batch 1 against the copy
+  levers      issue 30's candidate speed-ups, each against this run's own figure: decode with XLA command
+              buffers over the loop (a process of its own), training with PGLE (likewise), the fused
+              loss's chunk size
   rest        the rest of the train matrix (--layers x --attention x --batches), the naive generator
 Writes OUT/results.json, rewritten as each measurement finishes (every figure's source under "sources"), and
 OUT/table.txt at the end. Needs only jax, flax, optax, numpy: `PYTHONPATH=. python3 experiments/gpu_bench.py
@@ -40,6 +43,7 @@ LIMITS_S = {  # each section's limit, in priority order; the budget, not their s
     "mock": 50.0,
     "cost_model": 100.0,
     "xl": 110.0,
+    "levers": 70.0,  # runs before rest, which has what the budget leaves: no other limit changed for it
     "rest": 60.0,
 }
 
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _start_xla(not args.no_gpu_flags)
     import jax
 
-    from shardgpt.bench import gpu_apart, gpu_sections, gpu_table
+    from shardgpt.bench import gpu_apart, gpu_levers, gpu_sections, gpu_table
     from shardgpt.bench import gpu_parts as parts
     from shardgpt.bench.gpu_run import Run
     from shardgpt.lab import runner
@@ -152,11 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")  # what this run's XLA was started with
     results: dict[str, Any] = dict(meta=meta, sources=parts.SOURCES, sections={}, copy=None)
     results |= dict(copy_bandwidth_bytes_per_s=None, train=[], decode=[], anchor=None, planner=None)
-    results |= dict(mock=None, cost_model=None, xl=None, naive=None)
+    results |= dict(mock=None, cost_model=None, xl=None, levers=None, naive=None)
     run = Run(results, out, args.budget, args.limits)
     bodies = dict(headline=gpu_sections.headline, anchor=gpu_apart.anchor, planner=gpu_apart.planner)
     bodies |= dict(mock=gpu_apart.mock, cost_model=gpu_sections.cost_model, xl=gpu_sections.xl)
-    bodies["rest"] = gpu_sections.rest
+    bodies |= dict(levers=gpu_levers.levers, rest=gpu_sections.rest)
     for name in LIMITS_S:
         if name in args.sections:
             run.section(name, lambda run, body=bodies[name]: body(run, ctx))

@@ -30,6 +30,12 @@ MOCK_MESHES = ("dp=8", "dp=2,tp=4")  # more devices than one GPU host has: h200x
 GOAL_PLANNER = 0.10  # issue 24: the planner within 10% of the compiled program and of the live peak
 GOAL_ANCHOR_TRAIN = 1.11  # issue 30: ahead of the anchor by this much in training MFU
 GOAL_ANCHOR_DECODE = 1.0  # and no slower in decode
+CHILD = ("-m", "shardgpt.bench.gpu_child")  # the child's entry after the interpreter (a test's fake swaps in)
+PROCESS_WHY = dict(
+    planner="a fresh peak",
+    mock="it clears jax's backends",
+    lever="XLA's flags and jax's options are read once per process",
+)
 
 
 def find_anchor(given: str | None) -> tuple[Path | None, str]:
@@ -50,12 +56,19 @@ def _check_time(run: Run, ctx: Context) -> float:
     return left
 
 
-def _ended(status: int | None, tail: str, left: float, what: str) -> str | None:
-    """None for a clean exit; else why the process ended (its output's last line)."""
+FATAL = ("Illegal value", "Unknown flag")  # XLA's words for a bad XLA_FLAGS, atop its usage listing
+
+
+def _ended(status: int | None, tail: str, left: float, what: str, log: Path | None = None) -> str | None:
+    """None for a clean exit; else why the process ended: XLA's complaint about its flags where `log` has
+    one (its usage listing follows it), else the output's last line."""
     if status is None:
         return f"{what} killed at its {left:.0f} s limit; what it had written is kept"
-    last = tail.splitlines()[-1] if tail else ""
-    return None if status == 0 else f"{what} exited {status}: {last[:200]}"
+    if status == 0:
+        return None
+    lines = log.read_text(errors="replace").splitlines() if log and log.exists() else []
+    last = next((ln for ln in lines if any(f in ln for f in FATAL)), tail.splitlines()[-1] if tail else "")
+    return f"{what} exited {status}: {last.strip()[:200]}"
 
 
 def anchor(run: Run, ctx: Context):
@@ -126,23 +139,31 @@ def compare(results: dict[str, Any], ref: dict[str, Any] | None, ctx: Context) -
     return out
 
 
-def run_child(run: Run, ctx: Context, job: str, plan_argv: list[str], steps: int = 0) -> dict[str, Any]:
-    """gpu_child.py's `job` on run.py's --plan flags `plan_argv`, under what is left of the section; its
-    result (rewritten by the child as it goes); RuntimeError where it ended badly."""
-    left = _check_time(run, ctx)
-    result = ctx.out / f"{job}.json"
+def run_child(
+    run: Run,
+    ctx: Context,
+    job: str,
+    argv: list[str],
+    steps: int = 0,
+    name: str | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """gpu_child.py's `job` on `argv` (run.py's --plan flags; a lever's spec) under what is left of the
+    section, its result and log named `name` (default: the job), in `env` (default: ours, our XLA flags
+    included); its result (rewritten by the child as it goes), with status error, the reason and the log's
+    tail where it ended badly."""
+    left, name = _check_time(run, ctx), name or job
+    result, log = ctx.out / f"{name}.json", ctx.out / f"{name}.log"
     result.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "shardgpt.bench.gpu_child", job, str(result), "--steps", str(steps)]
-    env = dict(os.environ)  # our XLA flags; the child adds run.py --plan's
+    command = [sys.executable, *CHILD, job, str(result), "--steps", str(steps)]
+    env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH")) if p)
-    status, tail = run_process([*command, "--", *plan_argv], env, left, ctx.out / f"{job}.log")
+    status, tail = run_process([*command, "--", *argv], env, left, log)
     data = json.loads(result.read_text()) if result.exists() else {}
-    data["process"] = "another process: " + (
-        "a fresh peak" if job == "planner" else "it clears jax's backends"
-    )
-    ended = _ended(status, tail, left, f"the {job} process")
+    data["process"] = "another process: " + PROCESS_WHY[job]
+    ended = _ended(status, tail, left, f"the {name} process", log)
     if ended:
-        data |= dict(status="error", error=ended)
+        data |= dict(status="error", error=ended, log_tail=tail)
     return data
 
 

@@ -1,15 +1,18 @@
-"""The one-GPU benchmark's jobs that need a process of their own (gpu_apart.py starts them), each on run.py's
---plan flags:
+"""The one-GPU benchmark's jobs that need a process of their own (gpu_apart.py starts them), the first two on
+run.py's --plan flags:
   planner: run.py --plan's figures for one config (validate_plan, then plan.plan), and the same compiled
            program run on real state for a few steps: memory_stats' peak, in a process no earlier
            measurement has raised it in (where the device keeps none, gpu_apart runs it in its own);
   mock:    run.py --plan for meshes past this host's devices, i.e. jax_mock_gpu_topology's path
            (lab/target.py clears jax's backends to take it), each plan's memory and the cost model's
            prediction from the GPU compiler's collectives. Refused off a GPU.
+  lever:   one lever's variant (gpu_levers.py) on its spec, in the XLA flags the parent gives it.
 
   python -m shardgpt.bench.gpu_child planner|mock RESULT.json [--steps N] -- RUN_PY_PLAN_FLAGS...
+  python -m shardgpt.bench.gpu_child lever RESULT.json -- SPEC_JSON
 
-XLA's flags are set as run.py --plan sets them, before jax starts; RESULT.json is rewritten as each part ends.
+XLA's flags are set as run.py --plan sets them (a lever's by the parent), before jax starts; RESULT.json is
+rewritten as each part ends.
 """
 
 import argparse
@@ -95,15 +98,22 @@ def mock_job(args: argparse.Namespace, steps: int, out: dict[str, Any], write):
 
 
 def run_job(job: str, plan_argv: list[str], steps: int, result: Path | None = None) -> dict[str, Any]:
-    """One job on run.py's --plan flags: its outcome (ok, skipped or error, with the reason), also written to
-    `result` as it goes. In a fresh process XLA's flags are set as run.py --plan sets them; in one where jax
-    has started (gpu_apart runs the planner here where the device keeps no memory peak), as they are."""
-    args = flags.parse_args(run_command.build_parser(), plan_argv)
-    flags.set_xla_flags(args.devices, True, args.gpu_flags)  # as run.py --plan: only before jax starts
+    """One job on run.py's --plan flags (a lever: on its spec, JSON): its outcome (ok, skipped or error, with
+    the reason), also written to `result` as it goes. In a fresh process XLA's flags are set as run.py --plan
+    sets them (a lever's, by the parent); in one where jax has started (gpu_apart runs the planner here where
+    the device keeps no memory peak), as they are."""
     out: dict[str, Any] = dict(job=job, argv=plan_argv, status=None, error=None)
     write = lambda: result and result.write_text(json.dumps(out, indent=1, default=str))
+    if job == "lever":
+        from shardgpt.bench import gpu_levers  # imports jax, with the XLA_FLAGS the parent gave
+
+        body = lambda: gpu_levers.child_job(json.loads(plan_argv[0]), out, write)
+    else:
+        args = flags.parse_args(run_command.build_parser(), plan_argv)
+        flags.set_xla_flags(args.devices, True, args.gpu_flags)  # as run.py --plan: only before jax starts
+        body = lambda: (planner_job if job == "planner" else mock_job)(args, steps, out, write)
     try:
-        (planner_job if job == "planner" else mock_job)(args, steps, out, write)
+        body()
         out["status"] = out["status"] or "ok"
     except Exception as e:  # recorded for the benchmark, which goes on
         out |= dict(status="error", error=error_text(e))
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(prog="python -m shardgpt.bench.gpu_child", description=__doc__.split("\n")[0])
-    p.add_argument("job", choices=("planner", "mock"))
+    p.add_argument("job", choices=("planner", "mock", "lever"))
     p.add_argument("result", help="the JSON file to write")
     p.add_argument("--steps", type=int, default=3, help="planner: steps run live (default 3)")
     opts = p.parse_args(argv[:split])

@@ -74,6 +74,13 @@ SOURCES = {
     "cost.predict on that program's HLO (collective terms unvalidated on GPU)",
     "cost_model": "predicted: each train row's `predicted`; measured: its step_time_s; rel_error = predicted "
     "/ measured - 1; median over the configs both exist for",
+    "levers": "measured: each candidate speed-up (issue 30) as a variant of a config this run measured, "
+    "in a process of its own where it is an XLA flag or a jax option (read once per process), else in "
+    "this one; beside the same run's figure for that config",
+    "baseline_ms": "measured: this run's figure for the lever's config (the headline's row; where it has "
+    "none, a process of its own without the lever): decode ms_per_step or train step_time_s x 1e3",
+    "variant_ms": "measured: the same figure, the same way, with the lever's setting",
+    "speedup": "derived: baseline_ms / variant_ms (above 1: the lever helps)",
 }
 
 TRAIN_KEYS = ("name", "section", "model", "layers", "attention", "batch", "remat", "seq", "status", "error")
@@ -121,6 +128,8 @@ class Sizes:
     decode_s: float  # likewise a decode measurement's
     child_s: float  # the least time worth starting another process with
     overrides: tuple[tuple[str, Any], ...] = ()  # every model's config
+    # The levers section's fused-loss chunk sizes (training/loss.py's CHUNK is 128), most wanted first.
+    loss_chunks: tuple[int, ...] = (512, 256)
 
 
 HEAD = "head"  # in held_out: the headline's attention
@@ -146,7 +155,7 @@ FULL = Sizes(
 # each, which the cost model, gpt2-xl's stand-in and the rest reuse (tests/test_gpu_bench.py runs it whole).
 TINY = Sizes(
     "gpt-pico", 32, 1, 2, (2,), (1,), 8, 48, 5, 2, 10.0, 2**20, (("gpt-pico", "unrolled", HEAD, 2, False),),
-    "gpt-pico", "unrolled", ((2, False),), 5.0, 3.0, 2.0, (("block_size", 64), ("n_layer", 1)),
+    "gpt-pico", "unrolled", ((2, False),), 5.0, 3.0, 2.0, (("block_size", 64), ("n_layer", 1)), (16,),
 )  # fmt: skip
 
 
@@ -232,14 +241,8 @@ def bench_naive(model: GPT, params: Any, s: Sizes) -> dict[str, Any]:
     return dict(tokens=len(times), s_per_token=statistics.median(times), per_token_s=times, compiles=compiles)
 
 
-def bench_train(
-    cfg: config.ModelConfig, mesh, batch: int, s: Sizes, on_compiled=None, limit_bytes: int | None = None
-) -> dict[str, Any]:
-    """One config compiled once, `warmup` steps, then `steps` timed between two block_until_ready.
-
-    `on_compiled(compiled)` returns more fields for the row (the cost model's prediction of this program);
-    a program whose compiled total exceeds `limit_bytes` raises before it runs.
-    """
+def _train_setup(cfg: config.ModelConfig, mesh, batch: int, s: Sizes):
+    """(the train step as run.py builds it, its fresh state, one placed batch of random tokens)."""
     model = GPT(cfg)
     tx = optim.make_optimizer(optim.OptimConfig(warmup_steps=1, total_steps=s.warmup + s.steps))
     state, shardings = train.init_state(model, tx, mesh, "dp")
@@ -248,6 +251,42 @@ def bench_train(
     placed = jax.device_put(
         {"inputs": tokens_BxL[:, :-1], "targets": tokens_BxL[:, 1:]}, sharding.batch_sharding(mesh, "dp")
     )
+    return step, state, placed
+
+
+def _timed_steps(step_fn, state, placed, cfg: config.ModelConfig, mesh, batch: int, s: Sizes, untimed: int):
+    """`untimed` + `warmup` steps of `step_fn`, then `steps` timed between two block_until_ready: the
+    row's step time, throughput, MFU and losses."""
+    trainer = loop.Trainer(step_fn, state, lambda _: placed, batch * s.seq, progress=False)
+    jax.block_until_ready(trainer.run(untimed + s.warmup))
+    start = time.perf_counter()
+    jax.block_until_ready(trainer.run(s.steps))
+    step_time = (time.perf_counter() - start) / s.steps
+    history = trainer.history[untimed + s.warmup :]
+    tokens_per_s = batch * s.seq / step_time
+    flops = metrics.flops_per_token(cfg, s.seq)
+    peak = metrics.peak_flops(mesh.devices.flat[0].device_kind)
+    return dict(
+        step_time_s=step_time,
+        step_time_median_s=statistics.median(batch * s.seq / h["tokens_per_s"] for h in history),
+        tokens_per_s=tokens_per_s,
+        flops_per_token=flops,
+        peak_flops=peak,
+        mfu=metrics.mfu(tokens_per_s, flops, peak, 1),
+        first_loss=trainer.history[0]["loss"],
+        last_loss=trainer.history[-1]["loss"],
+    )
+
+
+def bench_train(
+    cfg: config.ModelConfig, mesh, batch: int, s: Sizes, on_compiled=None, limit_bytes: int | None = None
+) -> dict[str, Any]:
+    """One config compiled once, `warmup` steps, then `steps` timed between two block_until_ready.
+
+    `on_compiled(compiled)` returns more fields for the row (the cost model's prediction of this program);
+    a program whose compiled total exceeds `limit_bytes` raises before it runs.
+    """
+    step, state, placed = _train_setup(cfg, mesh, batch, s)
     start = time.perf_counter()
     compiled = step.jitted.lower(state, placed).compile()
     compile_s = time.perf_counter() - start
@@ -258,28 +297,20 @@ def bench_train(
             f"allows {limit_bytes / 2**30:.1f} GiB"
         )
     extra = on_compiled(compiled) if on_compiled else {}
-    trainer = loop.Trainer(compiled, state, lambda _: placed, batch * s.seq, progress=False)
-    jax.block_until_ready(trainer.run(s.warmup))
+    figures = _timed_steps(compiled, state, placed, cfg, mesh, batch, s, 0)
+    memory_fields = dict(temp_bytes=(memory or {}).get("temp_bytes"), memory=memory)
+    return dict(compile_s=compile_s) | figures | memory_fields | extra
+
+
+def bench_train_dispatched(
+    cfg: config.ModelConfig, mesh, batch: int, s: Sizes, untimed: int
+) -> dict[str, Any]:
+    """bench_train through jit's own dispatch, as run.py trains, not a program compiled ahead: `untimed`
+    calls before the warmup. jax's PGLE profiles and recompiles only on this path (.lower() takes no
+    profiler). compile_s: the first call's wall time, one step included."""
+    step, state, placed = _train_setup(cfg, mesh, batch, s)
     start = time.perf_counter()
-    jax.block_until_ready(trainer.run(s.steps))
-    step_time = (time.perf_counter() - start) / s.steps
-    history = trainer.history[s.warmup :]
-    tokens_per_s = batch * s.seq / step_time
-    flops = metrics.flops_per_token(cfg, s.seq)
-    peak = metrics.peak_flops(mesh.devices.flat[0].device_kind)
-    return (
-        dict(
-            compile_s=compile_s,
-            step_time_s=step_time,
-            step_time_median_s=statistics.median(batch * s.seq / h["tokens_per_s"] for h in history),
-            tokens_per_s=tokens_per_s,
-            flops_per_token=flops,
-            peak_flops=peak,
-            mfu=metrics.mfu(tokens_per_s, flops, peak, 1),
-            first_loss=trainer.history[0]["loss"],
-            last_loss=trainer.history[-1]["loss"],
-            temp_bytes=(memory or {}).get("temp_bytes"),
-            memory=memory,
-        )
-        | extra
-    )
+    state, _ = step.jitted(state, placed)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - start
+    return dict(compile_s=compile_s) | _timed_steps(step.jitted, state, placed, cfg, mesh, batch, s, untimed)

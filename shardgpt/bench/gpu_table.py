@@ -150,6 +150,24 @@ def _xl(r: dict[str, Any] | None, results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _levers(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    note = f"; {r['note']}" if r.get("note") else ""
+    lines = [f"levers (issue 30: each variant beside this run's figure; speedup = that / the variant{note})"]
+    rows = [row | dict(what=f"{row['lever']}: {row['config']}") for row in r["rows"]]
+    lines += columns(
+        rows,
+        [("lever: config", "what", "", 1), ("baseline ms", "baseline_ms", ".3f", 1)]
+        + [("variant ms", "variant_ms", ".3f", 1), ("speedup", "speedup", ".2f", 1)],
+    )
+    for row in rows:
+        warned = ((row.get("variant") or {}).get("warnings") or [""])[0][:90].rstrip()  # PGLE's empty profile
+        lines.append(f"    {row['what']}: {row['settings']}; predicted {row['predicted']}")
+        lines += [f"      the variant warned: {warned}"] if warned else []
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     """The human summary of one run."""
     m, bw, naive = results["meta"], results["copy_bandwidth_bytes_per_s"], results["naive"]
@@ -164,6 +182,7 @@ def table(results: dict[str, Any]) -> str:
         *_mock(results["mock"]),
         *_cost(results["cost_model"]),
         *_xl(results["xl"], results),
+        *_levers(results.get("levers")),
     ]
     if naive:
         out.append(
