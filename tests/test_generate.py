@@ -1,5 +1,7 @@
 """Fixed-shape KV-cache generation: exact against the full forward, one compile, sharded like training."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,9 +137,8 @@ def test_sharded_generation_equals_one_device(params, spec, strategy):
         np.testing.assert_array_equal(g, e)
 
 
-def _generator_collectives(strategy: str) -> dict:
-    """Collectives of the compiled generator on dp=2,tp=4, for params laid out as `strategy` trains them."""
-    mesh = make_mesh("dp=2,tp=4")
+def _compiled_generator(mesh, strategy: str = "dp") -> str:
+    """HLO text of the compiled 2-row generator, for params laid out as `strategy` trains them."""
     gen = Generator(MODEL, mesh, strategy, batch_size=2)
     shapes = jax.eval_shape(lambda: train.init_params(MODEL, jax.random.key(0)))
     params = jax.tree.map(
@@ -146,7 +147,12 @@ def _generator_collectives(strategy: str) -> dict:
     tokens, lengths = gen.pad([[1, 2, 3], [4, 5]], 4)
     with jax.set_mesh(mesh):
         compiled = gen._jitted.lower(params, tokens, lengths, np.int32(4), gen._default_key).compile()
-    return metrics.collectives(compiled.as_text(), per_execution=False)
+    return compiled.as_text()
+
+
+def _generator_collectives(strategy: str) -> dict:
+    """Collectives of the compiled generator on dp=2,tp=4, for params laid out as `strategy` trains them."""
+    return metrics.collectives(_compiled_generator(make_mesh("dp=2,tp=4"), strategy), per_execution=False)
 
 
 def test_zero3_generation_gathers_no_params():
@@ -156,6 +162,35 @@ def test_zero3_generation_gathers_no_params():
     zero3, dp = _generator_collectives("zero3"), _generator_collectives("dp")
     assert zero3 == dp
     assert zero3["all-gather"]["bytes"] < 1024, zero3["all-gather"]
+
+
+def test_loop_bodies_write_each_cache_array_once_and_stack_no_weights():
+    """The compiled prefill and decode loops (one device, 2 rows) write each layer's keys and values once
+    per step, and stack no q/k/v kernels inside a loop: XLA hoists the stack out, so each is stacked once
+    per call (were it redone per token, stack once per call beside `matmul_weights_in`)."""
+    text = _compiled_generator(ONE_DEVICE)
+    computations = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}$", text, re.M | re.S))
+    bodies = re.findall(r"body=%?([\w.\-]+)", text)
+    assert len(bodies) == 1 + len(decode_windows(CFG.block_size)), bodies  # the prefill, then each phase
+    stacked = f"= f32[{CFG.n_embd},3,{CFG.n_head},{CFG.head_dim}]"  # the q/k/v kernel one matmul reads
+
+    def called(line):  # the lines of every computation `line` calls (a fusion's), transitively
+        names = re.findall(r"calls=%?([\w.\-]+)", line)
+        return [
+            sub
+            for name in names
+            for inner in computations[name].splitlines()
+            for sub in (inner, *called(inner))
+        ]
+
+    for body in bodies:
+        lines = computations[body].splitlines()
+        cache = [line for line in lines if re.search(rf"= f32\[2,\d+,{CFG.n_head},{CFG.head_dim}\]", line)]
+        runs = lambda line: " ".join([line, *called(line)])  # a top-level op and what it fuses
+        writes = [line for line in cache if re.search(r" (scatter|dynamic-update-slice)\(", runs(line))]
+        assert len(writes) == 2 * CFG.n_layer, (body, writes)  # keys and values: (B, slots, H, K) each
+        everything = lines + [sub for line in lines for sub in called(line)]
+        assert not [line for line in everything if stacked in line and "get-tuple-element(" not in line], body
 
 
 def test_stop_token_ends_a_row_early(params):

@@ -182,15 +182,16 @@ class Generator:
         )
 
         def emit(i, tokens_BxT, length_B, last_BxV, done_B):
-            """Sample each unfinished row's next token from its last logits and append it."""
+            """Sample each unfinished row's next token from its last logits and append it; returns the
+            buffer, lengths, done flags and each row's last token (what it reads next)."""
             token_B = sample(last_BxV, jax.random.fold_in(key, i), self.sampling)
-            tokens_BxT = tokens_BxT.at[rows_B, length_B].set(
-                jnp.where(done_B, tokens_BxT[rows_B, length_B], token_B)
-            )
+            token_B = jnp.where(done_B, tokens_BxT[rows_B, length_B - 1], token_B)
+            # A finished row rewrites its last token past its length, where no one reads it.
+            tokens_BxT = tokens_BxT.at[rows_B, length_B].set(token_B)
             length_B = jnp.where(done_B, length_B, length_B + 1)
             if self.stop_token is not None:
                 done_B = done_B | (token_B == self.stop_token)
-            return tokens_BxT, length_B, done_B
+            return tokens_BxT, length_B, done_B, token_B
 
         cache = init_cache(self.decode_model.config, B)
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: self._cache_sharding, cache))
@@ -202,8 +203,8 @@ class Generator:
 
         def body(carry):  # emit a token, then read it to get the next logits
             i, tokens_BxT, length_B, last_BxV, cache, done_B, offset_B = carry
-            tokens_BxT, length_B, done_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
-            token_B, position_B = tokens_BxT[rows_B, length_B - 1], length_B - 1 - offset_B
+            tokens_BxT, length_B, done_B, token_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
+            position_B = length_B - 1 - offset_B
             logits_Bx1xV, cache = apply(token_B[:, None], position_B[:, None], cache)
             return i + 1, tokens_BxT, length_B, logits_Bx1xV[:, 0], cache, done_B, offset_B
 
@@ -235,7 +236,7 @@ class Generator:
                 carry = jax.lax.while_loop(in_window, body, carry)
             i, tokens_BxT, lengths_B, last_BxV, prefix, done_B, offset_B = carry
         # The last token is emitted without a forward pass: nothing will read it.
-        tokens_BxT, lengths_B, _ = emit(i, tokens_BxT, lengths_B, last_BxV, done_B)
+        tokens_BxT, lengths_B, *_ = emit(i, tokens_BxT, lengths_B, last_BxV, done_B)
         return tokens_BxT, lengths_B
 
     def _prefill(self, apply, tokens_BxT, lengths_B, cache):

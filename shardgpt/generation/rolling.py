@@ -50,12 +50,11 @@ def roll(carry: tuple, apply: Callable, emit: Callable, prefill: Callable, cache
     restarted row's window hold stale entries, masked until overwritten.
     """
     i, tokens_BxT, length_B, last_BxV, cache, done_B, offset_B = carry
-    (B, T), S = tokens_BxT.shape, cache[0][0].shape[1]
+    T, S = tokens_BxT.shape[1], cache[0][0].shape[1]
     keep = roll_keep(S)
-    tokens_BxT, length_B, done_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
+    tokens_BxT, length_B, done_B, token_B = emit(i, tokens_BxT, length_B, last_BxV, done_B)
     position_B = length_B - 1 - offset_B
-    full_B = ~done_B & (position_B >= S)  # its new token has no slot left
-    token_B = tokens_BxT[jnp.arange(B), length_B - 1]  # a full row's read is discarded: any slot will do
+    full_B = ~done_B & (position_B >= S)  # its new token has no slot left: its read is discarded
     logits_Bx1xV, fed = apply(token_B[:, None], jnp.minimum(position_B, S - 1)[:, None], cache)
     offset_B = jnp.where(full_B, length_B - keep, offset_B)
     window_BxS = jnp.take_along_axis(tokens_BxT, jnp.clip(offset_B[:, None] + jnp.arange(S), 0, T - 1), 1)
