@@ -17,7 +17,9 @@ rewritten as each part ends.
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,40 @@ def mock_job(args: argparse.Namespace, steps: int, out: dict[str, Any], write):
         write()
 
 
+def lever_job(spec: dict[str, Any], out: dict[str, Any], write):
+    """In the lever's own process: spec's jax options set, then its config measured as the parent measures
+    it (decode: bench_decode; train: bench_train_dispatched, `untimed` calls first); figures into `out`."""
+    import jax  # here, not at the top: the parent's XLA_FLAGS are in place before jax starts
+
+    from shardgpt.bench import gpu_parts as parts
+    from shardgpt.bench import gpu_sections as sections
+    from shardgpt.parallel.mesh import make_mesh
+
+    s = parts.TINY if spec["tiny"] else parts.FULL
+    device = jax.devices()[0]
+    attention = spec.get("attention", "xla")
+    matrix = (["unrolled"], [attention], [spec["batch"]])
+    mesh = make_mesh("dp=1", [device])
+    ctx = sections.Context(s, spec["tiny"], device, mesh, attention, None, Path(), matrix)
+    out |= dict(spec=spec, xla_flags=os.environ.get("XLA_FLAGS", ""), jax_version=jax.__version__)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, value in spec.get("jax", {}).items():
+            jax.config.update(name, value)
+        if spec["kind"] == "decode":
+            bandwidth = spec.get("bandwidth") or parts.copy_bandwidth(s.copy_elements, 10)
+            model, params = sections._params(ctx, spec["model"])
+            out |= parts.bench_decode(model, params, ctx.mesh, spec["batch"], s, bandwidth)
+        else:
+            cfg = sections.model_config(
+                ctx, spec["model"], attention=attention, scan_layers=spec["layers"] == "scan"
+            )
+            out |= parts.bench_train_dispatched(cfg, ctx.mesh, spec["batch"], s, spec["untimed"])
+    # PGLE says so where its profile came back empty (no device trace: a CPU, or CUPTI taken by another tool)
+    out["warnings"] = sorted({str(w.message).splitlines()[0][:200] for w in caught})[:5]
+    write()
+
+
 def run_job(job: str, plan_argv: list[str], steps: int, result: Path | None = None) -> dict[str, Any]:
     """One job on run.py's --plan flags (a lever: on its spec, JSON): its outcome (ok, skipped or error, with
     the reason), also written to `result` as it goes. In a fresh process XLA's flags are set as run.py --plan
@@ -105,9 +141,7 @@ def run_job(job: str, plan_argv: list[str], steps: int, result: Path | None = No
     out: dict[str, Any] = dict(job=job, argv=plan_argv, status=None, error=None)
     write = lambda: result and result.write_text(json.dumps(out, indent=1, default=str))
     if job == "lever":
-        from shardgpt.bench import gpu_levers  # imports jax, with the XLA_FLAGS the parent gave
-
-        body = lambda: gpu_levers.child_job(json.loads(plan_argv[0]), out, write)
+        body = lambda: lever_job(json.loads(plan_argv[0]), out, write)
     else:
         args = flags.parse_args(run_command.build_parser(), plan_argv)
         flags.set_xla_flags(args.devices, True, args.gpu_flags)  # as run.py --plan: only before jax starts

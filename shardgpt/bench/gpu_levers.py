@@ -7,7 +7,7 @@ candidate speed-up measured as a variant of a config this run already measured, 
   loss chunk       the headline train config with the fused loss at other chunk sizes (Sizes.loss_chunks)
 
 XLA reads its flags, and this run's jax its options, once per process: those variants run in a process of
-their own (gpu_child.py's `lever` job, which calls `child_job` here), measured by the same gpu_parts code
+their own (gpu_child.py's `lever` job), measured by the same gpu_parts code
 as the baseline; a child that fails (an XLA that rejects the flag aborts at startup) is that lever's error,
 with its log's tail, and the next lever runs. The chunk is the loss's own argument, so it runs here. Each
 lever is one attempt under the section's limit, in order; one whose projected time does not fit is skipped.
@@ -19,17 +19,12 @@ import dataclasses
 import functools
 import json
 import os
-import warnings
-from pathlib import Path
 from typing import Any
-
-import jax
 
 from shardgpt.bench import gpu_apart as apart
 from shardgpt.bench import gpu_parts as parts
 from shardgpt.bench import gpu_sections as sections
 from shardgpt.bench.gpu_run import Run
-from shardgpt.parallel.mesh import make_mesh
 from shardgpt.training import loss
 
 # XLA's syntax (xla/debug_options_flags.cc, setter_for_xla_gpu_enable_command_buffer): a comma list of
@@ -185,31 +180,3 @@ def levers(run: Run, ctx: sections.Context):
     pgle(run, ctx)
     for size in ctx.s.loss_chunks:
         chunk(run, ctx, size)
-
-
-def child_job(spec: dict[str, Any], out: dict[str, Any], write):
-    """In the lever's own process: spec's jax options set, then its config measured as the parent measures
-    it (decode: bench_decode; train: bench_train_dispatched, `untimed` calls first); figures into `out`."""
-    s = parts.TINY if spec["tiny"] else parts.FULL
-    device = jax.devices()[0]
-    attention = spec.get("attention", "xla")
-    matrix = (["unrolled"], [attention], [spec["batch"]])
-    mesh = make_mesh("dp=1", [device])
-    ctx = sections.Context(s, spec["tiny"], device, mesh, attention, None, Path(), matrix)
-    out |= dict(spec=spec, xla_flags=os.environ.get("XLA_FLAGS", ""), jax_version=jax.__version__)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for name, value in spec.get("jax", {}).items():
-            jax.config.update(name, value)
-        if spec["kind"] == "decode":
-            bandwidth = spec.get("bandwidth") or parts.copy_bandwidth(s.copy_elements, 10)
-            model, params = sections._params(ctx, spec["model"])
-            out |= parts.bench_decode(model, params, ctx.mesh, spec["batch"], s, bandwidth)
-        else:
-            cfg = sections.model_config(
-                ctx, spec["model"], attention=attention, scan_layers=spec["layers"] == "scan"
-            )
-            out |= parts.bench_train_dispatched(cfg, ctx.mesh, spec["batch"], s, spec["untimed"])
-    # PGLE says so where its profile came back empty (no device trace: a CPU, or CUPTI taken by another tool)
-    out["warnings"] = sorted({str(w.message).splitlines()[0][:200] for w in caught})[:5]
-    write()
