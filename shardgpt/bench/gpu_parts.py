@@ -117,10 +117,9 @@ class Sizes:
     naive_tokens: int
     naive_cap_s: float
     copy_elements: int
-    held_out: tuple[
-        tuple[str, str, str, int, bool], ...
-    ]  # the cost model's (model, layers, attention, batch,
-    # remat), most wanted first; attention "head" is the headline's (cuDNN's on an NVIDIA GPU)
+    # The cost model's (model, layers, attention, batch, remat), most wanted first; attention "head" is the
+    # headline's (cuDNN's on an NVIDIA GPU).
+    held_out: tuple[tuple[str, str, str, int, bool], ...]
     xl_model: str
     xl_layers: str
     xl_candidates: tuple[tuple[int, bool], ...]  # (batch, remat), best first: the first that fits is measured
