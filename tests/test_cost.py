@@ -115,3 +115,17 @@ def test_measure_needs_the_machine_it_times():
     for spec, processes in (("h100x8", 1), ("cpux4", 1), ("cpux8", 2)):
         with pytest.raises(ValueError, match="must be it, e.g. cpux8"):
             predict.check_measurable(spec, cpus, processes)
+
+
+def test_memory_parts_shard_the_accumulator_and_the_update_under_zero3():
+    """gpt2 on dp=8, M=2: ZeRO-3's accumulator and update hold a dp shard, 1/8 of dp's; M=1 accumulates
+    nothing, and the matmuls' operands (hidden under their FLOPs) stay out of the memory term."""
+    cfg, mesh = config.preset("gpt2"), {"dp": 8}
+    dp, zero3 = (cost.memory_parts(cfg, s, mesh, 64, 1024, 2) for s in ("dp", "zero3"))
+    assert zero3["accumulation"] == pytest.approx(dp["accumulation"] / 8)
+    assert dp["accumulation"] == pytest.approx(3 * 2 * cfg.n_params() * 4)
+    assert zero3["update"] == pytest.approx(dp["update"] / 8)
+    assert cost.memory_parts(cfg, "dp", mesh, 64, 1024, 1)["accumulation"] == 0
+    assert cost.memory_bytes(cfg, "dp", mesh, 64, 1024, 2) == pytest.approx(
+        sum(v for k, v in dp.items() if k != "matmul_operands")
+    )

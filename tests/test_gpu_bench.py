@@ -260,7 +260,7 @@ def test_xl_measures_the_first_candidate_that_fits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(parts, "bench_train", fake_train)
     monkeypatch.setattr(parts, "bench_decode", lambda *a: dict(ms_per_step=1.0, bandwidth_fraction=0.8))
-    monkeypatch.setattr(sections, "_params", lambda ctx, model: (None, None))
+    monkeypatch.setattr(sections, "decode_params", lambda ctx, model: (None, None))
     run = _clock(tmp_path, xl=600)
     run.results["copy_bandwidth_bytes_per_s"] = 1.0
     run.section("xl", lambda run: sections.xl(run, _context(tmp_path, parts.FULL)))

@@ -149,8 +149,9 @@ def memory_parts(
         # params read forward and backward, grads read + written, per microbatch
         "matmul_operands": microbatches * 4 * params / model_split,
         "update": update,
-        # M > 1: each microbatch's grads added to the accumulator (both read, the sum written)
-        "accumulation": 3 * microbatches * params / model_split if microbatches > 1 else 0.0,
+        # M > 1: each microbatch's grads added to the accumulator (both read, the sum written), in the
+        # accumulator's layout: a ZeRO-2/3 one holds only its dp shard (microbatch.py)
+        "accumulation": 3 * microbatches * shards["grads_bytes_per_device"] if microbatches > 1 else 0.0,
         "activations": 2 * tokens * config.n_layer / pp * per_token_layer / tp,  # saved, read backward
         "logits": 3 * tokens * config.vocab_size * item / tp,  # written, softmaxed, their gradient
     }
@@ -166,10 +167,10 @@ def memory_bytes(
 
 MEMORY_SOURCE = (
     "analytic: the non-matmul kernels' bytes, i.e. the update's params, grads and AdamW moments in the "
-    "strategy's shards, gradient accumulation (M > 1: 3 x the grads per microbatch), activations saved and "
-    f"read back ({ACTIVATION_BYTES_SOURCE}), logits 3x; the matmuls' operands (params read forward and "
-    "backward, grads written) count as hidden under their FLOPs; not cost_analysis (a scanned body is "
-    "counted once)"
+    "strategy's shards, gradient accumulation (M > 1: 3 x the grads' shard per microbatch), activations "
+    f"saved and read back ({ACTIVATION_BYTES_SOURCE}), logits 3x; the matmuls' operands (params read "
+    "forward and backward, grads written) count as hidden under their FLOPs; not cost_analysis (a scanned "
+    "body is counted once)"
 )
 
 

@@ -25,7 +25,9 @@ OUT/table.txt at the end. Needs only jax, flax, optax, numpy: `PYTHONPATH=. pyth
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,17 @@ def _start_xla(gpu_flags: bool):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it wrote to OUT/results.json."""
     args = parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        return _run(args, argv)
+    # A SIGTERM (a timeout's, a machine's) unwinds like Ctrl-C, so a child in its own session dies too.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return _run(args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     env = dict(os.environ)  # as the user started us: the anchor runs as plain JAX would, without our flags
     _start_xla(not args.no_gpu_flags)
     import jax

@@ -8,7 +8,6 @@ On a GPU this process holds jax's preallocated 75% of the memory; the others run
 in what it leaves. Nothing here imports the anchor: it only runs, and its JSON is read.
 """
 
-import json
 import os
 import shlex
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 import shardgpt
 from shardgpt.analysis import hardware, metrics
 from shardgpt.bench import gpu_child
-from shardgpt.bench.gpu_run import Run, Skipped, run_process
+from shardgpt.bench.gpu_run import Run, Skipped, read_json, run_process
 from shardgpt.bench.gpu_sections import Context, find, headline_config, train_row
 
 ANCHOR = "gpu_ref.py"
@@ -93,7 +92,7 @@ def anchor(run: Run, ctx: Context):
     env = ctx.env | dict(OUT=str(ctx.out), XLA_PYTHON_CLIENT_PREALLOCATE="false")
     status, tail = run_process(command, env, left, ctx.out / "anchor.log")
     record["returncode"] = status
-    record["result"] = json.loads(written.read_text()) if written.exists() else None
+    record["result"] = read_json(written)
     record["comparisons"] = compare(run.results, record["result"], ctx)
     run.save()
     ended = _ended(status, tail, left, "the anchor")
@@ -159,7 +158,7 @@ def run_child(
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH")) if p)
     status, tail = run_process([*command, "--", *argv], env, left, log)
-    data = json.loads(result.read_text()) if result.exists() else {}
+    data = read_json(result) or {}
     data["process"] = "another process: " + PROCESS_WHY[job]
     ended = _ended(status, tail, left, f"the {name} process", log)
     if ended:

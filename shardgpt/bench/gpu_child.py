@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from shardgpt.bench.gpu_run import error_text  # imports no jax
+from shardgpt.bench.gpu_run import error_text, write_json  # imports no jax
 from shardgpt.cli import flags
 from shardgpt.cli import run as run_command
 
@@ -121,7 +121,7 @@ def lever_job(spec: dict[str, Any], out: dict[str, Any], write):
             jax.config.update(name, value)
         if spec["kind"] == "decode":
             bandwidth = spec.get("bandwidth") or parts.copy_bandwidth(s.copy_elements, 10)
-            model, params = sections._params(ctx, spec["model"])
+            model, params = sections.decode_params(ctx, spec["model"])
             out |= parts.bench_decode(model, params, ctx.mesh, spec["batch"], s, bandwidth)
         else:
             cfg = sections.model_config(
@@ -139,7 +139,7 @@ def run_job(job: str, plan_argv: list[str], steps: int, result: Path | None = No
     sets them (a lever's, by the parent); in one where jax has started (gpu_apart runs the planner here where
     the device keeps no memory peak), as they are."""
     out: dict[str, Any] = dict(job=job, argv=plan_argv, status=None, error=None)
-    write = lambda: result and result.write_text(json.dumps(out, indent=1, default=str))
+    write = lambda: result and write_json(result, out)
     if job == "lever":
         body = lambda: lever_job(json.loads(plan_argv[0]), out, write)
     else:

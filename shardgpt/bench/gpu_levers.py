@@ -127,7 +127,7 @@ def pgle(run: Run, ctx: sections.Context) -> dict[str, Any]:
     base_row = sections.find(run.results["train"], tc.name) or {}
     spec = dict(kind="train", tiny=ctx.tiny, model=tc.model, batch=tc.batch, layers=tc.layers)
     spec |= dict(attention=tc.attention, jax=PGLE, untimed=PGLE["jax_pgle_profiling_runs"] + 1)
-    one = sections._projected_train_s(ctx, run.results["train"], tc)
+    one = sections.projected_train_s(ctx, run.results["train"], tc)
     baseline = 0.0 if base_row.get("status") == "ok" else one + ctx.s.child_s
     projected = baseline + 2 * one + ctx.s.child_s  # compiled twice: before the profile and with it
     measure = lambda: _measure(run, ctx, row, spec, "lever_pgle", dict(os.environ), base_row)
@@ -168,7 +168,7 @@ def chunk(run: Run, ctx: sections.Context, size: int) -> dict[str, Any]:
         kept = {k: v for k, v in variant.items() if k != "memory"}
         return figures | _speedup(figures["baseline_ms"], _ms(variant)) | dict(variant=kept)
 
-    return run.attempt(row, measure, sections._projected_train_s(ctx, run.results["train"], tc))
+    return run.attempt(row, measure, sections.projected_train_s(ctx, run.results["train"], tc))
 
 
 def levers(run: Run, ctx: sections.Context):

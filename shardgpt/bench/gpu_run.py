@@ -19,6 +19,23 @@ from pathlib import Path
 from typing import Any
 
 
+def write_json(path: Path, data: Any):
+    """`data` as JSON at `path`, whole or not at all: written beside it, then renamed over it, so a process
+    killed mid-write leaves the last complete file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(partial, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """What `path` holds, or None where it is missing or unreadable (a writer without write_json's rename,
+    e.g. the anchor, killed mid-write)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def error_text(e: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
     lines = str(e).strip().splitlines() or [""]
@@ -35,12 +52,13 @@ class Run:
     def __init__(self, results: dict[str, Any], out: Path, budget_s: float, limits: dict[str, float]):
         self.results, self.out, self.budget_s, self.limits = results, out, budget_s, limits
         self.started = time.perf_counter()
+        self.results["meta"]["wall_s"] = 0.0  # table.txt may be drawn before the first save
         self.current: str | None = None  # the section running
         self.section_end = math.inf
 
     def save(self):
         self.results["meta"]["wall_s"] = time.perf_counter() - self.started
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        write_json(self.out / "results.json", self.results)
 
     def left_s(self) -> float:
         """Seconds left to the section running: its limit or the run's budget, whichever ends first."""
@@ -101,6 +119,8 @@ class Run:
             begin = time.perf_counter()
             try:
                 row |= measure() | dict(status="ok")
+            except Skipped as e:  # e.g. too little time left to start its second process
+                row |= dict(status="skipped", error=str(e))
             except Exception as e:  # cuDNN unsupported, out of memory: recorded, and the run goes on
                 row |= dict(status="error", error=error_text(e))
             row["wall_s"] = time.perf_counter() - begin
@@ -125,5 +145,9 @@ def run_process(
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             status = None
+        except BaseException:  # Ctrl-C or SIGTERM here: its own session would outlive us, holding the device
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
     tail = log.read_text(errors="replace").strip().splitlines()[-8:]
     return status, "\n".join(tail)

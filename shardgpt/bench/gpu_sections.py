@@ -72,21 +72,23 @@ def headline_config(ctx: Context, batch: int) -> TrainConfig:
 
 
 def find(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The row called `name`, or None."""
     return next((r for r in rows if r["name"] == name), None)
 
 
-def _projected_train_s(ctx: Context, rows: list[dict[str, Any]], tc: TrainConfig) -> float:
+def _scaled_s(ctx: Context, row: dict[str, Any], model: str, unrolled: bool) -> float:
+    """`row`'s wall time scaled to `model`: by layer count where both are unrolled (the compile grows with
+    it), and by the cube root of the parameter ratio where larger (init and steps grow too)."""
+    cfg, ref = model_config(ctx, model), model_config(ctx, row["model"])
+    depth = cfg.n_layer / ref.n_layer if unrolled else 1.0
+    return row["wall_s"] * depth * max(1.0, (cfg.n_params() / ref.n_params()) ** (1 / 3))
+
+
+def projected_train_s(ctx: Context, rows: list[dict[str, Any]], tc: TrainConfig) -> float:
     """The slowest ok train measurement so far of the same layers (before one, of any), scaled to `tc`'s
-    model: unrolled by layer count (the compile grows with it), and by the cube root of the parameter ratio
-    where larger (init and steps grow too); before any, the sizes' guess."""
+    model (_scaled_s); before any, the sizes' guess."""
     ok = [r for r in rows if r["status"] == "ok"]
-    cfg = model_config(ctx, tc.model)
-
-    def scaled(r: dict[str, Any]) -> float:
-        ref = model_config(ctx, r["model"])
-        depth = cfg.n_layer / ref.n_layer if tc.layers == "unrolled" == r["layers"] else 1.0
-        return r["wall_s"] * depth * max(1.0, (cfg.n_params() / ref.n_params()) ** (1 / 3))
-
+    scaled = lambda r: _scaled_s(ctx, r, tc.model, tc.layers == "unrolled" == r["layers"])
     same = [scaled(r) for r in ok if r["layers"] == tc.layers]
     return max(same or [scaled(r) for r in ok] or [ctx.s.train_s])
 
@@ -127,10 +129,10 @@ def train_row(
     cfg = model_config(ctx, tc.model, attention=tc.attention, scan_layers=tc.layers == "scan", remat=tc.remat)
     hook = _predictor(ctx, cfg, tc.batch)
     measure = lambda: parts.bench_train(cfg, ctx.mesh, tc.batch, ctx.s, hook, limit)
-    return run.attempt(row, measure, _projected_train_s(ctx, rows, tc))
+    return run.attempt(row, measure, projected_train_s(ctx, rows, tc))
 
 
-def _params(ctx: Context, model: str) -> tuple[GPT, Any]:
+def decode_params(ctx: Context, model: str) -> tuple[GPT, Any]:
     """The model and its random params (float32, as training holds them), made once per model in a row."""
     if ctx.params is None or ctx.params[0] != model:
         ctx.params = None  # the last model's params go before the next one's are made
@@ -156,8 +158,9 @@ def decode_row(run: Run, ctx: Context, model: str, batch: int, section: str) -> 
     if bandwidth is None:
         row |= dict(status="skipped", error="no copy bandwidth was measured: no floor")
         return row
-    measure = lambda: parts.bench_decode(*_params(ctx, model), ctx.mesh, batch, ctx.s, bandwidth)
-    projected = max([r["wall_s"] for r in rows if r["status"] == "ok"] or [ctx.s.decode_s])
+    measure = lambda: parts.bench_decode(*decode_params(ctx, model), ctx.mesh, batch, ctx.s, bandwidth)
+    # The generator always unrolls its layers: a deeper model's decode compiles longer.
+    projected = max([_scaled_s(ctx, r, model, True) for r in rows if r["status"] == "ok"] or [ctx.s.decode_s])
     return run.attempt(row, measure, projected)
 
 
@@ -285,5 +288,5 @@ def rest(run: Run, ctx: Context):
     reference = None if ctx.tiny else parts.REFERENCE_NAIVE_S
     naive = parts.blank_row(parts.NAIVE_KEYS, batch=1, prompt_len=ctx.s.prompt_len)
     run.results["naive"] = naive | dict(reference_s_per_token=reference)
-    measure = lambda: parts.bench_naive(*_params(ctx, ctx.s.model), ctx.s)
+    measure = lambda: parts.bench_naive(*decode_params(ctx, ctx.s.model), ctx.s)
     run.attempt(run.results["naive"], measure, ctx.s.naive_cap_s)

@@ -12,6 +12,7 @@ def fmt(value: Any, spec: str, scale: float = 1) -> str:
 
 
 def status(row: dict[str, Any]) -> str:
+    """A row's status, with its reason where it has one."""
     return str(row.get("status")) + (f": {row['error']}" if row.get("error") else "")
 
 

@@ -45,6 +45,7 @@ def predicted(spec: runner.RunSpec, cluster: hardware.Cluster) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, each checked before any jax work."""
     p = argparse.ArgumentParser(
         prog="experiments/predict_validate.py", description=__doc__.split("\n\n")[0].replace("\n", " ")
     )
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     measured = [r["measured_s"] for r in rows]
     rounds = [[r["measured_rounds_s"][k] for r in rows] for k in range(rounds_n)]
-    repeat = spearman(rounds[0], rounds[1]) if rounds_n > 1 else float("nan")
-    print(f"measurement repeatability: Spearman rho {repeat:.3f} between rounds 1 and 2")
+    if rounds_n > 1:
+        repeat = spearman(rounds[0], rounds[1])
+        print(f"measurement repeatability: Spearman rho {repeat:.3f} between rounds 1 and 2")
     for bound in ("no_overlap", "full_overlap"):
         predicted_s = [r[f"predicted_{bound}_s"] for r in rows]
         errors = [p / m - 1 for p, m in zip(predicted_s, measured, strict=True)]

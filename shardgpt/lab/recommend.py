@@ -9,7 +9,8 @@ strict translator rejecting what does not divide; its state bytes are exact, and
 the temporaries model (analysis/estimate.py) give the memory and, through cost.predict, the step time.
 Those within the memory budget are ranked by predicted tokens/s at the no-overlap bound (the conservative
 one, and the closer on this CPU); the top CONFIRM are then compiled by the planner where the devices are
-present, for compiled memory and a prediction from the compiled collectives.
+present, for compiled memory and a prediction from the compiled collectives, and up to CONFIRM more where
+none of those fits as compiled (recommend_table.confirm).
 """
 
 import dataclasses
@@ -155,7 +156,7 @@ def evaluate(
 
 def parts(ops: list, prediction: dict[str, Any], cluster: hardware.Cluster, c: Candidate) -> dict:
     """The no-overlap step time by what takes it, {name: (seconds, inter-node seconds)}: the local work as
-    compute (remat's share apart) and memory's excess over it, each group of collectives, the bubble."""
+    compute (remat's share apart) plus memory, each group of collectives, the bubble."""
     terms, constants = prediction["terms_s"], prediction["constants"]
     compute, local = terms["compute"], terms["compute"] + terms["memory"]
     recompute = constants.get("recompute_factor", {}).get("value", 1.0)

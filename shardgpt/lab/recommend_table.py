@@ -109,8 +109,9 @@ def table(result: dict[str, Any], cluster: hardware.Cluster, budget: int, why: s
     ]
     if done is not None:
         estimate_for = f", an {ESTIMATE} for {cluster.profile.name}" if done["estimate"] else ""
+        compiled_n = sum("memory" in d for d in confirmed)
         notes.append(
-            f"mem (compiled), compiled: the top {len(confirmed)} compiled by the planner for "
+            f"mem (compiled), compiled: the top {compiled_n} compiled by the planner for "
             f"{done['compiled_for']}{estimate_for}: XLA's buffer assignment, and cost.predict on the "
             "compiled collectives"
         )
