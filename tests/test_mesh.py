@@ -11,7 +11,7 @@ def test_parse_fills_omitted_axes_and_rest():
     assert parse_mesh_spec("dp=-1,tp=2", 8) == {"dp": 4, "tp": 2} | one
     assert parse_mesh_spec(" dp = 8 ", 8) == {"dp": 8, "tp": 1} | one
     assert parse_mesh_spec("pp=4,dp=2", 8) == {"dp": 2, "pp": 4, "cp": 1, "ep": 1, "tp": 1}
-    assert parse_mesh_spec("dp=2,ep=4", 8) == {"dp": 2, "ep": 4, "tp": 1} | one | {"ep": 4}
+    assert parse_mesh_spec("dp=2,ep=4", 8) == {"dp": 2, "tp": 1} | one | {"ep": 4}
 
 
 def test_mesh_has_auto_axes_over_all_devices():

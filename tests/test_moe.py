@@ -136,7 +136,7 @@ def test_dense_presets_are_unchanged():
     """The MoE fields default to a dense MLP: the dense presets' params are those of before."""
     params = jax.eval_shape(lambda: GPT(DENSE).init(jax.random.key(0), np.zeros((1, 1), np.int32)))
     assert "mlp" in params["params"]["blocks"] and "moe" not in params["params"]["blocks"]
-    assert DENSE.n_params() == DENSE.n_params(active=True)
+    assert DENSE.n_params() == DENSE.n_params(active=True) == 112_384  # gpt-pico's count before MoE
 
 
 def test_the_report_shows_routing_per_layer():

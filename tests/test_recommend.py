@@ -146,7 +146,13 @@ def test_confirmation_goes_on_down_the_ranking_until_a_layout_fits_as_compiled(m
     def prepare(spec, devices):
         memory = {"total_bytes": next(totals)}
         return SimpleNamespace(
-            memory=lambda batch: memory, hlo={1: ""}, config=None, strategy="dp", mesh=mesh, seq=1
+            memory=lambda batch: memory,
+            hlo={1: ""},
+            config=None,
+            strategy="dp",
+            mesh=mesh,
+            seq=1,
+            microbatches=1,
         )
 
     mesh = SimpleNamespace(shape={"dp": 1})
@@ -158,4 +164,7 @@ def test_confirmation_goes_on_down_the_ranking_until_a_layout_fits_as_compiled(m
     recommend_table.confirm(ranked, base, [None], {}, H100X2, lambda _: None, budget=5)
     compiled = [r["rank"] for r in ranked if "confirmed" in r]
     assert compiled == list(range(1, recommend.CONFIRM + 3)), compiled
-    recommend_table.confirm(ranked[:1], base, [None], {}, H100X2, lambda _: None)  # no budget: the top only
+    totals = iter([9] * 3 * recommend.CONFIRM)
+    fresh = [{"rank": i + 1, "candidate": candidate} for i in range(3 * recommend.CONFIRM)]
+    recommend_table.confirm(fresh, base, [None], {}, H100X2, lambda _: None)  # no budget: the top CONFIRM
+    assert [r["rank"] for r in fresh if "confirmed" in r] == list(range(1, recommend.CONFIRM + 1))

@@ -79,10 +79,9 @@ def ops(
         if count <= 0 or not active:
             continue
         where = groups(mesh, active)
-        size = len(where[0])
-        if kind == "collective-permute":  # stage s sends to s + 1: the pairs along each group
+        size, permute = len(where[0]), kind == "collective-permute"
+        if permute:  # stage s sends to s + 1: the pairs along each group
             where = tuple((g[i], g[i + 1]) for g in where for i in range(len(g) - 1))
-        permute = kind == "collective-permute"
         out.append(
             hlo.CollectiveOp(kind, cause, nbytes // count, count, (), None if permute else size, cause, where)
         )

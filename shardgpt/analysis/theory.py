@@ -58,7 +58,8 @@ def leaves(config: ModelConfig, params: Any, shardings: Any, data_axis: str = "d
         on_dp = {t: data_axis in sharding.spec_axes(specs[t][path].spec) for t in specs}
         in_block = path[0] == "blocks" or path[0].startswith("block_")
         read = local * compute // 4 if dense else local
-        on_tp, on_ep = ("tp" in sharding.spec_axes(where.spec), "ep" in sharding.spec_axes(where.spec))
+        axes = sharding.spec_axes(where.spec)
+        on_tp, on_ep = "tp" in axes, "ep" in axes
         out.append(Leaf(path, layers, in_block, local, read, grad, on_dp, on_tp, on_ep))
     return out
 

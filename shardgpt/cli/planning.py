@@ -100,9 +100,6 @@ def run_plan(work: Any, placement: Any, args: argparse.Namespace, argv: list[str
 def run_recommend(base: Any, placement: Any, args: argparse.Namespace, argv: list[str]) -> int:
     """Search the cluster's layouts analytically, compile the best few, print the ranked table and the
     winner's reason, and write results.json's "recommendation"."""
-    import json
-    from pathlib import Path
-
     from shardgpt.analysis import hardware
     from shardgpt.lab import recommend, recommend_table, report, runner
 
@@ -130,8 +127,7 @@ def run_recommend(base: Any, placement: Any, args: argparse.Namespace, argv: lis
     print(f"wall time {time.perf_counter() - started:.0f} s")
     if args.out:
         meta = runner.meta(shlex.join([flags.prog(specs.SCRIPT), *argv]))
-        path = Path(args.out) / "results.json"
         record = recommend.record(result, cluster, budget, why)
-        path.write_text(json.dumps({"meta": meta, "recommendation": record}, indent=2, default=str) + "\n")
+        (path,) = report.write({"meta": meta, "recommendation": record}, args.out, plots=False)
         print(f"\nwrote {path}")
     return 0

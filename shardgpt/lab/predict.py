@@ -28,11 +28,16 @@ def add(rows: list[dict[str, Any]], planners: list[Any], spec: str) -> str:
     and return the table; rows and planners in the same order."""
     cluster = hardware.cluster(spec)
     for row, planner in zip(rows, planners, strict=True):
-        row["prediction"] = cost.predict(
-            planner.hlo[row["batch"]], planner.config, planner.strategy, dict(planner.mesh.shape),
-            row["batch"], planner.seq, planner.microbatches, cluster,
-        )  # fmt: skip
+        row["prediction"] = of_planner(planner, row["batch"], cluster)
     return table(rows, cluster)
+
+
+def of_planner(planner: Any, batch: int, cluster: hardware.Cluster) -> dict[str, Any]:
+    """cost.predict on a planner's compiled step at `batch` (plan.Planner: its HLO, config, layout)."""
+    return cost.predict(
+        planner.hlo[batch], planner.config, planner.strategy, dict(planner.mesh.shape), batch, planner.seq,
+        planner.microbatches, cluster,
+    )  # fmt: skip
 
 
 def _ms(seconds: float) -> str:
@@ -76,7 +81,7 @@ def check_measurable(spec: str, devices: Sequence[Any], processes: int) -> None:
     here = "cpu" if first.platform == "cpu" else hardware.for_device_kind(first.device_kind)
     fits = cluster.profile.name == here and cluster.devices == len(devices)
     if processes > 1 or not fits:
-        name = "cpu" if here == "cpu" else (here or first.device_kind)
+        name = here or first.device_kind
         raise ValueError(
             f"--measure times the runs on this machine ({len(devices)} {name} devices, {processes} "
             f"process(es)), so --hardware must be it, e.g. {name}x{len(devices)}, on one process (got {spec})"

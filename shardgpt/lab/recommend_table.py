@@ -6,8 +6,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shardgpt.analysis import cost, estimate, hardware
-from shardgpt.lab import plan, recommend, report
+from shardgpt.analysis import estimate, hardware
+from shardgpt.lab import plan, predict, recommend, report
 from shardgpt.lab.target import ESTIMATE
 
 SHOWN = 10  # rows of the ranked table
@@ -43,10 +43,7 @@ def confirm(
         started = time.perf_counter()
         planner = plan.Planner.prepare(spec, list(devices)[: c.devices])
         memory = planner.memory(spec.batch)
-        prediction = cost.predict(
-            planner.hlo[spec.batch], planner.config, planner.strategy, dict(planner.mesh.shape), spec.batch,
-            planner.seq, c.microbatches, cluster,
-        )  # fmt: skip
+        prediction = predict.of_planner(planner, spec.batch, cluster)
         wall = time.perf_counter() - started
         row["confirmed"] = {"memory": memory, "prediction": prediction, "compile_s": wall, **where}
         say(f"confirmed #{row['rank']} {c.label()}: compiled in {wall:.1f} s")
@@ -107,15 +104,15 @@ def table(result: dict[str, Any], cluster: hardware.Cluster, budget: int, why: s
         "step ms none-full, tokens/s, MFU, binds: cost.predict on theory's collectives (no compile): "
         "communication not overlapped - fully overlapped; tokens/s and MFU at the first",
     ]
+    compiled = [r for r in result["ranked"] if "memory" in (r.get("confirmed") or {})]
     if done is not None:
         estimate_for = f", an {ESTIMATE} for {cluster.profile.name}" if done["estimate"] else ""
-        compiled_n = sum("memory" in d for d in confirmed)
         notes.append(
-            f"mem (compiled), compiled: the top {compiled_n} compiled by the planner for "
+            f"mem (compiled), compiled: the top {len(compiled)} compiled by the planner for "
             f"{done['compiled_for']}{estimate_for}: XLA's buffer assignment, and cost.predict on the "
             "compiled collectives"
         )
-    if any(r["total_bytes"] > budget for r in (d.get("memory") for d in confirmed) if r):
+    if any(_compiled_total(r) > budget for r in compiled):
         notes.append(
             "(over): the compiled total exceeds the budget; XLA:CPU's temporaries ran 1.6-2.2x an H200's on "
             "gpt2 (BENCHMARKS.md), so on the target it may fit: check with --plan on the target"
@@ -123,7 +120,6 @@ def table(result: dict[str, Any], cluster: hardware.Cluster, budget: int, why: s
     unconfirmed = {d["note"] for d in confirmed if "note" in d}
     notes += sorted(unconfirmed)
     notes.append(f"recommended: {why}")
-    compiled = [r for r in result["ranked"] if "memory" in (r.get("confirmed") or {})]
     if compiled and compiled[0] is result["ranked"][0] and _compiled_total(compiled[0]) > budget:
         fits = next((r for r in compiled if _compiled_total(r) <= budget), None)
         label = (

@@ -21,14 +21,16 @@ class GSPMDPlan(Plan):
 
     def __init__(self, mesh: Mesh, rules: Sequence[tuple[str, str | None]], param_rules: Sequence = ()):
         self.mesh, self.rules, self.param_rules = mesh, tuple(rules), tuple(param_rules)
-        if any(axis == sharding.ZERO_AXIS for _, axis in self.param_rules):  # ZeRO-3: params on dp
+        # The logical names whose params ZeRO-3 splits over dp (and gathers when used).
+        self.gathered = {name for name, axis in self.param_rules if axis == sharding.ZERO_AXIS}
+        if self.gathered:  # ZeRO-3: params on dp
             # The blocks' backward pass reads each param again through its named constraint (recomputed,
             # never saved), so newer XLA names the backward re-gathers too.
             self.remat_policy = saving_all_but("sharding_constraint")
 
     def param(self, module, name, init, shape, names, dtype=None):
         value = super().param(module, name, init, shape, names, dtype)
-        if not any(dict(self.param_rules).get(n) == sharding.ZERO_AXIS for n in names):
+        if not self.gathered.intersection(names):
             # Stored as computed: no constraint, whose result the layer loop would save as a copy of the
             # weight for the backward pass (+10% temporaries on dp=8).
             return value

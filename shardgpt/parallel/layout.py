@@ -113,11 +113,12 @@ def check_experts(
         return
     if config.n_experts % ep:
         raise ValueError(f"n_experts {config.n_experts} does not split over ep={ep}: choose ep dividing it")
+    pp, cp = mesh.shape.get("pp", 1), mesh.shape.get("cp", 1)
     unsupported = [
         what
         for what, present in (
-            (f"pp={mesh.shape.get('pp', 1)}", mesh.shape.get("pp", 1) > 1),
-            (f"cp={mesh.shape.get('cp', 1)}", mesh.shape.get("cp", 1) > 1),
+            (f"pp={pp}", pp > 1),
+            (f"cp={cp}", cp > 1),
             (sharding.canonical(strategy), sharding.is_sequence_parallel(strategy)),
         )
         if present

@@ -93,7 +93,7 @@ def gspmd_value_and_grad(
     inside the loop instead: a reduce-scatter into their shard per microbatch (module docstring).
     """
     mesh, data_axis = plan.mesh, dict(plan.rules)["batch"]
-    groups = sharding.axes_size(mesh, data_axis)
+    groups = plan.batch_shards()
     values_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
     zero = jnp.zeros((), jnp.float32)
     if groups == 1:  # nothing to keep apart: accumulate in the grads' own layout
@@ -103,7 +103,7 @@ def gspmd_value_and_grad(
 
     # The blocks carry dp: inside them the batch is split over nothing.
     inner = plan.with_rules(tuple((name, None if name == "batch" else axis) for name, axis in plan.rules))
-    data_axes = {data_axis} if isinstance(data_axis, str) else set(data_axis)  # dp x ep
+    data_axes = set(sharding.spec_axes(P(data_axis)))  # dp x ep
     whole = jax.tree.map(lambda s: not data_axes & set(sharding.spec_axes(s.spec)), grad_shardings)
     per_block = jax.tree.map(
         lambda s, w: NamedSharding(mesh, P(data_axis, *s.spec)) if w else s, grad_shardings, whole

@@ -94,7 +94,7 @@ class Explicit(step.Implementation):
         # unmapped: each microbatch's gradients reduced as their types say (into their shards, as GSPMD
         # does; the few params the rules leave whole over dp all-reduced per microbatch). Microbatch m takes
         # rows of every dp shard.
-        dp = sharding.axes_size(self.mesh, dict(self.plan.rules)["batch"])
+        dp = self.plan.batch_shards()
         blocks = microbatch.split(batch, microbatches, dp)  # (M, dp, rows, ...): dp on the blocks
         merged = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[3:]), blocks)
         value_and_grad = jax.value_and_grad(lambda p, b: self.loss(p, b, read), has_aux=True)
